@@ -1,0 +1,10 @@
+"""The gated delta-rule family: public API (`api.py`), references (`recurrent.py`, `chunk.py`)."""
+
+from carve_jax.ops.api import Impl, carve, gated_delta, gdn, kda, pallas_available, resolve_impl
+from carve_jax.ops.gates import content_erase_gate, content_signal
+from carve_jax.ops.transition import chunk_transition, kronecker_rank
+
+__all__ = [
+    "Impl", "carve", "gated_delta", "gdn", "kda", "pallas_available", "resolve_impl",
+    "content_erase_gate", "content_signal", "chunk_transition", "kronecker_rank",
+]

@@ -1,0 +1,176 @@
+"""Public entry points of the gated delta-rule family and the one place an implementation is picked.
+
+Argument convention follows flash-linear-attention (`fla.ops.gdn2.naive_recurrent_gdn2`):
+inputs are time-major per head, [B, T, H, D]; q and k are NOT normalised here; `scale` defaults
+to K^-1/2; states are [B, H, K, V] in float32 (float64 for float64 inputs).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from carve_jax.ops import validate as vd
+from carve_jax.ops.chunk import chunk_gated_delta
+from carve_jax.ops.recurrent import recurrent_gated_delta
+
+Impl = Literal["auto", "recurrent", "chunk", "pallas"]
+
+
+def pallas_available() -> bool:
+  """True when the default backend is a CUDA GPU and the Pallas kernels import."""
+  if jax.default_backend() != "gpu":
+    return False
+  try:
+    import pallas_kernels  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def resolve_impl(impl: str) -> str:
+  """'auto' -> 'pallas' on a GPU where the kernels import, 'chunk' elsewhere."""
+  if impl == "auto":
+    return "pallas" if pallas_available() else "chunk"
+  return impl
+
+
+def _compute_dtype(*xs) -> jnp.dtype:
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def _heads_first(*xs):
+  return tuple(jnp.swapaxes(x, 1, 2) for x in xs)
+
+
+def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_state, impl, chunk_size,
+         content_block=None, content_grad="stop"):
+  """Casts, lays out head-major, dispatches once, and restores the public layout."""
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  dt = _compute_dtype(q, k, v, g, b, w, *(() if gamma is None else (gamma,)))
+  state_dt = jnp.promote_types(dt, jnp.float32)
+  S0 = (jnp.zeros((B, H, K, V), state_dt) if initial_state is None else initial_state.astype(state_dt))
+  args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
+  gamma = None if gamma is None else gamma.astype(dt)
+  scale = K**-0.5 if scale is None else float(scale)
+  kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
+  match resolve_impl(impl):
+    case "recurrent":
+      o, S = recurrent_gated_delta(*args, gamma, **kw)
+    case "chunk":
+      o, S = chunk_gated_delta(*args, gamma, chunk_size=chunk_size, **kw)
+    case "pallas":
+      from pallas_kernels import pallas_gated_delta  # imported lazily: GPU/interpret only
+      o, S = pallas_gated_delta(*args, gamma, chunk_size=chunk_size, **kw)
+    case other:
+      raise ValueError(f"{fn}: argument `impl` must be one of {vd.IMPLS}, got {other!r}")
+  o = jnp.swapaxes(o, 1, 2).astype(q.dtype)
+  return o, (S if output_final_state else None)
+
+
+def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_final_state=False,
+                impl: Impl = "chunk", chunk_size: int = 64):
+  r"""The general gated delta rule (GDN-2 form; GDN and KDA are special cases).
+
+      S_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T (scale q_t)
+
+  Args:
+    q, k: queries and keys, [B, T, H, K] (not normalised here).
+    v: values, [B, T, H, V].
+    g: per-key-channel decay in natural-log space (g <= 0), [B, T, H, K].
+    b: erase gate, [B, T, H, K]; w: write gate, [B, T, H, V].
+    scale: output scale, default K^-1/2.
+    initial_state: optional [B, H, K, V].
+    output_final_state: also return the final state [B, H, K, V].
+    impl: "recurrent" (token scan), "chunk" (WY form, pure JAX), "pallas" (GPU kernel), or "auto".
+    chunk_size: tokens per chunk for "chunk"/"pallas"; any T works (padded inside).
+
+  Returns:
+    (o [B, T, H, V] in q's dtype, final state or None).
+  """
+  fn = "gated_delta"
+  _check_common(fn, q, k, v, g, initial_state, scale, impl)
+  B, T, H, K = q.shape
+  vd.check_float(fn, "b", b, (B, T, H, K))
+  vd.check_float(fn, "w", w, v.shape)
+  vd.check_positive_int(fn, "chunk_size", chunk_size)
+  return _run(fn, q, k, v, g, b, w, None, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+
+
+def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, content_grad: str = "stop",
+          scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
+          chunk_size: int | None = None):
+  r"""CARVE: GDN-2 with a content-aware erase gate and a scalar write gate per head.
+
+      b_t = sigmoid(erase_logits_t + gamma_h * c_n),   w_t = beta_t * 1_V
+      c_n[i] = sqrt(mean_j S_{nG-1}[i, j]^2 + 1e-6)   (state entering content block n, G = content_block)
+
+  Args:
+    q, k: [B, T, H, K]; v: [B, T, H, V]; g: log decay [B, T, H, K].
+    erase_logits: pre-activation of the erase gate, W_b x_t, [B, T, H, K].
+    beta: write strength per token and head, in (0, 1), [B, T, H].
+    gamma: content weight per head, [H] (0 at init: identical to GDN-2).
+    content_block: G, tokens per content block (a model hyperparameter).
+    content_grad: "stop" (no gradient through c into the state) or "full".
+    chunk_size: kernel/chunk tile, must divide content_block; default content_block.
+    scale, initial_state, output_final_state, impl: as in `gated_delta`.
+
+  Returns:
+    (o [B, T, H, V] in q's dtype, final state or None).
+  """
+  fn = "carve"
+  _check_common(fn, q, k, v, g, initial_state, scale, impl)
+  B, T, H, K = q.shape
+  vd.check_float(fn, "erase_logits", erase_logits, (B, T, H, K))
+  vd.check_float(fn, "beta", beta, (B, T, H))
+  vd.check_float(fn, "gamma", gamma, (H,))
+  vd.check_positive_int(fn, "content_block", content_block)
+  vd.check_choice(fn, "content_grad", content_grad, vd.CONTENT_GRADS)
+  chunk_size = content_block if chunk_size is None else chunk_size
+  vd.check_positive_int(fn, "chunk_size", chunk_size)
+  vd.check_divides(fn, "chunk_size", chunk_size, "content_block", content_block)
+  w = jnp.broadcast_to(beta[..., None], v.shape)
+  return _run(fn, q, k, v, g, erase_logits, w, gamma, scale=scale, initial_state=initial_state,
+              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
+              content_block=content_block, content_grad=content_grad)
+
+
+def gdn(q, k, v, g, beta, **kwargs):
+  """Gated DeltaNet: scalar decay g [B, T, H] and scalar beta [B, T, H] per token and head."""
+  fn = "gdn"
+  _check_qkv(fn, q, k, v)
+  B, T, H, K = q.shape
+  vd.check_float(fn, "g", g, (B, T, H))
+  vd.check_float(fn, "beta", beta, (B, T, H))
+  return kda(q, k, v, jnp.broadcast_to(g[..., None], q.shape), beta, **kwargs)
+
+
+def kda(q, k, v, g, beta, **kwargs):
+  """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta)."""
+  fn = "kda"
+  _check_qkv(fn, q, k, v)
+  vd.check_float(fn, "beta", beta, q.shape[:3])
+  return gated_delta(q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape),
+                     jnp.broadcast_to(beta[..., None], v.shape), **kwargs)
+
+
+def _check_qkv(fn, q, k, v):
+  vd.check_float(fn, "q", q, (None, None, None, None))
+  B, T, H, K = q.shape
+  vd.check_float(fn, "k", k, (B, T, H, K))
+  vd.check_float(fn, "v", v, (B, T, H, None))
+
+
+def _check_common(fn, q, k, v, g, initial_state, scale, impl):
+  _check_qkv(fn, q, k, v)
+  B, T, H, K = q.shape
+  vd.check_float(fn, "g", g, (B, T, H, K))
+  if initial_state is not None:
+    vd.check_float(fn, "initial_state", initial_state, (B, H, K, v.shape[-1]))
+  vd.check_scale(fn, scale)
+  vd.check_choice(fn, "impl", impl, vd.IMPLS)

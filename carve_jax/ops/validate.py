@@ -1,0 +1,51 @@
+"""Argument checks shared by the public ops: every failure is a ValueError naming the argument,
+what was expected and what was given. Shapes are static under jit, so these run while tracing."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+IMPLS = ("auto", "recurrent", "chunk", "pallas")
+CONTENT_GRADS = ("stop", "full")
+
+
+def _fail(fn: str, name: str, expected: str, got: Any) -> ValueError:
+  return ValueError(f"{fn}: argument `{name}` must be {expected}, got {got}")
+
+
+def check_float(fn: str, name: str, x: Any, shape: Sequence[int | None]) -> None:
+  """x must be a floating array whose shape matches `shape` (None = any size on that axis)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise _fail(fn, name, "an array", type(x).__name__)
+  if len(x.shape) != len(shape):
+    raise _fail(fn, name, f"rank {len(shape)} (shape {_fmt(shape)})", f"shape {tuple(x.shape)}")
+  if any(e is not None and e != a for e, a in zip(shape, x.shape)):
+    raise _fail(fn, name, f"shape {_fmt(shape)}", f"shape {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise _fail(fn, name, "a floating-point array", f"dtype {x.dtype}")
+
+
+def check_positive_int(fn: str, name: str, x: Any) -> None:
+  if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+    raise _fail(fn, name, "a positive int", repr(x))
+
+
+def check_choice(fn: str, name: str, x: Any, choices: Sequence[str]) -> None:
+  if x not in choices:
+    raise _fail(fn, name, f"one of {tuple(choices)}", repr(x))
+
+
+def check_scale(fn: str, scale: Any) -> None:
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+    raise _fail(fn, "scale", "None or a positive float", repr(scale))
+
+
+def check_divides(fn: str, name: str, x: int, of_name: str, of: int) -> None:
+  if of % x != 0:
+    raise _fail(fn, name, f"a divisor of {of_name}={of}", x)
+
+
+def _fmt(shape: Sequence[int | None]) -> str:
+  return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
