@@ -48,28 +48,34 @@ def _heads_first(*xs):
 
 def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_state, impl, chunk_size,
          content_block=None, content_grad="stop"):
-  """Casts, lays out head-major, dispatches once, and restores the public layout."""
+  """Dispatches once. w is [B, T, H, V], or beta [B, T, H] for CARVE (gamma given).
+
+  The references get head-major arrays in the compute dtype (float32, or float64 for float64
+  inputs); the Pallas kernels get the public layout in the caller's dtype (bf16 stays bf16).
+  """
   B, T, H, K = q.shape
   V = v.shape[-1]
   dt = _compute_dtype(q, k, v, g, b, w, *(() if gamma is None else (gamma,)))
-  state_dt = jnp.promote_types(dt, jnp.float32)
-  S0 = (jnp.zeros((B, H, K, V), state_dt) if initial_state is None else initial_state.astype(state_dt))
-  args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
-  gamma = None if gamma is None else gamma.astype(dt)
+  S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
   scale = K**-0.5 if scale is None else float(scale)
   kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
-  match resolve_impl(impl):
-    case "recurrent":
-      o, S = recurrent_gated_delta(*args, gamma, **kw)
-    case "chunk":
-      o, S = chunk_gated_delta(*args, gamma, chunk_size=chunk_size, **kw)
-    case "pallas":
-      from pallas_kernels import pallas_gated_delta  # imported lazily: GPU/interpret only
-      o, S = pallas_gated_delta(*args, gamma, chunk_size=chunk_size, **kw)
-    case other:
-      raise ValueError(f"{fn}: argument `impl` must be one of {vd.IMPLS}, got {other!r}")
-  o = jnp.swapaxes(o, 1, 2).astype(q.dtype)
-  return o, (S if output_final_state else None)
+  impl = resolve_impl(impl)
+  if impl == "pallas":
+    from pallas_kernels import pallas_gated_delta  # imported lazily: GPU (or interpret mode) only
+    o, S = pallas_gated_delta(q, k, v, g, b, w, gamma, chunk_size=chunk_size, **kw)
+  else:
+    w = jnp.broadcast_to(w[..., None], v.shape) if w.ndim == 3 else w
+    args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
+    gamma = None if gamma is None else gamma.astype(dt)
+    match impl:
+      case "recurrent":
+        o, S = recurrent_gated_delta(*args, gamma, **kw)
+      case "chunk":
+        o, S = chunk_gated_delta(*args, gamma, chunk_size=chunk_size, **kw)
+      case other:
+        raise ValueError(f"{fn}: argument `impl` must be one of {vd.IMPLS}, got {other!r}")
+    o = jnp.swapaxes(o, 1, 2)
+  return o.astype(q.dtype), (S if output_final_state else None)
 
 
 def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_final_state=False,
@@ -134,8 +140,7 @@ def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, con
   chunk_size = content_block if chunk_size is None else chunk_size
   vd.check_positive_int(fn, "chunk_size", chunk_size)
   vd.check_divides(fn, "chunk_size", chunk_size, "content_block", content_block)
-  w = jnp.broadcast_to(beta[..., None], v.shape)
-  return _run(fn, q, k, v, g, erase_logits, w, gamma, scale=scale, initial_state=initial_state,
+  return _run(fn, q, k, v, g, erase_logits, beta, gamma, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
               content_block=content_block, content_grad=content_grad)
 
