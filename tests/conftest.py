@@ -1,0 +1,24 @@
+"""Shared fixtures: float64 on demand, tolerances per dtype, relative-error helper."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Relative-error bounds ||fast - slow|| / ||slow|| for the reference paths (spec: "What counts as done").
+TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
+
+
+@pytest.fixture
+def x64():
+  """Run the test with 64-bit types enabled (restored afterwards)."""
+  with jax.enable_x64(True):
+    yield
+
+
+def rel_err(a, b) -> float:
+  """Largest ||a - b|| / ||b|| over matching leaves of two pytrees (NaN counts as failure)."""
+  errs = jax.tree.map(lambda x, y: float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+                                         / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-300)), a, b)
+  leaves = jax.tree.leaves(errs)
+  return float("inf") if any(np.isnan(leaves)) else max(leaves)
