@@ -1,0 +1,163 @@
+"""Model configurations: one frozen dataclass, validated on construction, and named presets.
+
+A `ModelConfig` fixes the function a model computes (sizes, mixer, content block G) and how it is
+computed (compute dtype, ops implementation, chunk tile). Parameters are always float32;
+`compute_dtype` only sets the dtype of activations and matmuls.
+
+    preset("tiny")                       # CI-sized, seconds on CPU
+    preset("1.3b", mixer="gdn2")         # d_model 2048, 16 heads x 128, 24 layers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+MIXERS = ("carve", "gdn2", "kda", "gdn", "attention")
+DELTA_MIXERS = ("carve", "gdn2", "kda", "gdn")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+IMPLS = ("auto", "recurrent", "chunk", "pallas")
+CONTENT_GRADS = ("stop", "full")
+
+Mixer = Literal["carve", "gdn2", "kda", "gdn", "attention"]
+
+
+def _fail(name: str, expected: str, got: Any) -> ValueError:
+  return ValueError(f"ModelConfig: field `{name}` must be {expected}, got {got!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder LM: embeddings, `n_layers` pre-norm blocks (mixer + SwiGLU MLP), final norm, head.
+
+  Fields:
+    mixer: token mixer of every block: "carve", "gdn2", "kda", "gdn" (delta-rule family) or
+      "attention" (softmax, causal, RoPE).
+    vocab_size, d_model, n_layers, n_heads: the usual sizes.
+    head_dim: K = V per head; None means d_model // n_heads. n_heads * head_dim must equal d_model.
+    conv_size: kernel of the short causal depthwise conv on q, k, v (delta mixers).
+    content_block: CARVE's G, tokens per content block (changes the function; CARVE only).
+    content_grad: "stop" or "full", gradient through the content signal into the state (CARVE).
+    chunk_size: chunk tile of the "chunk"/"pallas" implementations; must divide content_block (CARVE).
+    mlp_hidden: SwiGLU hidden width; None means mlp_ratio * d_model * 2/3 rounded up to mlp_multiple
+      (flash-linear-attention's GatedMLP rule).
+    gate_rank: bottleneck of the low-rank decay (f) and output-gate (g) projections; None = head_dim.
+    tie_embeddings: share the embedding matrix with the output head.
+    compute_dtype: "float32" or "bfloat16" activations; params stay float32; logits are float32.
+    impl: `carve_jax.ops` implementation ("auto" -> Pallas on GPU when available, else "chunk").
+    norm_eps: epsilon of every RMSNorm (block norms and the gated output norm).
+    init_std: std of the normal init of linear and embedding weights.
+    max_seq_len: longest sequence the attention KV cache and RoPE are sized for.
+    rope_theta: RoPE base (attention only).
+    remat: rematerialise each block in the backward pass (saves activation memory).
+  """
+
+  mixer: Mixer = "carve"
+  vocab_size: int = 256
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  head_dim: int | None = None
+  conv_size: int = 4
+  content_block: int = 64
+  content_grad: str = "stop"
+  chunk_size: int = 64
+  mlp_hidden: int | None = None
+  mlp_ratio: float = 4.0
+  mlp_multiple: int = 256
+  gate_rank: int | None = None
+  tie_embeddings: bool = False
+  compute_dtype: str = "float32"
+  impl: str = "auto"
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.mixer not in MIXERS:
+      raise _fail("mixer", f"one of {MIXERS}", self.mixer)
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "conv_size", "content_block", "chunk_size",
+                 "mlp_multiple", "max_seq_len"):
+      _check_positive_int(name, getattr(self, name))
+    for name in ("head_dim", "mlp_hidden", "gate_rank"):
+      if getattr(self, name) is not None:
+        _check_positive_int(name, getattr(self, name))
+    if self.head_dim is None and self.d_model % self.n_heads != 0:
+      raise _fail("n_heads", f"a divisor of d_model={self.d_model} (head_dim=None derives d_model // n_heads)",
+                  self.n_heads)
+    if self.n_heads * self.head_k != self.d_model:
+      raise _fail("head_dim", f"d_model / n_heads = {self.d_model} / {self.n_heads} (n_heads * head_dim must "
+                  f"equal d_model)", self.head_dim)
+    if self.content_grad not in CONTENT_GRADS:
+      raise _fail("content_grad", f"one of {CONTENT_GRADS}", self.content_grad)
+    if self.mixer == "carve" and self.content_block % self.chunk_size != 0:
+      raise _fail("chunk_size", f"a divisor of content_block={self.content_block} (CARVE's content signal is "
+                  "taken at content-block boundaries)", self.chunk_size)
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise _fail("compute_dtype", f"one of {COMPUTE_DTYPES}", self.compute_dtype)
+    if self.impl not in IMPLS:
+      raise _fail("impl", f"one of {IMPLS}", self.impl)
+    for name in ("mlp_ratio", "norm_eps", "init_std", "rope_theta"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        raise _fail(name, "a positive number", v)
+    if self.mixer == "attention" and self.head_k % 2 != 0:
+      raise _fail("head_dim", "even for attention (RoPE rotates channel pairs)", self.head_k)
+    for name in ("tie_embeddings", "remat"):
+      if not isinstance(getattr(self, name), bool):
+        raise _fail(name, "a bool", getattr(self, name))
+
+  @property
+  def head_k(self) -> int:
+    """Per-head key and value width K = V."""
+    return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def rank(self) -> int:
+    """Bottleneck width of the low-rank decay and output-gate projections."""
+    return self.head_k if self.gate_rank is None else self.gate_rank
+
+  @property
+  def mlp_dim(self) -> int:
+    """SwiGLU hidden width."""
+    if self.mlp_hidden is not None:
+      return self.mlp_hidden
+    m = self.mlp_multiple
+    return m * ((int(self.d_model * self.mlp_ratio * 2 / 3) + m - 1) // m)
+
+  def replace(self, **overrides) -> "ModelConfig":
+    """A copy with fields replaced (validated again)."""
+    return dataclasses.replace(self, **overrides)
+
+
+def _check_positive_int(name: str, v: Any) -> None:
+  if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+    raise _fail(name, "a positive int", v)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # CI: a forward + backward in well under a second on CPU.
+    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=2, content_block=16, chunk_size=16,
+                        mlp_multiple=32, max_seq_len=256),
+    # The README demo: a few minutes of CPU training at byte level.
+    "demo": ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=2, content_block=32, chunk_size=32,
+                        mlp_multiple=64, max_seq_len=512),
+    "20m": ModelConfig(vocab_size=256, d_model=384, n_layers=8, n_heads=6, mlp_multiple=128),
+    "50m": ModelConfig(vocab_size=256, d_model=512, n_layers=12, n_heads=8, mlp_multiple=128),
+    # The paper's scale (flash-linear-attention's 1.3B layout: llama vocabulary, untied head).
+    "1.3b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, head_dim=128,
+                        compute_dtype="bfloat16"),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """A named preset with fields overridden, e.g. `preset("1.3b", mixer="gdn2", vocab_size=50304)`."""
+  if name not in PRESETS:
+    raise ValueError(f"preset: argument `name` must be one of {tuple(PRESETS)}, got {name!r}")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"preset: unknown ModelConfig field(s) {unknown}; known fields: {sorted(fields)}")
+  return PRESETS[name].replace(**overrides)

@@ -1,0 +1,216 @@
+r"""The delta-rule token mixer: one nnx layer for GDN, KDA, GDN-2 and CARVE (`variant` is static).
+
+Structure of flash-linear-attention 0.6.0's `GatedDeltaNet2` layer (spec, CARVE.md):
+
+    q, k, v = silu(conv(W_q x)), silu(conv(W_k x)), silu(conv(W_v x))    short causal conv, width 4
+    q, k    = l2norm(q), l2norm(k)                                        per head
+    g       = -exp(A_log_h) * softplus(f(x) + dt_bias)                   log decay, float32
+    o       = delta_rule(q, k, v, g, erase, write)                        `carve_jax.ops`
+    y       = W_o [ rmsnorm(o) * sigmoid(W_g2 W_g1 x + b_g) ]             per head, then heads joined
+
+with, per variant (H heads, K = V = head_dim, x in R^d):
+
+| variant | decay f(x)                  | erase b                          | write w                 |
+|---------|-----------------------------|----------------------------------|-------------------------|
+| gdn     | W_a x in R^H (per head)     | beta = sigmoid(W_beta x) in R^H  | beta                    |
+| kda     | W_f2 W_f1 x in R^{HK}       | beta                             | beta                    |
+| gdn2    | W_f2 W_f1 x                 | sigmoid(W_b x) in R^{HK}         | sigmoid(W_w x) in R^{HV}|
+| carve   | W_f2 W_f1 x                 | sigmoid(W_b x + gamma_h c_n)     | beta                    |
+
+CARVE keeps GDN-2's erase projection and replaces the d x HV write projection by beta (d x H) and
+gamma [H] (init 0), and hands the erase *logits* to `carve_jax.ops.carve`. W_f1, W_g1 have rank
+`cfg.rank` (head_dim by default; FLA uses head_v_dim). GDN's decay follows FLA's GatedDeltaNet
+(a full d x H projection, dt_bias per head); its output gate is the family's sigmoid gate.
+Gates and decay are computed in float32 from compute-dtype projections.
+
+Three entry points share the projections: `__call__` (parallel, from position 0),
+`prefill` (parallel, also returns the decode cache) and `step` (one token from the cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from carve_jax import ops
+from carve_jax.configs import DELTA_MIXERS, ModelConfig
+from carve_jax.layers.conv import ShortConv
+from carve_jax.layers.dense import compute_dtype, dense
+from carve_jax.layers.norms import GatedRMSNorm, l2norm
+from carve_jax.ops.gates import content_signal
+from carve_jax.ops.step import carve_step, gated_delta_step
+
+_F32 = jnp.float32
+
+
+def _dt_bias_init(key, n: int) -> jax.Array:
+  """softplus^-1 of dt ~ logUniform(1e-3, 1e-1) clamped at 1e-4 (FLA's init)."""
+  u = jax.random.uniform(key, (n,), _F32)
+  dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(0.001)) + math.log(0.001)), 1e-4)
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
+class DeltaMixer(nnx.Module):
+  """Token mixer of the delta-rule family; `cfg.mixer` in ("carve", "gdn2", "kda", "gdn")."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.mixer not in DELTA_MIXERS:
+      raise ValueError(f"DeltaMixer: argument `cfg.mixer` must be one of {DELTA_MIXERS}, got {cfg.mixer!r}")
+    self.cfg = cfg
+    self.variant = cfg.mixer
+    d, H, K = cfg.d_model, cfg.n_heads, cfg.head_k
+    V, HK, HV = K, H * K, H * K
+    cdt = compute_dtype(cfg)
+    self.q_proj = dense(d, HK, cfg, rngs=rngs)
+    self.k_proj = dense(d, HK, cfg, rngs=rngs)
+    self.v_proj = dense(d, HV, cfg, rngs=rngs)
+    self.q_conv = ShortConv(HK, cfg.conv_size, std=cfg.init_std, dtype=cdt, rngs=rngs)
+    self.k_conv = ShortConv(HK, cfg.conv_size, std=cfg.init_std, dtype=cdt, rngs=rngs)
+    self.v_conv = ShortConv(HV, cfg.conv_size, std=cfg.init_std, dtype=cdt, rngs=rngs)
+    # Decay: A_log per head, dt_bias per decay channel.
+    a_lo = 0.0 if self.variant == "gdn" else 1.0  # FLA: GDN uniform(0, 16), KDA / GDN-2 uniform(1, 16)
+    self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (H,), _F32, a_lo, 16.0)))
+    if self.variant == "gdn":
+      self.a_proj = dense(d, H, cfg, rngs=rngs)
+      self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), H))
+    else:
+      self.f_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
+      self.f_proj2 = dense(cfg.rank, HK, cfg, rngs=rngs)
+      self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), HK))
+    # Erase / write gates.
+    if self.variant in ("gdn2", "carve"):
+      self.b_proj = dense(d, HK, cfg, rngs=rngs)
+    if self.variant == "gdn2":
+      self.w_proj = dense(d, HV, cfg, rngs=rngs)
+    else:
+      self.beta_proj = dense(d, H, cfg, rngs=rngs)
+    if self.variant == "carve":
+      self.gamma = nnx.Param(jnp.zeros((H,), _F32))
+    # Output: sigmoid-gated RMSNorm per head, then projection.
+    self.g_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
+    self.g_proj2 = dense(cfg.rank, HV, cfg, rngs=rngs, bias=True)
+    self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, dtype=cdt)
+    self.o_proj = dense(HV, d, cfg, rngs=rngs)
+
+  # -- shared pieces ---------------------------------------------------------------------------
+
+  def _heads(self, x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:-1], self.cfg.n_heads, -1)
+
+  def _inputs(self, x, tails=None):
+    """x: [B, T, d] -> dict of kernel inputs ([B, T, H, .]) and the new conv tails."""
+    cfg = self.cfg
+    tails = tails or {}
+    q, tq = self.q_conv(self.q_proj(x), tails.get("q"))
+    k, tk = self.k_conv(self.k_proj(x), tails.get("k"))
+    v, tv = self.v_conv(self.v_proj(x), tails.get("v"))
+    A = jnp.exp(self.A_log[...])
+    if self.variant == "gdn":
+      g = -A * jax.nn.softplus(self.a_proj(x).astype(_F32) + self.dt_bias[...])  # [B, T, H]
+    else:
+      f = self.f_proj2(self.f_proj1(x)).astype(_F32) + self.dt_bias[...]
+      g = -A[:, None] * jax.nn.softplus(self._heads(f))  # [B, T, H, K]
+    inp = dict(q=l2norm(self._heads(q)), k=l2norm(self._heads(k)), v=self._heads(v), g=g)
+    if self.variant in ("gdn2", "carve"):
+      b_logits = self._heads(self.b_proj(x)).astype(_F32)
+    match self.variant:
+      case "gdn2":
+        inp["b"] = jax.nn.sigmoid(b_logits)
+        inp["w"] = jax.nn.sigmoid(self._heads(self.w_proj(x)).astype(_F32))
+      case "carve":
+        inp["erase_logits"] = b_logits
+        inp["beta"] = jax.nn.sigmoid(self.beta_proj(x).astype(_F32))
+      case _:
+        inp["beta"] = jax.nn.sigmoid(self.beta_proj(x).astype(_F32))
+    return inp, dict(q=tq, k=tk, v=tv)
+
+  def _mix(self, inp, initial_state=None, output_final_state=False):
+    """Runs `carve_jax.ops` on [B, T, H, .] inputs: (o [B, T, H, V], final state or None)."""
+    cfg = self.cfg
+    kw = dict(initial_state=initial_state, output_final_state=output_final_state, impl=cfg.impl,
+              chunk_size=cfg.chunk_size)
+    q, k, v, g = inp["q"], inp["k"], inp["v"], inp["g"]
+    match self.variant:
+      case "gdn2":
+        return ops.gated_delta(q, k, v, g, inp["b"], inp["w"], **kw)
+      case "kda":
+        return ops.kda(q, k, v, g, inp["beta"], **kw)
+      case "gdn":
+        return ops.gdn(q, k, v, g, inp["beta"], **kw)
+      case "carve":
+        return ops.carve(q, k, v, g, inp["erase_logits"], inp["beta"], self.gamma[...],
+                         content_block=cfg.content_block, content_grad=cfg.content_grad, **kw)
+
+  def _out(self, x, o):
+    """o: [B, T, H, V] -> y: [B, T, d]."""
+    z = self._heads(self.g_proj2(self.g_proj1(x)))
+    y = self.o_norm(o, z)
+    return self.o_proj(y.reshape(*y.shape[:-2], -1))
+
+  # -- entry points ----------------------------------------------------------------------------
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Parallel form from position 0. x: [B, T, d_model] -> [B, T, d_model]."""
+    inp, _ = self._inputs(x)
+    o, _ = self._mix(inp)
+    return self._out(x, o)
+
+  def init_cache(self, batch_size: int) -> dict:
+    """Cache before any token: state [B, H, K, V] float32 zeros, conv tails [B, W-1, H*K] zeros,
+    and for CARVE the content vector [B, H, K]."""
+    H, K = self.cfg.n_heads, self.cfg.head_k
+    cache = dict(state=jnp.zeros((batch_size, H, K, K), _F32),
+                 conv=dict(q=self.q_conv.empty_tail(batch_size), k=self.k_conv.empty_tail(batch_size),
+                           v=self.v_conv.empty_tail(batch_size)))
+    if self.variant == "carve":
+      cache["content"] = content_signal(cache["state"])
+    return cache
+
+  def prefill(self, x: jax.Array) -> tuple[jax.Array, dict]:
+    """Parallel form from position 0 that also returns the cache after the T tokens.
+
+    x: [B, T, d_model] -> (y [B, T, d_model], cache). For CARVE the sequence is split at the
+    last content-block boundary nG <= T: the state there gives the content vector of the open
+    block, and `ops.carve` resumes from it (its first token starts a block, as nG does).
+    """
+    inp, tails = self._inputs(x)
+    T = x.shape[1]
+    if self.variant != "carve":
+      o, S = self._mix(inp, output_final_state=True)
+      return self._out(x, o), dict(state=S, conv=tails)
+    split = (T // self.cfg.content_block) * self.cfg.content_block
+    if split in (0, T):
+      o, S = self._mix(inp, output_final_state=True)
+      S_open = jnp.zeros_like(S) if split == 0 else S
+    else:
+      o1, S_open = self._mix({n: a[:, :split] for n, a in inp.items()}, output_final_state=True)
+      o2, S = self._mix({n: a[:, split:] for n, a in inp.items()}, initial_state=S_open,
+                        output_final_state=True)
+      o = jnp.concatenate([o1, o2], axis=1)
+    return self._out(x, o), dict(state=S, conv=tails, content=content_signal(S_open))
+
+  def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+    """One token. x: [B, d_model]; pos: int32 scalar, tokens before this one.
+
+    Returns (y [B, d_model], new cache).
+    """
+    inp, tails = self._inputs(x[:, None], cache["conv"])
+    t = {n: a[:, 0] for n, a in inp.items()}  # drop the time axis
+    q, k, v = t["q"], t["k"], t["v"]
+    g = t["g"] if t["g"].ndim == 3 else jnp.broadcast_to(t["g"][..., None], q.shape)
+    new = dict(conv=tails)
+    match self.variant:
+      case "gdn2":
+        o, new["state"] = gated_delta_step(cache["state"], q, k, v, g, t["b"], t["w"])
+      case "kda" | "gdn":
+        beta = t["beta"][..., None]
+        o, new["state"] = gated_delta_step(cache["state"], q, k, v, g, jnp.broadcast_to(beta, q.shape),
+                                           jnp.broadcast_to(beta, v.shape))
+      case "carve":
+        o, new["state"], new["content"] = carve_step(
+            cache["state"], cache["content"], pos, q, k, v, g, t["erase_logits"], t["beta"], self.gamma[...],
+            content_block=self.cfg.content_block)
+    return self._out(x, o), new

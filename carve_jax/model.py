@@ -1,0 +1,258 @@
+r"""Decoder-only language model over any token mixer of the family, and its decoding cache.
+
+    h_0 = embed(tokens)                                      residual stream in float32
+    h_l = h_{l-1} + mixer_l(rmsnorm(h_{l-1}));  h_l += mlp_l(rmsnorm(h_l))     (pre-norm blocks)
+    logits = head(rmsnorm(h_L))      head = W_out, or embed^T when tie_embeddings
+
+Decoding keeps a cache pytree {"pos": int32 [], "layers": [one dict per block]}: for a delta
+mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v and, for CARVE,
+the content vector [B, H, K]; for attention a KV cache [B, max_len, H, K]. "pos" counts the
+tokens seen (CARVE's block position is pos % content_block; attention's write index is pos).
+Decoding token by token reproduces the parallel forward's logits.
+
+    model = LM(preset("tiny"), rngs=nnx.Rngs(0))
+    logits = model(tokens)                          # [B, T] int32 -> [B, T, vocab] float32
+    out = generate(model, prompt, 32, rng=jax.random.key(0), temperature=0.8, top_k=40)
+    param_count(abstract_model(preset("1.3b")))     # exact, allocates nothing
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from carve_jax.configs import ModelConfig
+from carve_jax.layers.attention import Attention
+from carve_jax.layers.delta import DeltaMixer
+from carve_jax.layers.dense import compute_dtype, dense
+from carve_jax.layers.mlp import SwiGLU
+from carve_jax.layers.norms import RMSNorm
+
+_F32 = jnp.float32
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + mixer(norm(x)), then + mlp(norm(.)). Residual in float32."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    cdt = compute_dtype(cfg)
+    self.mixer_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cdt)
+    self.mixer = Attention(cfg, rngs=rngs) if cfg.mixer == "attention" else DeltaMixer(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cdt)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
+
+  def _mlp(self, h):
+    return h + self.mlp(self.mlp_norm(h)).astype(_F32)
+
+  def __call__(self, h: jax.Array) -> jax.Array:
+    """h: [B, T, d_model] float32 -> same."""
+    return self._mlp(h + self.mixer(self.mixer_norm(h)).astype(_F32))
+
+  def prefill(self, h, max_len):
+    if isinstance(self.mixer, Attention):
+      y, cache = self.mixer.prefill(self.mixer_norm(h), max_len)
+    else:
+      y, cache = self.mixer.prefill(self.mixer_norm(h))
+    return self._mlp(h + y.astype(_F32)), cache
+
+  def step(self, h, cache, pos):
+    y, cache = self.mixer.step(self.mixer_norm(h), cache, pos)
+    return self._mlp(h + y.astype(_F32)), cache
+
+
+class LM(nnx.Module):
+  """Decoder LM. `LM(cfg, rngs=nnx.Rngs(seed))`; `model(tokens [B, T] int) -> logits [B, T, vocab] f32`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(cfg, ModelConfig):
+      raise ValueError(f"LM: argument `cfg` must be a ModelConfig, got {type(cfg).__name__}")
+    self.cfg = cfg
+    cdt = compute_dtype(cfg)
+    self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cdt, param_dtype=_F32,
+                           embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cdt)
+    self.head = None if cfg.tie_embeddings else dense(cfg.d_model, cfg.vocab_size, cfg, rngs=rngs)
+
+  def _embed(self, tokens):
+    return self.embed(tokens).astype(_F32)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Final norm and head: h [..., d_model] -> logits [..., vocab] float32."""
+    x = self.norm(h)
+    out = self.embed.attend(x) if self.head is None else self.head(x)
+    return out.astype(_F32)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens: int [B, T] -> logits float32 [B, T, vocab]."""
+    _check_tokens("LM", tokens, 2)
+    h = self._embed(tokens)
+    for block in self.blocks:
+      h = nnx.remat(Block.__call__)(block, h) if self.cfg.remat else block(h)
+    return self.logits(h)
+
+
+def _check_tokens(fn: str, tokens, ndim: int) -> None:
+  if not hasattr(tokens, "shape") or len(tokens.shape) != ndim or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    what = f"{getattr(tokens, 'dtype', type(tokens).__name__)} of shape {getattr(tokens, 'shape', None)}"
+    expected = "[B, T]" if ndim == 2 else "[B]"
+    raise ValueError(f"{fn}: argument `tokens` must be an integer array of shape {expected}, got {what}")
+  if ndim == 2 and tokens.shape[1] < 1:
+    raise ValueError(f"{fn}: argument `tokens` must hold at least one token per row, got shape {tokens.shape}")
+
+
+# -- decoding -------------------------------------------------------------------------------------
+
+
+def _max_len(model: LM, max_len: int | None) -> int:
+  max_len = model.cfg.max_seq_len if max_len is None else max_len
+  if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+    raise ValueError(f"argument `max_len` must be a positive int, got {max_len!r}")
+  return max_len
+
+
+def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dict:
+  """The cache before any token: {"pos": 0, "layers": [...]}; `max_len` (attention's KV length)
+  defaults to cfg.max_seq_len."""
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"init_cache: argument `batch_size` must be a positive int, got {batch_size!r}")
+  max_len = _max_len(model, max_len)
+  layers = [b.mixer.init_cache(batch_size, max_len) if isinstance(b.mixer, Attention)
+            else b.mixer.init_cache(batch_size) for b in model.blocks]
+  return dict(pos=jnp.zeros((), jnp.int32), layers=layers)
+
+
+def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tuple[jax.Array, dict]:
+  """Parallel forward over a prompt that also builds the cache.
+
+  tokens: int [B, P] -> (logits float32 [B, P, vocab], cache with pos = P).
+  """
+  _check_tokens("prefill", tokens, 2)
+  max_len = _max_len(model, max_len)
+  h = model._embed(tokens)
+  layers = []
+  for block in model.blocks:
+    h, c = block.prefill(h, max_len)
+    layers.append(c)
+  return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=layers)
+
+
+def decode_step(model: LM, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  """One token per row at position cache["pos"].
+
+  tokens: int [B] -> (logits float32 [B, vocab], cache advanced by one). Attention caches hold
+  max_len positions; stepping past them is the caller's error (`generate` checks it).
+  """
+  _check_tokens("decode_step", tokens, 1)
+  pos = cache["pos"]
+  h = model._embed(tokens)
+  layers = []
+  for block, c in zip(model.blocks, cache["layers"]):
+    h, c = block.step(h, c, pos)
+    layers.append(c)
+  return model.logits(h), dict(pos=pos + 1, layers=layers)
+
+
+def _sample(logits, rng, temperature, top_k):
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k is not None:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "temperature", "top_k"))
+def _generate(graphdef, state, prompt, rng, *, max_new_tokens, max_len, temperature, top_k):
+  model = nnx.merge(graphdef, state)
+  logits, cache = prefill(model, prompt, max_len=max_len)
+  rng, sub = jax.random.split(rng)
+  first = _sample(logits[:, -1], sub, temperature, top_k)
+
+  def body(carry, _):
+    tok, cache, rng = carry
+    rng, sub = jax.random.split(rng)
+    logits, cache = decode_step(model, tok, cache)
+    nxt = _sample(logits, sub, temperature, top_k)
+    return (nxt, cache, rng), nxt
+
+  _, rest = jax.lax.scan(body, (first, cache, rng), None, length=max_new_tokens - 1)
+  return jnp.concatenate([prompt.astype(jnp.int32), first[:, None], rest.T], axis=1)
+
+
+def generate(model: LM, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Array, temperature: float = 1.0,
+             top_k: int | None = None) -> jax.Array:
+  """Samples `max_new_tokens` tokens after `prompt` (int [B, P], P >= 1) -> int32 [B, P + N].
+
+  The prompt is prefilled in parallel, then tokens are decoded one at a time from the cache
+  (one jitted program). temperature 0 is greedy; top_k keeps the k most likely tokens.
+  """
+  _check_tokens("generate", prompt, 2)
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    raise ValueError(f"generate: argument `max_new_tokens` must be an int >= 0, got {max_new_tokens!r}")
+  if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+    raise ValueError(f"generate: argument `temperature` must be a float >= 0 (0 = greedy), got {temperature!r}")
+  V = model.cfg.vocab_size
+  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= V):
+    raise ValueError(f"generate: argument `top_k` must be None or an int in [1, {V}], got {top_k!r}")
+  P = prompt.shape[1]
+  if max_new_tokens == 0:
+    return jnp.asarray(prompt, jnp.int32)
+  max_len = P + max_new_tokens
+  if model.cfg.mixer == "attention" and max_len > model.cfg.max_seq_len:
+    raise ValueError(f"generate: prompt length + max_new_tokens = {max_len} exceeds the attention model's "
+                     f"max_seq_len={model.cfg.max_seq_len}")
+  graphdef, state = nnx.split(model)
+  return _generate(graphdef, state, jnp.asarray(prompt), rng, max_new_tokens=max_new_tokens, max_len=max_len,
+                   temperature=float(temperature), top_k=top_k)
+
+
+# -- parameter counts ----------------------------------------------------------------------------
+
+
+def abstract_model(cfg: ModelConfig) -> LM:
+  """The model with shape-only parameters (`nnx.eval_shape`): nothing is allocated or computed."""
+  return nnx.eval_shape(lambda: LM(cfg, rngs=nnx.Rngs(0)))
+
+
+def _param_sizes(model: LM):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
+    keys = [getattr(p, "key", getattr(p, "idx", getattr(p, "name", None))) for p in path]
+    yield [k for k in keys if k is not None], math.prod(leaf.shape)
+
+
+def _kind(keys) -> tuple[str, str]:
+  """(module kind, finer name) of a parameter path."""
+  if keys[0] != "blocks":
+    return ("norm" if keys[0] == "norm" else keys[0]), keys[0]
+  sub = keys[2]  # blocks, i, sub, ...
+  if sub in ("mixer_norm", "mlp_norm"):
+    return "norm", sub
+  return sub, f"{sub}.{keys[3]}"
+
+
+def param_count(model: LM) -> dict[str, int]:
+  """Parameters per module kind ("embed", "mixer", "mlp", "norm", "head" when untied) and "total".
+
+  Works on an abstract model (`abstract_model(cfg)`), so a 1.3B count costs no memory.
+  """
+  counts: dict[str, int] = {}
+  for keys, n in _param_sizes(model):
+    kind = _kind(keys)[0]
+    counts[kind] = counts.get(kind, 0) + n
+  counts["total"] = sum(counts.values())
+  return counts
+
+
+def param_breakdown(model: LM) -> dict[str, int]:
+  """Parameters per named submodule summed over layers, e.g. "mixer.w_proj", "mlp.up_proj", "embed"."""
+  counts: dict[str, int] = {}
+  for keys, n in _param_sizes(model):
+    name = _kind(keys)[1]
+    counts[name] = counts.get(name, 0) + n
+  return counts
