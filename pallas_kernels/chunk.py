@@ -1,0 +1,88 @@
+"""`pallas_gated_delta`: the Pallas chunk kernels of the family under one `jax.custom_vjp`.
+
+Contract (called by `carve_jax.ops.api._run` for impl="pallas"): public layout, caller's dtype.
+    q, k, g, b: [B, T, H, K]; v: [B, T, H, V]; w: [B, T, H, V], or beta [B, T, H] when gamma [H] is
+    given (CARVE: b then holds the erase logits, gate = sigmoid(b + gamma_h c_n)).
+    initial_state: [B, H, K, V] float32. Any T: padded inside with k = v = g = b = w = 0 tokens.
+Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32).
+
+The forward under differentiation saves the float32 state entering every chunk ([B, H, T/C, K, V],
+the tensor FLA calls h) and CARVE's content signal per chunk; the backward kernel recomputes all
+in-chunk quantities from them (recompute, not store, for everything of size C x C or C x K).
+On a backend other than GPU the kernels run in Pallas interpret mode (CPU CI).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.chunk_bwd import chunk_bwd
+from pallas_kernels.chunk_fwd import chunk_fwd
+from pallas_kernels.config import DEFAULT, TuningConfig
+
+
+def _static(scale, chunk_size, content_block, cfg, interpret):
+  return (float(scale), int(chunk_size), None if content_block is None else int(content_block), cfg,
+          bool(interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _gated_delta(q, k, v, g, b, w, gamma, S0, static):
+  scale, C, cb, cfg, interpret = static
+  o, S, _, _ = chunk_fwd(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C, content_block=cb,
+                         cfg=cfg, save=False, interpret=interpret)
+  return o, S
+
+
+def _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, static):
+  scale, C, cb, cfg, interpret = static
+  o, S, states, cvec = chunk_fwd(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C,
+                                 content_block=cb, cfg=cfg, save=True, interpret=interpret)
+  return (o, S), (q, k, v, g, b, w, gamma, states, cvec)
+
+
+def _gated_delta_bwd(static, res, cts):
+  scale, C, cb, cfg, interpret = static
+  q, k, v, g, b, w, gamma, states, cvec = res
+  do, dsf = cts
+  dq, dk, dg, db, dv, dw, ds0 = chunk_bwd(q, k, v, g, b, w, gamma, states, cvec, do.astype(q.dtype), dsf,
+                                          scale=scale, chunk_size=C, cfg=cfg, interpret=interpret)
+  dgamma = None
+  if gamma is not None:  # dgamma_h = sum_{t, i} dlogit_t[i] c_{n(t)}[i]
+    B, Tp, H, K = q.shape
+    per_chunk = db.reshape(B, Tp // C, C, H, K).sum(2)                   # [B, N, H, K]
+    dgamma = jnp.einsum("bnhk,bhnk->h", per_chunk, cvec).astype(gamma.dtype)
+  cast = lambda d, x: d.astype(x.dtype)
+  return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(db, b), cast(dw, w), dgamma,
+          ds0)
+
+
+_gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
+
+
+def pallas_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_size, content_block=None,
+                       content_grad="stop", config: TuningConfig | None = None):
+  """(o [B, T, H, V], final state [B, H, K, V] float32) of the gated delta rule; see the module doc."""
+  if content_grad != "stop":
+    raise ValueError(f"pallas_gated_delta: argument `content_grad` must be 'stop' for the Pallas kernels "
+                     f"(the gradient through the content signal into the state is not implemented), got "
+                     f"{content_grad!r}; use impl='chunk' for content_grad='full'")
+  cfg = DEFAULT if config is None else config
+  B, T, H, K = q.shape
+  V = v.shape[-1]
+  cfg.check_shapes(chunk_size=chunk_size, K=K, V=V)
+  if gamma is not None and (content_block is None or content_block % chunk_size):
+    raise ValueError(f"pallas_gated_delta: argument `chunk_size` must divide `content_block`, got "
+                     f"{chunk_size} and {content_block}")
+  pad = -T % chunk_size
+  if pad:
+    p = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v, g, b, w = (p(x) for x in (q, k, v, g, b, w))
+  interpret = jax.default_backend() != "gpu"
+  static = _static(scale, chunk_size, content_block if gamma is not None else None, cfg, interpret)
+  o, S = _gated_delta(q, k, v, g, b, w, gamma, initial_state.astype(jnp.float32)
+                      if initial_state.dtype != jnp.float64 else initial_state, static)
+  return o[:, :T], S
