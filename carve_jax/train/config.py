@@ -1,0 +1,305 @@
+"""Training configuration: frozen dataclasses, their JSON form, and flat command-line overrides.
+
+A run is described by one `TrainConfig` holding a `ModelConfig` (from `carve_jax.configs`), an
+`OptimConfig`, a `DataConfig` and a `CheckpointConfig`. Every field of every section is a flag of
+the same name (`--d_model 512 --lr 1e-3 --seq_len 512 --ckpt_every 200`), so field names are unique
+across sections; `--model NAME` is an alias of the model's `--mixer`, and `--preset NAME` picks the
+`carve_jax.configs.PRESETS` entry the model flags then override. Bad values raise `ValueError`
+naming the field, what was expected and what was given (the CLI turns that into a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from carve_jax import configs as model_configs
+from carve_jax.configs import ModelConfig
+
+
+def _check(cond: bool, cls: str, name: str, expected: str, got: Any) -> None:
+  if not cond:
+    raise ValueError(f"{cls}: field `{name}` must be {expected}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup, cosine decay to `lr * min_lr_ratio`, global-norm clipping.
+
+  Weight decay applies to weight matrices only (see `carve_jax.train.optim.decay_mask`).
+  """
+  lr: float = 3e-4
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 100
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0  # 0 disables clipping
+
+  def __post_init__(self):
+    c = "OptimConfig"
+    _check(self.lr > 0, c, "lr", "> 0", self.lr)
+    _check(0 <= self.min_lr_ratio <= 1, c, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+    _check(self.warmup_steps >= 0, c, "warmup_steps", ">= 0", self.warmup_steps)
+    _check(0 <= self.b1 < 1, c, "b1", "in [0, 1)", self.b1)
+    _check(0 <= self.b2 < 1, c, "b2", "in [0, 1)", self.b2)
+    _check(self.eps > 0, c, "eps", "> 0", self.eps)
+    _check(self.weight_decay >= 0, c, "weight_decay", ">= 0", self.weight_decay)
+    _check(self.clip_norm >= 0, c, "clip_norm", ">= 0 (0 disables)", self.clip_norm)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+  """Which corpus and tokenizer, and how batches are cut (see `carve_jax.data`).
+
+  `batch_size` is GLOBAL (sequences per optimizer step over all devices and hosts); each process
+  reads `batch_size / process_count` rows of its own shard of the data.
+  `tokens_dir`: read pre-tokenised `train`/`val` arrays exported by `python -m carve_jax.data export`
+  instead of preparing the corpus (machines without the corpus packages or network).
+  """
+  corpus: Literal["fixture", "ci", "full"] = "ci"
+  tokenizer: Literal["byte", "gpt2"] = "byte"
+  seq_len: int = 256
+  batch_size: int = 16
+  data_seed: int = 0
+  data_root: str | None = None
+  tokens_dir: str | None = None
+
+  def __post_init__(self):
+    c = "DataConfig"
+    _check(self.corpus in ("fixture", "ci", "full"), c, "corpus", "'fixture', 'ci' or 'full'", self.corpus)
+    _check(self.tokenizer in ("byte", "gpt2"), c, "tokenizer", "'byte' or 'gpt2'", self.tokenizer)
+    _check(self.seq_len >= 1, c, "seq_len", ">= 1", self.seq_len)
+    _check(self.batch_size >= 1, c, "batch_size", ">= 1", self.batch_size)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpoints: every `ckpt_every` steps (and at the end), keep the last `ckpt_keep`.
+
+  `ckpt_dir` defaults to `<out_dir>/checkpoints`. `restore_step` picks a step to resume from
+  (default: the latest one).
+  """
+  ckpt_dir: str | None = None
+  ckpt_every: int = 500
+  ckpt_keep: int = 3
+  ckpt_async: bool = True
+  restore_step: int | None = None
+
+  def __post_init__(self):
+    c = "CheckpointConfig"
+    _check(self.ckpt_every >= 1, c, "ckpt_every", ">= 1", self.ckpt_every)
+    _check(self.ckpt_keep >= 1, c, "ckpt_keep", ">= 1", self.ckpt_keep)
+    _check(self.restore_step is None or self.restore_step >= 0, c, "restore_step", ">= 0 or None",
+           self.restore_step)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+  """One training run.
+
+  steps: optimizer steps in total (the cosine schedule spans them).
+  grad_accum: micro-batches per step (each device's rows are split into this many).
+  max_consecutive_skips: abort (keeping every checkpoint) after this many non-finite steps in a row.
+  distributed: call `jax.distributed.initialize()` first (multi-host; or env CARVE_DISTRIBUTED=1).
+  """
+  model: ModelConfig = field(default_factory=lambda: model_configs.preset("tiny"))
+  optim: OptimConfig = field(default_factory=OptimConfig)
+  data: DataConfig = field(default_factory=DataConfig)
+  ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
+  steps: int = 1000
+  grad_accum: int = 1
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  max_consecutive_skips: int = 20
+  out_dir: str = "runs/default"
+  distributed: bool = False
+  progress: bool = True
+
+  def __post_init__(self):
+    c = "TrainConfig"
+    _check(self.steps >= 1, c, "steps", ">= 1", self.steps)
+    _check(self.grad_accum >= 1, c, "grad_accum", ">= 1", self.grad_accum)
+    _check(self.log_every >= 1, c, "log_every", ">= 1", self.log_every)
+    _check(self.eval_every >= 0, c, "eval_every", ">= 0 (0 disables)", self.eval_every)
+    _check(self.eval_batches >= 1, c, "eval_batches", ">= 1", self.eval_batches)
+    _check(self.max_consecutive_skips >= 1, c, "max_consecutive_skips", ">= 1", self.max_consecutive_skips)
+    _check(self.data.batch_size % self.grad_accum == 0, c, "grad_accum",
+           f"a divisor of data.batch_size={self.data.batch_size}", self.grad_accum)
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return self.ckpt.ckpt_dir or f"{self.out_dir.rstrip('/')}/checkpoints"
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "TrainConfig":
+    sections = {"model": ModelConfig, "optim": OptimConfig, "data": DataConfig, "ckpt": CheckpointConfig}
+    kw = {}
+    for f in dataclasses.fields(cls):
+      if f.name not in d:
+        continue
+      kw[f.name] = _build(sections[f.name], d[f.name]) if f.name in sections else d[f.name]
+    return cls(**kw)
+
+  def replace(self, **kw) -> "TrainConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _build(cls, d: dict):
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+# Fields that change what a resumed run computes; a checkpoint whose config differs in any of
+# them is refused (the rest, e.g. logging cadence or output paths, may change between runs).
+RUN_IDENTITY = ("model", "optim", "data.corpus", "data.tokenizer", "data.seq_len", "data.batch_size",
+                "data.data_seed", "steps", "grad_accum", "seed")
+
+
+def _get(d: dict, dotted: str):
+  for part in dotted.split("."):
+    d = d.get(part) if isinstance(d, dict) else None
+  return d
+
+
+def identity_diff(saved: dict, current: dict) -> list[str]:
+  """Human-readable differences between two configs (dicts) in the run-identity fields."""
+  out = []
+
+  def walk(prefix, a, b):
+    if isinstance(a, dict) and isinstance(b, dict):
+      for k in sorted(set(a) | set(b)):
+        walk(f"{prefix}.{k}", a.get(k, "<absent>"), b.get(k, "<absent>"))
+    elif _norm(a) != _norm(b):
+      out.append(f"{prefix}: checkpoint has {a!r}, this run has {b!r}")
+
+  for key in RUN_IDENTITY:
+    walk(key, _get(saved, key), _get(current, key))
+  return out
+
+
+def _norm(x):
+  return list(x) if isinstance(x, tuple) else x
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: every field of every section is a flag of its own name.
+
+_SECTIONS = {"optim": OptimConfig, "data": DataConfig, "ckpt": CheckpointConfig}
+
+
+def _flag_type(tp):
+  """(converter, choices, is_bool) for a resolved field type."""
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin in (typing.Union, types.UnionType):
+    inner = [a for a in args if a is not type(None)]
+    conv, choices, is_bool = _flag_type(inner[0])
+    return (lambda s: None if s.lower() == "none" else conv(s)), choices, is_bool
+  if origin is Literal:
+    kinds = {type(a) for a in args}
+    conv = kinds.pop() if len(kinds) == 1 else str
+    return conv, list(args), False
+  if tp is bool:
+    return None, None, True
+  if tp in (int, float, str):
+    return tp, None, False
+  if origin is tuple:
+    inner = args[0] if args else str
+    return (lambda s: tuple(inner(x) for x in s.split(",") if x)), None, False
+  return str, None, False
+
+
+def _add_fields(parser, cls, dest_prefix: str, taken: set[str]):
+  hints = typing.get_type_hints(cls)
+  group = parser.add_argument_group(cls.__name__)
+  for f in dataclasses.fields(cls):
+    if f.name in taken:
+      raise AssertionError(f"flag --{f.name} is defined by two config sections")
+    taken.add(f.name)
+    conv, choices, is_bool = _flag_type(hints[f.name])
+    dest = f"{dest_prefix}{f.name}"
+    if is_bool:
+      group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
+                         default=argparse.SUPPRESS)
+    else:
+      group.add_argument(f"--{f.name}", dest=dest, type=conv, choices=choices, default=argparse.SUPPRESS,
+                         metavar=None if choices else f.name.upper())
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+  """Adds `--preset`, `--model`, and one flag per field of every config section."""
+  taken: set[str] = {"preset", "model", "config"}
+  parser.add_argument("--config", default=None, help="a TrainConfig JSON file to start from")
+  parser.add_argument("--preset", default=None, choices=sorted(model_configs.PRESETS),
+                      help="model preset (carve_jax.configs.PRESETS) the model flags override")
+  mixers = typing.get_args(typing.get_type_hints(ModelConfig).get("mixer"))
+  parser.add_argument("--model", dest="model.mixer", default=argparse.SUPPRESS,
+                      choices=list(mixers) or None, help="alias of --mixer")
+  _add_fields(parser, ModelConfig, "model.", taken)
+  for name, cls in _SECTIONS.items():
+    _add_fields(parser, cls, f"{name}.", taken)
+  top = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("model", *_SECTIONS)]
+  hints = typing.get_type_hints(TrainConfig)
+  group = parser.add_argument_group("TrainConfig")
+  for f in top:
+    if f.name in taken:
+      raise AssertionError(f"flag --{f.name} is defined by two config sections")
+    conv, choices, is_bool = _flag_type(hints[f.name])
+    if is_bool:
+      group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+    else:
+      group.add_argument(f"--{f.name}", type=conv, choices=choices, default=argparse.SUPPRESS)
+  return parser
+
+
+def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+  """Builds a TrainConfig from parsed flags on top of `base` (or `--config`, or the defaults).
+
+  The model's `vocab_size` follows the tokenizer unless `--vocab_size` is given.
+  Raises ValueError (naming the field) for values the dataclasses reject.
+  """
+  given = {k: v for k, v in vars(ns).items() if "." in k or k in {f.name for f in dataclasses.fields(TrainConfig)}}
+  if getattr(ns, "config", None):
+    with open(ns.config) as fh:
+      base = TrainConfig.from_dict(json.load(fh))
+  base = base or TrainConfig()
+  model_over = {k[6:]: v for k, v in given.items() if k.startswith("model.")}
+  preset = getattr(ns, "preset", None)
+  model_base = model_configs.preset(preset) if preset else base.model
+  sec = {name: {k[len(name) + 1:]: v for k, v in given.items() if k.startswith(name + ".")}
+         for name in _SECTIONS}
+  data = dataclasses.replace(base.data, **sec["data"])
+  if "vocab_size" not in model_over and (preset or "tokenizer" in sec["data"]):
+    from carve_jax.data.tokenizer import get_tokenizer
+    model_over["vocab_size"] = get_tokenizer(data.tokenizer).vocab_size
+  model = dataclasses.replace(model_base, **model_over)
+  top = {k: v for k, v in given.items() if "." not in k}
+  return dataclasses.replace(base, model=model, data=data,
+                             optim=dataclasses.replace(base.optim, **sec["optim"]),
+                             ckpt=dataclasses.replace(base.ckpt, **sec["ckpt"]), **top)
+
+
+def parse_train_args(argv=None, *, prog="carve-train", base: TrainConfig | None = None,
+                     description: str | None = None) -> TrainConfig:
+  """argv -> TrainConfig; unknown flags and rejected values exit with a usage error (status 2)."""
+  parser = add_train_flags(argparse.ArgumentParser(prog=prog, description=description))
+  ns = parser.parse_args(argv)
+  try:
+    return config_from_args(ns, base)
+  except (ValueError, TypeError) as e:
+    parser.error(str(e))

@@ -1,0 +1,99 @@
+"""`carve-eval`: perplexity of a checkpoint on the validation (or training) split.
+
+    carve-eval --ckpt_dir runs/demo/checkpoints                  # latest step, val split
+    carve-eval --ckpt_dir runs/demo/checkpoints --step 200 --eval_batches 50 --split train
+
+    ppl = exp(mean next-token cross-entropy in nats) over `eval_batches` batches of the unshuffled
+    split, each `batch_size x seq_len` tokens (the run's, unless overridden).
+
+The model, tokenizer and data settings come from the config stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+import jax
+from flax import nnx
+
+from carve_jax.model import LM
+from carve_jax.train import distributed as dist
+from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
+from carve_jax.train.config import TrainConfig
+from carve_jax.train.optim import make_optimizer
+from carve_jax.train.step import init_state
+
+
+def load_trained(ckpt_dir: str, step: int | None = None, *, mesh=None):
+  """(TrainConfig, LM with the checkpoint's parameters, step) from a run's checkpoint folder.
+
+  Raises CheckpointNotFoundError / CheckpointCorruptError with the path and the steps there.
+  """
+  ck = Checkpointer(ckpt_dir, read_only=True)
+  try:
+    step = ck.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointNotFoundError(f"no checkpoint under {ck.directory}")
+    meta = ck.read_meta(step)
+    cfg = TrainConfig.from_dict(meta["config"])
+    mesh = mesh or dist.make_mesh()
+    model = LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    optimizer = make_optimizer(cfg.optim, cfg.steps)
+    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed), params)
+    state, _, _ = ck.restore(abstract_like(abstract, dist.replicated(mesh)), step)
+  finally:
+    ck.close()
+  return cfg, nnx.merge(graphdef, state.params, rest), step
+
+
+def perplexity(cfg: TrainConfig, model: LM, *, split: str = "val", n_batches: int | None = None, mesh=None,
+               tokens=None) -> dict:
+  """{"loss", "ppl", "tokens"} of `model` on `split` (see the module docstring)."""
+  from carve_jax.train.loop import evaluate, load_tokens
+  from carve_jax.train.step import make_eval_step
+  if split not in ("val", "train"):
+    raise ValueError(f"perplexity: argument `split` must be 'val' or 'train', got {split!r}")
+  mesh = mesh or dist.make_mesh()
+  n_batches = n_batches or cfg.eval_batches
+  _, train_tokens, val_tokens = tokens if tokens is not None else load_tokens(cfg.data)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  eval_fn = make_eval_step(graphdef, rest, mesh)
+  local_bs = dist.process_batch_size(cfg.data.batch_size, mesh)
+  loss = evaluate(eval_fn, dist.replicate(mesh, params), mesh, val_tokens if split == "val" else train_tokens,
+                  cfg.data, local_bs, n_batches)
+  return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+          "tokens": n_batches * cfg.data.batch_size * cfg.data.seq_len}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="carve-eval", description=__doc__.splitlines()[0])
+  ap.add_argument("--ckpt_dir", required=True, help="a run's checkpoint folder (<out_dir>/checkpoints)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--split", choices=("val", "train"), default="val")
+  ap.add_argument("--eval_batches", type=int, default=None)
+  ap.add_argument("--batch_size", type=int, default=None)
+  ap.add_argument("--tokens_dir", default=None, help="pre-tokenised splits (python -m carve_jax.data export)")
+  ap.add_argument("--data_root", default=None)
+  ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first")
+  args = ap.parse_args(argv)
+  if args.eval_batches is not None and args.eval_batches < 1:
+    ap.error(f"--eval_batches must be >= 1, got {args.eval_batches}")
+  dist.maybe_initialize(args.distributed)
+  cfg, model, step = load_trained(args.ckpt_dir, args.step)
+  over = {k: getattr(args, k) for k in ("batch_size", "tokens_dir", "data_root") if getattr(args, k) is not None}
+  try:
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **over))
+  except ValueError as e:
+    ap.error(str(e))
+  out = perplexity(cfg, model, split=args.split, n_batches=args.eval_batches)
+  print(json.dumps({"ckpt_dir": args.ckpt_dir, "step": step, "split": args.split, **out}))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

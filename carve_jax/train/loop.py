@@ -1,0 +1,222 @@
+"""The training loop: build, restore if a checkpoint exists, step, log, evaluate, checkpoint.
+
+    train(cfg) -> summary dict
+
+1. (`cfg.distributed`) `jax.distributed.initialize()`; a 1-D `data` mesh over all devices.
+2. Tokens from `carve_jax.data` (this process's shard), the `LM`, AdamW, the initial `TrainState`.
+3. If `<ckpt_dir>` holds a checkpoint (or `restore_step` names one): restore the state and the
+   data iterator's position and go on from there, so a killed run resumed reproduces the losses
+   of an uninterrupted one exactly. A checkpoint of a different configuration is refused.
+4. Each step: the next global batch -> `step.make_train_step` (NaN/Inf steps are skipped and
+   counted; `max_consecutive_skips` in a row abort the run, keeping every checkpoint).
+   Every `log_every` steps: one JSONL/TensorBoard record per step, tokens/s and peak memory.
+   Every `eval_every` steps and at the end: validation loss and perplexity over `eval_batches`
+   fixed batches. Every `ckpt_every` steps and at the end: an async checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from carve_jax.model import LM, param_count
+from carve_jax.train import distributed as dist
+from carve_jax.train.checkpoint import Checkpointer, abstract_like
+from carve_jax.train.config import DataConfig, TrainConfig
+from carve_jax.train.metrics import MetricsLogger, format_bytes
+from carve_jax.train.optim import lr_schedule, make_optimizer
+from carve_jax.train.step import LossFn, init_state, lm_loss, make_eval_step, make_train_step
+
+
+class TrainingDivergedError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def load_tokens(data: DataConfig):
+  """(tokenizer, train tokens, val tokens) as 1-D int32 arrays (the whole split, every process)."""
+  from carve_jax.data import pipeline
+  from carve_jax.data.tokenizer import get_tokenizer
+  tok = get_tokenizer(data.tokenizer)
+  if data.tokens_dir:
+    return tok, pipeline.load_exported(data.tokens_dir, "train"), pipeline.load_exported(data.tokens_dir, "val")
+  from carve_jax.data.corpus import prepare_corpus
+  corpus = prepare_corpus(data.corpus, root=data.data_root)
+  return tok, pipeline.load_tokens(corpus, tok, "train"), pipeline.load_tokens(corpus, tok, "val")
+
+
+def batch_iterator(tokens, data: DataConfig, batch_size: int, *, shuffle: bool = True, seed: int | None = None):
+  """This process's batches of `batch_size` rows (shard `process_index` of `process_count`)."""
+  from carve_jax.data.pipeline import make_batches
+  return make_batches(tokens, seq_len=data.seq_len, batch_size=batch_size,
+                      seed=data.data_seed if seed is None else seed, shard_index=jax.process_index(),
+                      shard_count=jax.process_count(), shuffle=shuffle)
+
+
+def evaluate(eval_fn, params, mesh, val_tokens, data: DataConfig, local_batch: int, n_batches: int) -> float:
+  """Mean validation loss over the first `n_batches` batches of the unshuffled validation split."""
+  it = batch_iterator(val_tokens, data, local_batch, shuffle=False, seed=0)
+  total = 0.0
+  for _ in range(n_batches):
+    total += float(eval_fn(params, dist.global_batch(mesh, next(it))))
+  return total / n_batches
+
+
+def build_model(cfg: TrainConfig) -> LM:
+  return LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
+
+
+def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
+          on_step: Callable[[int, dict], None] | None = None) -> dict:
+  """Runs (or resumes) `cfg`; returns a summary (losses, perplexity, tokens/s, memory, paths).
+
+  tokens: optional (tokenizer, train tokens, val tokens) instead of loading `cfg.data`.
+  on_step: called after every step with (step, host metrics of that step) once they are fetched
+    (at log points); tests use it to stop a run abruptly.
+  """
+  dist.maybe_initialize(cfg.distributed)
+  t_start = time.time()
+  mesh = dist.make_mesh()
+  local_bs = dist.process_batch_size(cfg.data.batch_size, mesh, cfg.grad_accum)
+  tok, train_tokens, val_tokens = tokens if tokens is not None else load_tokens(cfg.data)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"TrainConfig: model.vocab_size must be >= the {tok.name} tokenizer's vocab_size "
+                     f"{tok.vocab_size}, got {cfg.model.vocab_size}")
+  main = jax.process_index() == 0
+
+  model = build_model(cfg)
+  counts = param_count(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  schedule = lr_schedule(cfg.optim, cfg.steps)
+  optimizer = make_optimizer(cfg.optim, cfg.steps)
+  state = dist.replicate(mesh, init_state(params, optimizer, cfg.seed))
+  del model, params
+
+  ckpt = Checkpointer(cfg.checkpoint_dir, config=cfg.to_dict(), every=cfg.ckpt.ckpt_every,
+                      keep=cfg.ckpt.ckpt_keep, async_save=cfg.ckpt.ckpt_async)
+  train_iter = batch_iterator(train_tokens, cfg.data, local_bs)
+  restore_step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
+  start = 0
+  if restore_step is not None:
+    state, data_state, _ = ckpt.restore(abstract_like(state, dist.replicated(mesh)), restore_step)
+    train_iter.set_state(data_state)
+    start = int(state.step)
+    if main:
+      print(f"resumed from {cfg.checkpoint_dir} step {start}")
+
+  step_fn = make_train_step(graphdef, rest, optimizer, mesh, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
+                            schedule=schedule)
+  eval_fn = make_eval_step(graphdef, rest, mesh, loss_fn=loss_fn)
+  logger = MetricsLogger(cfg.out_dir)
+  if main:
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
+      fh.write(cfg.to_json())
+  tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+  bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step",
+             dynamic_ncols=True)
+  pending: list[tuple[int, dict]] = []
+  last_train, val_loss, consecutive = math.nan, None, 0
+  # Throughput counts steps after the first (which includes compilation), timed between flushes.
+  timed_steps, timed_s, t_mark, since_mark, compile_s = 0, 0.0, None, 0, None
+
+  def flush(step_now: int):
+    nonlocal last_train, consecutive, timed_steps, timed_s, t_mark, since_mark
+    host = jax.device_get([m for _, m in pending])
+    t_now = time.time()
+    if t_mark is not None and since_mark:
+      timed_steps += since_mark
+      timed_s += t_now - t_mark
+    t_mark, since_mark = t_now, 0
+    losses = []
+    for (s, _), m in zip(pending, host):
+      consecutive = 0 if m["finite"] else consecutive + 1
+      rec = {k: (float(v) if k != "finite" else bool(v)) for k, v in m.items()}
+      logger.log(s, "train", **rec)
+      losses.append(rec["loss"])
+      if on_step is not None:
+        on_step(s, rec)
+      if consecutive >= cfg.max_consecutive_skips:
+        raise TrainingDivergedError(
+            f"{consecutive} consecutive steps up to step {s} had a non-finite loss or gradient; stopping. "
+            f"Checkpoints under {cfg.checkpoint_dir} are kept (latest: {ckpt.latest_step()}).")
+    pending.clear()
+    finite = [x for x in losses if math.isfinite(x)]
+    last_train = float(np.mean(finite)) if finite else math.nan
+    tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
+    mem = dist.peak_memory_bytes()
+    logger.log(step_now, "perf", tokens_per_s=tps, peak_device_bytes=mem or 0,
+               host_peak_rss_bytes=dist.host_peak_rss_bytes())
+    bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+  try:
+    for step in range(start, cfg.steps):
+      batch = dist.global_batch(mesh, next(train_iter))
+      state, metrics = step_fn(state, batch)
+      if compile_s is None:
+        jax.block_until_ready(state.step)
+        compile_s = time.time() - t_start
+        t_mark = time.time()
+      else:
+        since_mark += 1
+      pending.append((step + 1, metrics))
+      done = step + 1
+      bar.update(1)
+      if done % cfg.log_every == 0 or done == cfg.steps:
+        flush(done)
+      if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+        if pending:
+          flush(done)
+        val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
+        logger.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
+        if main:
+          bar.write(f"step {done}: val loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50.0)):.2f}")
+        t_mark = time.time()  # evaluation time is not training time
+      if ckpt.should_save(done) or done == cfg.steps:
+        ckpt.save(done, state, train_iter.get_state(), force=True)
+    if pending:
+      flush(cfg.steps)
+    val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
+    logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
+    ckpt.wait()
+  finally:
+    bar.close()
+    logger.close()
+    latest = ckpt.latest_step()
+    ckpt.close()
+
+  tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
+  return {
+      "steps": int(state.step), "resumed_from": start if restore_step is not None else None,
+      "train_loss": last_train, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+      "skipped_steps": int(state.skipped), "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
+      "compile_s": compile_s, "wall_s": time.time() - t_start,
+      "peak_device_bytes": dist.peak_memory_bytes(), "host_peak_rss_bytes": dist.host_peak_rss_bytes(),
+      "devices": mesh.devices.size, "processes": jax.process_count(), "backend": jax.default_backend(),
+      "params": counts, "checkpoint_dir": os.path.abspath(cfg.checkpoint_dir),
+      "latest_checkpoint": latest,
+      "out_dir": os.path.abspath(cfg.out_dir), "state": state,
+  }
+
+
+def format_summary(s: dict) -> str:
+  p = s["params"]
+  lines = [
+      f"steps              {s['steps']}" + (f" (resumed from {s['resumed_from']})" if s.get("resumed_from") else ""),
+      f"parameters         {p['total']:,}",
+      f"train loss         {s['train_loss']:.4f}",
+      f"val loss / ppl     {s['val_loss']:.4f} / {s['val_ppl']:.2f}",
+      f"skipped steps      {s['skipped_steps']}",
+      f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s)",
+      f"peak memory        device {format_bytes(s['peak_device_bytes'])}, host RSS {format_bytes(s['host_peak_rss_bytes'])}",
+      f"compile + 1st step {s['compile_s']:.1f} s;  wall {s['wall_s']:.1f} s",
+      f"checkpoint         {s['checkpoint_dir']} (step {s['latest_checkpoint']})",
+      f"metrics            {s['out_dir']}/metrics.jsonl, TensorBoard: {s['out_dir']}/tb",
+  ]
+  return "\n".join(lines)

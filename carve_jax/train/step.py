@@ -1,0 +1,148 @@
+"""The pure training step: data-parallel gradients with `jax.shard_map`, one optimizer update.
+
+    loss_d, g_d = value_and_grad(loss_fn)(params, rows of device d)   (mean over micro-batches)
+    loss, g     = pmean_d loss_d, pmean_d g_d                          (lax.pmean over `data`)
+    ok          = isfinite(loss) and isfinite(|g|)
+    params, opt = AdamW update if ok else unchanged;  step += 1;  skipped += not ok
+
+Every device holds the parameters (replicated, `P()`) and its slice of the global batch
+(`P("data")`); each device's rows are split into `grad_accum` equal micro-batches whose gradients
+are averaged by a `lax.scan`, so the result equals one step on the whole global batch (up to
+floating-point summation order). Since every row holds `T` tokens, the mean of per-device means
+is the global per-token mean.
+
+Precision: parameters (the master copy) and optimizer state are float32; the model computes in
+its `ModelConfig.compute_dtype` (bfloat16 on GPU runs) and casts to float32 for the loss, so the
+gradients and the update are float32.
+
+The model is an `nnx.Module` split once into (graphdef, params, rest) with `nnx.split(model,
+nnx.Param, ...)`; the step merges them inside the trace. `rest` (non-parameter state) is a
+constant of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from carve_jax.train.distributed import DATA_AXIS
+
+LossFn = Callable[[nnx.Module, dict, jax.Array], jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything a resumed run needs besides the data iterator's position.
+
+  step: int32 [] optimizer steps taken (skipped ones included).
+  params: nnx.State of the model's nnx.Param leaves (float32).
+  opt_state: the optax state.
+  rng: uint32 [2] raw key data (`jax.random.key_data`); step t uses fold_in(key, t).
+  skipped: int32 [] steps whose loss or gradient was NaN/Inf (not applied).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array
+
+
+def lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None) -> jax.Array:
+  """Mean next-token cross-entropy; batch {"inputs","targets"}: int32 [B, T]."""
+  del rng
+  logits = model(batch["inputs"]).astype(jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """Fresh state: step 0, optimizer initialised on `params`."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)), skipped=jnp.zeros((), jnp.int32))
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"grad_accum={n} must divide the per-device batch of {x.shape[0]} rows")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def _tree_where(ok, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_grad_fn(graphdef, rest, mesh, *, loss_fn: LossFn = lm_loss, grad_accum: int = 1):
+  """(params, batch, rng) -> (loss, grads), both averaged over the mesh's `data` axis.
+
+  params replicated, batch sharded on its leading axis. Runs under `jax.shard_map` with
+  `check_vma=False`, so the gradient of each device's loss is local and `lax.pmean` averages it.
+  """
+
+  def local(params, batch, rng):
+    rng = jax.random.fold_in(rng, lax.axis_index(DATA_AXIS))
+
+    def loss_of(p, mb, key):
+      return loss_fn(nnx.merge(graphdef, p, rest), mb, key)
+
+    if grad_accum == 1:
+      loss, grads = jax.value_and_grad(loss_of)(params, batch, rng)
+    else:
+      micro = _split_micro(batch, grad_accum)
+
+      def body(carry, xs):
+        mb, i = xs
+        l, g = jax.value_and_grad(loss_of)(params, mb, jax.random.fold_in(rng, i))
+        return (carry[0] + l, jax.tree.map(jnp.add, carry[1], g)), None
+
+      zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
+      loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+    return lax.pmean(loss, DATA_AXIS), lax.pmean(grads, DATA_AXIS)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=(P(), P()),
+                       check_vma=False)
+
+
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, mesh, *,
+                    loss_fn: LossFn = lm_loss, grad_accum: int = 1,
+                    schedule: optax.Schedule | None = None, donate: bool = True):
+  """Returns jitted `step(state, batch) -> (state, metrics)`.
+
+  metrics: loss, grad_norm (before clipping), finite (bool: update applied), lr, skipped (total).
+  A non-finite loss or gradient leaves params and optimizer state unchanged; the step counter
+  still advances (the batch is consumed) and `skipped` counts it.
+  """
+  grad_fn = make_grad_fn(graphdef, rest, mesh, loss_fn=loss_fn, grad_accum=grad_accum)
+
+  def step(state: TrainState, batch: dict):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    loss, grads = grad_fn(state.params, batch, key)
+    gnorm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    skipped = state.skipped + (~ok).astype(jnp.int32)
+    new = TrainState(step=state.step + 1, params=_tree_where(ok, params, state.params),
+                     opt_state=_tree_where(ok, opt_state, state.opt_state), rng=state.rng, skipped=skipped)
+    metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "skipped": skipped}
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step - state.skipped)
+    return new, metrics
+
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, rest, mesh, *, loss_fn: LossFn = lm_loss):
+  """Returns jitted `eval(params, batch) -> mean loss` over the global batch."""
+
+  def local(params, batch):
+    return lax.pmean(loss_fn(nnx.merge(graphdef, params, rest), batch, None), DATA_AXIS)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(), check_vma=False)
+  return jax.jit(f)
