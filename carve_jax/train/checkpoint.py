@@ -123,7 +123,7 @@ class Checkpointer:
       return False  # already saved (e.g. the final step coincides with a periodic one)
     self.check_for_errors()
     meta = {"step": int(step), "config": self.config, "fingerprint": fingerprint(state.params),
-            "time": time.time(), "versions": _versions(), **(extra_meta or {})}
+            "layout": layout(state), "time": time.time(), "versions": _versions(), **(extra_meta or {})}
     data_json = _to_json(data_state)
     try:
       return self._mgr.save(step, args=ocp.args.Composite(
@@ -190,6 +190,12 @@ class Checkpointer:
             f"checkpoint step {step} under {self.directory} was written by a run with a different "
             "configuration:\n  " + "\n  ".join(diff) +
             "\nUse the same settings to resume, or a new --ckpt_dir / --out_dir for a new run.")
+    if "layout" in meta:
+      diff = _layout_diff(meta["layout"], layout(abstract_state))
+      if diff:
+        raise CheckpointMismatchError(
+            f"checkpoint step {step} under {self.directory} holds a differently shaped state than this "
+            "model's:\n  " + "\n  ".join(diff[:10]) + ("\n  ..." if len(diff) > 10 else ""))
     try:
       out = self._mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
@@ -208,6 +214,21 @@ class Checkpointer:
     steps = self.all_steps()
     if step not in steps:
       raise CheckpointNotFoundError(f"no checkpoint step {step} under {self.directory}; steps there: {steps}")
+
+
+def layout(tree) -> dict[str, str]:
+  """{leaf path: "dtype[shape]"} of a pytree of arrays or ShapeDtypeStructs."""
+  return {jax.tree_util.keystr(p): f"{jnp.dtype(x.dtype).name}{list(x.shape)}"
+          for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _layout_diff(saved: dict, current: dict) -> list[str]:
+  out = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k, "<absent>"), current.get(k, "<absent>")
+    if a != b:
+      out.append(f"{k}: checkpoint has {a}, this model has {b}")
+  return out
 
 
 def _check_structure(abstract, restored, step, directory) -> None:
