@@ -1,0 +1,257 @@
+"""Benchmark of the Pallas chunk kernels against XLA, cuDNN attention and flash-linear-attention.
+
+    python experiments/bench_kernel.py --out experiments/results/bench_kernel \
+        [--fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h100.tgz --fla-path /tmp/site]
+
+Times forward and forward+backward (median of device-synchronised wall times after warm-up) at
+B=8 T=2048 and B=2 T=8192, H=16, K=V=128, bf16 (decay g in float32, as FLA's layers keep it):
+  pallas_carve         carve(..., impl="pallas")                     content gate on (gamma != 0)
+  pallas_nocontent     the same kernel with gamma=None (erase gate = sigmoid(logits), w = beta)
+  pallas_gdn2          gated_delta(..., impl="pallas") with a full write gate w [B, T, H, V]
+  xla_chunk_carve      carve(..., impl="chunk") under XLA
+  cudnn_attention      jax.nn.dot_product_attention(causal, implementation="cudnn")
+  fla_chunk_kda/gdn2   flash-linear-attention 0.6.0 in a separate process (torch; its own script)
+Peak memory is XLA's compiled memory analysis (arguments + outputs + temporaries) of the timed
+function. The roofline floor counts the bytes each op must move (inputs read once, outputs written
+once) and the matmul FLOPs of the WY chunk form, over the copy bandwidth and bf16 matmul rate
+measured in the same run. Writes <out>.md and <out>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from carve_jax.ops import carve, gated_delta
+from pallas_kernels import pallas_gated_delta
+
+H, D = 16, 128
+
+
+def _sync(x):
+  jax.tree.map(lambda a: a.block_until_ready(), x)
+  return x
+
+
+def timeit(f, *args, warmup=3, reps=20):
+  """Median milliseconds of f(*args) over reps, after warm-up (compile included in warm-up)."""
+  for _ in range(warmup):
+    _sync(f(*args))
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    _sync(f(*args))
+    ts.append((time.perf_counter() - t) * 1e3)
+  return statistics.median(ts)
+
+
+def peak_gib(f, *args):
+  try:
+    m = f.lower(*args).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes) / 2**30
+  except Exception:  # noqa: BLE001 - memory analysis is best effort
+    return float("nan")
+
+
+def inputs(B, T, key=0):
+  ks = jax.random.split(jax.random.PRNGKey(key), 9)
+  bf = jnp.bfloat16
+  q = jax.random.normal(ks[0], (B, T, H, D), bf)
+  k = jax.random.normal(ks[1], (B, T, H, D), jnp.float32)
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(bf)
+  v = jax.random.normal(ks[2], (B, T, H, D), bf)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, D)) + 4.0) / 16  # as fla_bench.py
+  logits = jax.random.normal(ks[4], (B, T, H, D), bf)
+  beta = jax.random.uniform(ks[5], (B, T, H), bf)
+  w = jax.random.uniform(ks[6], (B, T, H, D), bf)
+  gamma = 0.5 * jax.random.normal(ks[7], (H,), jnp.float32)
+  return dict(q=q, k=k, v=v, g=g, logits=logits, beta=beta, w=w, gamma=gamma)
+
+
+def ops(x):
+  """name -> (fn(args) -> output, args tuple)."""
+  s = D**-0.5
+  S0 = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
+  base = (x["q"], x["k"], x["v"], x["g"])
+  return {
+      "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], base + (x["logits"], x["beta"], x["gamma"])),
+      "pallas_nocontent": (lambda a: pallas_gated_delta(*a, None, scale=s, initial_state=S0, chunk_size=64)[0],
+                           base + (jax.nn.sigmoid(x["logits"]), x["beta"])),
+      "pallas_gdn2": (lambda a: gated_delta(*a, impl="pallas")[0], base + (jax.nn.sigmoid(x["logits"]), x["w"])),
+      "xla_chunk_carve": (lambda a: carve(*a, impl="chunk")[0], base + (x["logits"], x["beta"], x["gamma"])),
+      "cudnn_attention": (lambda a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="cudnn"),
+                          (x["q"], x["k"], x["v"])),
+  }
+
+
+def floors(B, T, bw, flops_rate):
+  """(fwd floor ms, fwd+bwd floor ms, detail) for the CARVE kernel at this shape."""
+  n = B * T * H * D
+  # fwd: read q, k, v, logits (bf16), g (fp32), beta; write o (bf16); states are in-kernel.
+  fwd_bytes = n * (2 * 4 + 4 + 2) + B * T * H * 2
+  # bwd: read the fwd inputs again and dO; write dq, dk, dv, dlogits (bf16), dg (fp32), dbeta.
+  bwd_bytes = (fwd_bytes - 2 * n) + 2 * n + n * (2 * 4 + 4) + B * T * H * 2
+  C = 64
+  per_chunk = 2 * (C * C * D) + 3 * 2 * C * D * D + 2 * C * C * D / 2  # L+Aqk, XS/OS/S-update, solve+AV
+  fwd_flops = B * H * (T // C) * per_chunk
+  bwd_flops = 2.5 * fwd_flops
+  f = lambda b, fl: max(b / bw, fl / flops_rate) * 1e3
+  return f(fwd_bytes, fwd_flops), f(fwd_bytes + bwd_bytes, fwd_flops + bwd_flops), dict(
+      fwd_GB=fwd_bytes / 1e9, fwd_GFLOP=fwd_flops / 1e9, fb_GB=(fwd_bytes + bwd_bytes) / 1e9,
+      fb_GFLOP=(fwd_flops + bwd_flops) / 1e9)
+
+
+def measure_ceilings():
+  small = jax.default_backend() == "cpu"  # dry run of the script only
+  x = jnp.ones((2**20 if small else 2**29,), jnp.float32)  # 2 GiB on the GPU
+  copy = jax.jit(lambda a: a * 1.0001)
+  t = timeit(copy, x, reps=10)
+  bw = 2 * x.nbytes / (t * 1e-3)
+  n = 256 if small else 8192
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+  mmf = jax.jit(lambda p: p @ p)
+  t = timeit(mmf, a, reps=10)
+  return bw, 2 * n**3 / (t * 1e-3)
+
+
+def run_fla(args, shapes):
+  if not args.fla_bench:
+    return {}, "not run (no --fla-bench)"
+  env = dict(os.environ)
+  if args.fla_path:
+    env["PYTHONPATH"] = args.fla_path + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [sys.executable, args.fla_bench, "--shapes", ",".join(f"{b}x{t}" for b, t in shapes), "--ops", "kda,gdn2"]
+  if args.fla_seed:
+    cmd += ["--autotune-seed", args.fla_seed]
+  p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.fla_timeout)
+  rows = {}
+  for line in p.stdout.splitlines():
+    f = line.split()
+    if f and f[0].startswith("fla_") and len(f) >= 10:
+      rows[(f[0], int(f[1]), int(f[2]))] = dict(fwd_ms=float(f[5]), fb_ms=float(f[6]), peak_gib=float(f[8]))
+  return rows, (p.stdout + p.stderr)[-3000:]
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default="experiments/results/bench_kernel")
+  ap.add_argument("--shapes", default="8x2048,2x8192")
+  ap.add_argument("--impls", default="pallas_carve,pallas_nocontent,pallas_gdn2,xla_chunk_carve,cudnn_attention")
+  ap.add_argument("--fla-bench", default=None)
+  ap.add_argument("--fla-seed", default=None)
+  ap.add_argument("--fla-path", default=None)
+  ap.add_argument("--fla-timeout", type=int, default=240)
+  ap.add_argument("--reps", type=int, default=20)
+  args = ap.parse_args()
+  shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind}; jax {jax.__version__}", flush=True)
+  bw, rate = measure_ceilings()
+  print(f"measured copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
+  results = []
+  for B, T in shapes:
+    x = inputs(B, T)
+    ffl, fbfl, detail = floors(B, T, bw, rate)
+    for name, (fn, a) in ops(x).items():
+      if name not in args.impls.split(","):
+        continue
+      row = dict(impl=name, B=B, T=T)
+      try:
+        fwd = jax.jit(fn)
+        fb = jax.jit(jax.grad(lambda a: jnp.sum(fn(a).astype(jnp.float32))))
+        t0 = time.time()
+        _sync(fwd(a)), _sync(fb(a))
+        row["compile_s"] = time.time() - t0
+        row["fwd_ms"] = timeit(fwd, a, reps=args.reps)
+        row["fb_ms"] = timeit(fb, a, reps=args.reps)
+        row["peak_gib"] = peak_gib(fb, a)
+        if name.startswith("pallas") or name.startswith("xla"):
+          row["fwd_floor_ratio"] = row["fwd_ms"] / ffl
+          row["fb_floor_ratio"] = row["fb_ms"] / fbfl
+      except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking the rest
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        traceback.print_exc()
+      results.append(row)
+      print(json.dumps(row), flush=True)
+  fla, fla_log = run_fla(args, shapes)
+  for (name, B, T), r in fla.items():
+    results.append(dict(impl=name, B=B, T=T, **r))
+  print(fla_log, flush=True)
+  write(args, results, shapes, bw, rate, dev)
+
+
+def _get(results, impl, B, T, key):
+  for r in results:
+    if r["impl"] == impl and r["B"] == B and r["T"] == T and key in r:
+      return r[key]
+  return None
+
+
+def write(args, results, shapes, bw, rate, dev):
+  versions = dict(jax=jax.__version__, python=platform.python_version())
+  try:
+    import triton  # noqa: PLC0415
+    versions["triton"] = triton.__version__
+  except ImportError:
+    pass
+  lines = [f"# Kernel benchmark ({dev.device_kind})", "",
+           f"Command: `{' '.join(sys.argv)}`", "",
+           f"Versions: {versions}; FLA: fla-core 0.6.0 via its own torch script (separate process).", "",
+           f"Measured ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s.",
+           "", "H=16, K=V=128, bf16 (g float32). Times: median ms after warm-up.", "",
+           "| impl | B | T | fwd ms | fwd+bwd ms | peak GiB | fwd/floor | fb/floor |", "|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    if "error" in r:
+      lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | error: {r['error'][:120]} | | | | |")
+      continue
+    f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r and r[k] is not None else ""
+    lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | {f('fwd_ms')} | {f('fb_ms')} | {f('peak_gib', '{:.2f}')} "
+                 f"| {f('fwd_floor_ratio', '{:.1f}x')} | {f('fb_floor_ratio', '{:.1f}x')} |")
+  lines += ["", "## Targets", ""]
+  targets = {}
+  for B, T in shapes:
+    ffl, fbfl, detail = floors(B, T, bw, rate)
+    lines.append(f"Floor B={B} T={T}: fwd {ffl:.3f} ms, fwd+bwd {fbfl:.3f} ms ({detail}).")
+    c = _get(results, "pallas_carve", B, T, "fb_ms")
+    cf = _get(results, "pallas_carve", B, T, "fwd_ms")
+    n = _get(results, "pallas_nocontent", B, T, "fb_ms")
+    kda = _get(results, "fla_chunk_kda", B, T, "fb_ms")
+    gdn2 = _get(results, "fla_chunk_gdn2", B, T, "fb_ms")
+    t = {}
+    if c and kda:
+      t["carve_fb / fla_kda_fb (target <= 0.8)"] = c / kda
+    if c and gdn2:
+      t["carve_fb / fla_gdn2_fb (target <= 1.0)"] = c / gdn2
+    if c and n:
+      t["content overhead fb (target <= 1%)"] = (c / n - 1) * 100
+    if cf:
+      t["carve fwd / floor (target <= 3)"] = cf / ffl
+    targets[f"{B}x{T}"] = t
+    for k, v in t.items():
+      lines.append(f"- B={B} T={T}: {k}: {v:.3f}")
+  per_tok = [(_get(results, "pallas_carve", B, T, "fb_ms") or float("nan")) / (B * T) for B, T in shapes]
+  if len(per_tok) == 2:
+    lines.append(f"- time per token fwd+bwd, T={shapes[1][1]} vs T={shapes[0][1]} (target <= 1.10): "
+                 f"{per_tok[1] / per_tok[0]:.3f}")
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out + ".md", "w") as fh:
+    fh.write(text)
+  with open(args.out + ".json", "w") as fh:
+    json.dump(dict(device=dev.device_kind, versions=versions, command=sys.argv, copy_bw=bw, bf16_rate=rate,
+                   results=results, targets=targets), fh, indent=1)
+  print(text, flush=True)
+
+
+if __name__ == "__main__":
+  main()
