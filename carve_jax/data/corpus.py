@@ -4,7 +4,7 @@ Nothing is installed into the system: packages land in `<root>/debs`, are unpack
 `<root>/pkgs/<package>`, and their text is extracted (see `extract.py`) into
 `<root>/corpus/<size>/{train,val}.jsonl` (one JSON document per line: id, source, text) with a
 `manifest.json` (package versions, licenses, .deb and text sha256, document and byte counts).
-`<root>` is `$CARVE_DATA_DIR`, else `<repo>/.data`.
+`<root>` is `$CARVE_DATA_DIR`, else `<repo>/.data` (in a checkout) or `~/.cache/carve_jax`.
 
 Sizes:
   "fixture"  a committed ~64 KB public-domain excerpt (`fixtures/fixture.jsonl`); no network.
@@ -124,9 +124,12 @@ class Corpus:
 
 
 def default_root() -> Path:
-  """`$CARVE_DATA_DIR`, else `<repo>/.data` (git-ignored)."""
+  """`$CARVE_DATA_DIR`, else `<repo>/.data` (git-ignored) in a checkout, else `~/.cache/carve_jax`."""
   env = os.environ.get("CARVE_DATA_DIR")
-  return Path(env) if env else Path(__file__).resolve().parents[2] / ".data"
+  if env:
+    return Path(env)
+  repo = Path(__file__).resolve().parents[2]
+  return repo / ".data" if (repo / "pyproject.toml").exists() else Path.home() / ".cache" / "carve_jax"
 
 
 def _check_split(split):

@@ -62,10 +62,11 @@ def _encode_split(corpus: Corpus, tok: Tokenizer, split: str) -> tuple[np.ndarra
   return stream, {"sources": sources, "source": source_ids, "start": starts}
 
 
-def _atomic_save(path: Path, array: np.ndarray):
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".npy")
+def _atomic_write(path: Path, write):
+  """Writes via a temporary file in the same folder and renames it (readers never see a partial file)."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
   with os.fdopen(fd, "wb") as f:
-    np.save(f, array)
+    write(f)
   os.replace(tmp, path)
 
 
@@ -88,8 +89,8 @@ def load_tokens(corpus: Corpus | str | Path, tokenizer: Tokenizer | str = "byte"
   if not path.exists():
     cache.mkdir(parents=True, exist_ok=True)
     stream, index = _encode_split(corpus, tok, split)
-    (cache / f"{split}.docs.json").write_text(json.dumps(index))
-    _atomic_save(path, stream)
+    _atomic_write(cache / f"{split}.docs.json", lambda f: f.write(json.dumps(index).encode()))
+    _atomic_write(path, lambda f: np.save(f, stream))
   return np.load(path, mmap_mode="r")
 
 
