@@ -22,3 +22,13 @@ def rel_err(a, b) -> float:
                                          / max(np.linalg.norm(np.asarray(y, np.float64)), 1e-300)), a, b)
   leaves = jax.tree.leaves(errs)
   return float("inf") if any(np.isnan(leaves)) else max(leaves)
+
+
+def pytest_collection_modifyitems(config, items):
+  """GPU-only tests are skipped, visibly, where JAX has no GPU backend."""
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason="needs a CUDA GPU (jax.default_backend() != 'gpu')")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
