@@ -108,6 +108,8 @@ class TrainConfig:
   grad_accum: micro-batches per step (each device's rows are split into this many).
   max_consecutive_skips: abort (keeping every checkpoint) after this many non-finite steps in a row.
   distributed: call `jax.distributed.initialize()` first (multi-host; or env CARVE_DISTRIBUTED=1).
+  time_limit_s: stop cleanly (checkpoint, evaluate) once this many seconds have passed; running the
+    same command again resumes. None = no limit.
   """
   model: ModelConfig = field(default_factory=lambda: model_configs.preset("tiny"))
   optim: OptimConfig = field(default_factory=OptimConfig)
@@ -123,6 +125,7 @@ class TrainConfig:
   out_dir: str = "runs/default"
   distributed: bool = False
   progress: bool = True
+  time_limit_s: float | None = None
 
   def __post_init__(self):
     c = "TrainConfig"
@@ -132,6 +135,8 @@ class TrainConfig:
     _check(self.eval_every >= 0, c, "eval_every", ">= 0 (0 disables)", self.eval_every)
     _check(self.eval_batches >= 1, c, "eval_batches", ">= 1", self.eval_batches)
     _check(self.max_consecutive_skips >= 1, c, "max_consecutive_skips", ">= 1", self.max_consecutive_skips)
+    _check(self.time_limit_s is None or self.time_limit_s > 0, c, "time_limit_s", "> 0 or None",
+           self.time_limit_s)
     _check(self.data.batch_size % self.grad_accum == 0, c, "grad_accum",
            f"a divisor of data.batch_size={self.data.batch_size}", self.grad_accum)
 

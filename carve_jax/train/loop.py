@@ -45,10 +45,11 @@ def load_tokens(data: DataConfig):
   from carve_jax.data import pipeline
   from carve_jax.data.tokenizer import get_tokenizer
   tok = get_tokenizer(data.tokenizer)
-  if data.tokens_dir:
-    return tok, pipeline.load_exported(data.tokens_dir, "train"), pipeline.load_exported(data.tokens_dir, "val")
-  from carve_jax.data.corpus import prepare_corpus
-  corpus = prepare_corpus(data.corpus, root=data.data_root)
+  if data.tokens_dir:  # an export folder (python -m carve_jax.data export): no corpus or apt needed
+    corpus = data.tokens_dir
+  else:
+    from carve_jax.data.corpus import prepare_corpus
+    corpus = prepare_corpus(data.corpus, root=data.data_root)
   return tok, pipeline.load_tokens(corpus, tok, "train"), pipeline.load_tokens(corpus, tok, "val")
 
 
@@ -178,10 +179,18 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
         if main:
           bar.write(f"step {done}: val loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50.0)):.2f}")
         t_mark = time.time()  # evaluation time is not training time
-      if ckpt.should_save(done) or done == cfg.steps:
+      out_of_time = cfg.time_limit_s is not None and time.time() - t_start > cfg.time_limit_s
+      if ckpt.should_save(done) or done == cfg.steps or out_of_time:
         ckpt.save(done, state, train_iter.get_state(), force=True)
+      if out_of_time and done < cfg.steps:
+        if pending:
+          flush(done)
+        if main:
+          bar.write(f"time limit of {cfg.time_limit_s:.0f}s reached at step {done}: checkpoint saved; "
+                    "run the same command again to continue")
+        break
     if pending:
-      flush(cfg.steps)
+      flush(int(pending[-1][0]))
     val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
     logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
     ckpt.wait()

@@ -1,0 +1,252 @@
+"""Training (carve_jax.train): CLI flags, optimizer, the data-parallel step, the loop, exact resume.
+
+- Data-parallel: one step of the CARVE LM on 8 fake CPU devices (with and without gradient
+  accumulation) gives the same parameters as on one device for the same global batch.
+- A NaN/Inf step is skipped: parameters and optimizer state unchanged, counted, the next applies.
+- Exact resume: a run SIGKILLed after its step-3 checkpoint and resumed reproduces the loss of
+  every step of the uninterrupted run bit for bit (same data order, same RNG, same updates).
+- A short run lowers the loss; the CLI entry points parse overrides and reject bad ones clearly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from carve_jax.configs import preset
+from carve_jax.train import distributed as dist
+from carve_jax.train import optim
+from carve_jax.train import step as st
+from carve_jax.train.config import OptimConfig, TrainConfig, parse_train_args
+from carve_jax.train.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smallest CARVE LM that still has two content blocks per sequence.
+SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=8, chunk_size=8)
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache shared by this module's runs and its subprocesses."""
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+
+
+def _env(**extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  env.update(extra)
+  return env
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_overrides_parse():
+  cfg = parse_train_args(["--model", "gdn2", "--d_model", "512", "--n_heads", "8", "--steps", "2000",
+                          "--lr", "1e-3", "--seq_len", "512", "--batch_size", "32", "--no-ckpt_async",
+                          "--ckpt_every", "100", "--head_dim", "none", "--time_limit_s", "60"])
+  assert (cfg.model.mixer, cfg.model.d_model, cfg.model.n_heads, cfg.model.head_dim) == ("gdn2", 512, 8, None)
+  assert (cfg.steps, cfg.optim.lr, cfg.data.seq_len, cfg.data.batch_size) == (2000, 1e-3, 512, 32)
+  assert cfg.ckpt.ckpt_async is False and cfg.ckpt.ckpt_every == 100 and cfg.time_limit_s == 60.0
+  p = parse_train_args(["--preset", "50m", "--mixer", "kda", "--compute_dtype", "bfloat16"])
+  assert (p.model.d_model, p.model.n_layers, p.model.mixer, p.model.compute_dtype) == (512, 12, "kda", "bfloat16")
+  assert p.model.vocab_size == 256  # follows the byte tokenizer
+  assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--d_modle", "512"], "unrecognized arguments: --d_modle"),
+    (["--d_model", "big"], "argument --d_model: invalid int value: 'big'"),
+    (["--model", "mamba"], "argument --model: invalid choice: 'mamba'"),
+    (["--d_model", "100", "--n_heads", "3"], "ModelConfig: field `n_heads` must be a divisor of d_model=100"),
+    (["--lr", "-1"], "OptimConfig: field `lr` must be > 0, got -1.0"),
+    (["--batch_size", "6", "--grad_accum", "4"], "TrainConfig: field `grad_accum` must be a divisor of "
+                                                 "data.batch_size=6, got 4"),
+    (["--corpus", "wiki"], "argument --corpus: invalid choice: 'wiki'"),
+])
+def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
+  with pytest.raises(SystemExit) as e:
+    parse_train_args(argv)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_eval_and_generate_cli_errors(tmp_path, capsys):
+  from carve_jax.train import eval as ev
+  from carve_jax.train.checkpoint import CheckpointNotFoundError
+  with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+    ev.main(["--ckpt_dir", str(tmp_path / "none")])
+  with pytest.raises(SystemExit):
+    ev.main(["--ckpt_dir", str(tmp_path), "--eval_batches", "0"])
+  assert "--eval_batches must be >= 1" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ optimizer
+def test_weight_decay_mask_and_schedule():
+  from carve_jax.model import abstract_model
+  params = nnx.state(abstract_model(preset("tiny")), nnx.Param)
+  d = optim.describe_mask(params)
+  no = " ".join(d["no_decay"])
+  for name in ("a_log", "dt_bias", "gamma", "embedding", "norm/weight", "bias"):
+    assert name in no, name
+  assert all(x.endswith(("kernel", "weight")) and "norm" not in x for x in d["decay"])
+  assert any("q_proj" in x for x in d["decay"]) and any("mlp/up_proj" in x for x in d["decay"])
+  sched = optim.lr_schedule(OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1), 110)
+  np.testing.assert_allclose([sched(0), sched(5), sched(10), sched(60), sched(110)],
+                             [0.0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ step
+class Toy(nnx.Module):
+  def __init__(self, *, rngs):
+    self.lin = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.lin(x)
+
+
+def _mse(model, batch, rng):
+  return jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+
+
+def test_nan_step_is_skipped_and_counted():
+  g, p, rest = nnx.split(Toy(rngs=nnx.Rngs(0)), nnx.Param, ...)
+  opt = optax.adamw(1e-2)
+  mesh = dist.make_mesh()
+  state = dist.replicate(mesh, st.init_state(p, opt, 0))
+  step = st.make_train_step(g, rest, opt, mesh, loss_fn=_mse, donate=False)
+  good = {"x": np.ones((2, 4), np.float32), "y": np.zeros((2, 3), np.float32)}
+  for bad_value in (np.nan, np.inf):
+    bad = dict(good, y=np.full((2, 3), bad_value, np.float32))
+    new, m = step(state, dist.global_batch(mesh, bad))
+    assert not bool(m["finite"]) and int(m["skipped"]) == int(state.skipped) + 1
+    assert int(new.step) == int(state.step) + 1
+    for a, b in zip(jax.tree.leaves((new.params, new.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    state = new
+  after, m = step(state, dist.global_batch(mesh, good))
+  assert bool(m["finite"]) and int(after.skipped) == 2
+  assert not np.array_equal(np.asarray(after.params["lin"]["kernel"][...]),
+                            np.asarray(state.params["lin"]["kernel"][...]))
+
+
+DP_SCRIPT = textwrap.dedent("""
+  import json, sys
+  import jax, numpy as np, optax
+  from flax import nnx
+  from carve_jax.configs import preset
+  from carve_jax.model import LM
+  from carve_jax.train import distributed as dist, step as st
+  assert jax.device_count() == 8, jax.devices()
+  cfg = preset("tiny", **json.loads(sys.argv[1]))
+  g, p, rest = nnx.split(LM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  opt = optax.sgd(1.0)  # update = -gradient: compares the averaged gradients themselves
+  rng = np.random.default_rng(0)
+  batch = {k: rng.integers(0, 256, (8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+  out = {}
+  for n_dev, accum in ((1, 1), (8, 1), (4, 2)):
+    mesh = dist.make_mesh(jax.devices()[:n_dev])
+    state = dist.replicate(mesh, st.init_state(jax.tree.map(np.asarray, p), opt, 0))
+    step = st.make_train_step(g, rest, opt, mesh, grad_accum=accum)
+    state, m = step(state, dist.global_batch(mesh, batch))
+    out[(n_dev, accum)] = ([np.asarray(x) for x in jax.tree.leaves(state.params)], float(m["loss"]),
+                           float(m["grad_norm"]))
+  ref, loss, gnorm = out[(1, 1)]
+  for key, (leaves, l, gn) in out.items():
+    err = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves, ref))
+    delta = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves, [np.asarray(x) for x in jax.tree.leaves(p)]))
+    print(json.dumps({"devices": key[0], "accum": key[1], "max_param_diff": err, "update": delta,
+                      "loss_diff": abs(l - loss), "gnorm_diff": abs(gn - gnorm)}))
+""")
+
+
+def test_data_parallel_8_devices_matches_one_device():
+  r = subprocess.run([sys.executable, "-c", DP_SCRIPT, json.dumps(SMALL)], capture_output=True, text=True,
+                     timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+  assert [(x["devices"], x["accum"]) for x in rows] == [(1, 1), (8, 1), (4, 2)]
+  for x in rows:
+    assert x["update"] > 1e-2  # the step really moved the parameters
+    assert x["max_param_diff"] < 1e-6 * x["update"] + 1e-7 and x["loss_diff"] < 1e-5 and x["gnorm_diff"] < 1e-5, x
+
+
+# ------------------------------------------------------------------------------------------ loop
+def _run_cfg(out_dir, steps=8):
+  return parse_train_args([
+      "--preset", "tiny", *[f"--{k}={v}" for k, v in SMALL.items()], "--corpus", "fixture",
+      "--seq_len", "16", "--batch_size", "4", "--steps", str(steps), "--lr", "1e-2", "--warmup_steps", "2",
+      "--ckpt_every", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1",
+      "--out_dir", str(out_dir), "--no-progress"])
+
+
+KILL_SCRIPT = textwrap.dedent("""
+  import json, os, signal, sys, time
+  import jax
+  jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  from carve_jax.train.config import TrainConfig
+  from carve_jax.train.loop import train
+  cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+
+  def on_step(step, rec):
+    if step == 5:  # die hard once the step-3 checkpoint is on disk (step 4, 5 done, unsaved)
+      deadline = time.time() + 60
+      while not os.path.isdir(os.path.join(cfg.checkpoint_dir, "3")) and time.time() < deadline:
+        time.sleep(0.05)
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  train(cfg, on_step=on_step)
+""")
+
+
+def _losses(out_dir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if r["split"] == "train"}
+
+
+def test_killed_run_resumes_exactly_and_training_lowers_loss(tmp_path, xla_cache):
+  from carve_jax.train.checkpoint import Checkpointer
+  from carve_jax.train.loop import train
+  full = train(_run_cfg(tmp_path / "full"))
+  ref = _losses(tmp_path / "full")
+  assert sorted(ref) == list(range(1, 9)) and full["skipped_steps"] == 0
+  assert np.mean([ref[7], ref[8]]) < ref[1] - 0.3, ref  # a short run lowers the loss
+  assert full["val_loss"] < ref[1]
+
+  cfg = _run_cfg(tmp_path / "killed")
+  r = subprocess.run([sys.executable, "-c", KILL_SCRIPT, cfg.to_json(), xla_cache], capture_output=True,
+                     text=True, timeout=600, env=_env())
+  assert r.returncode == -9, r.stderr[-3000:]  # SIGKILL
+  killed = _losses(tmp_path / "killed")
+  assert sorted(killed) == [1, 2, 3, 4, 5] and all(killed[s] == ref[s] for s in killed)
+  assert 3 in Checkpointer(cfg.checkpoint_dir, read_only=True).all_steps()
+
+  resumed = train(cfg)
+  assert resumed["resumed_from"] == 3 and resumed["steps"] == 8
+  after = _losses(tmp_path / "killed")  # the resumed run appends steps 4..8
+  for s in range(1, 9):
+    assert after[s] == ref[s], (s, after[s], ref[s])  # bit for bit
+  leaves = lambda s: [np.asarray(x) for x in jax.tree.leaves(s["state"].params)]
+  for a, b in zip(leaves(resumed), leaves(full)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_a_different_config(tmp_path, xla_cache):
+  from carve_jax.train.checkpoint import CheckpointMismatchError
+  from carve_jax.train.loop import train
+  cfg = _run_cfg(tmp_path)  # the same programs as above: compiled once (cache)
+  train(cfg)
+  other = cfg.replace(optim=cfg.optim.__class__(lr=5e-3, warmup_steps=2))
+  with pytest.raises(CheckpointMismatchError, match=r"optim\.lr: checkpoint has 0\.01, this run has 0\.005"):
+    train(other)
