@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from carve_jax.ops import carve, gated_delta
-from pallas_kernels import pallas_gated_delta
+from pallas_kernels import TuningConfig, pallas_gated_delta
 
 H, D = 16, 128
 
@@ -83,12 +83,26 @@ def ops(x):
   s = D**-0.5
   S0 = jnp.zeros((x["q"].shape[0], H, D, D), jnp.float32)
   base = (x["q"], x["k"], x["v"], x["g"])
-  return {
-      "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], base + (x["logits"], x["beta"], x["gamma"])),
+  carve_args = base + (x["logits"], x["beta"], x["gamma"])
+  nocontent_args = base + (jax.nn.sigmoid(x["logits"]), x["beta"])
+
+  def direct(cfg, gamma=True):  # the kernel entry point with a non-default TuningConfig
+    kw = dict(scale=s, initial_state=S0, chunk_size=64, content_block=64, config=cfg)
+    if gamma:
+      return lambda a: pallas_gated_delta(*a, **kw)[0].astype(jnp.bfloat16), carve_args
+    return lambda a: pallas_gated_delta(*a, None, **kw)[0], nocontent_args
+  variants = {
+      "pallas_carve_nw4": direct(TuningConfig(num_warps=4, bwd_num_warps=4)),
+      "pallas_carve_bwdbv32": direct(TuningConfig(bwd_block_v=32)),
+      "pallas_carve_bwdbv128": direct(TuningConfig(bwd_block_v=None)),
+      "pallas_nocontent_bv64": direct(TuningConfig(block_v=64), gamma=False),
+  }
+  return variants | {
+      "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),
       "pallas_nocontent": (lambda a: pallas_gated_delta(*a, None, scale=s, initial_state=S0, chunk_size=64)[0],
-                           base + (jax.nn.sigmoid(x["logits"]), x["beta"])),
+                           nocontent_args),
       "pallas_gdn2": (lambda a: gated_delta(*a, impl="pallas")[0], base + (jax.nn.sigmoid(x["logits"]), x["w"])),
-      "xla_chunk_carve": (lambda a: carve(*a, impl="chunk")[0], base + (x["logits"], x["beta"], x["gamma"])),
+      "xla_chunk_carve": (lambda a: carve(*a, impl="chunk")[0], carve_args),
       "cudnn_attention": (lambda a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="cudnn"),
                           (x["q"], x["k"], x["v"])),
   }
@@ -162,9 +176,9 @@ def main():
   for B, T in shapes:
     x = inputs(B, T)
     ffl, fbfl, detail = floors(B, T, bw, rate)
-    for name, (fn, a) in ops(x).items():
-      if name not in args.impls.split(","):
-        continue
+    table = ops(x)
+    for name in args.impls.split(","):
+      fn, a = table[name]
       row = dict(impl=name, B=B, T=T)
       try:
         fwd = jax.jit(fn)

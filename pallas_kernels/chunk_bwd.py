@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.chunk_fwd import chunk_intra, chunk_solve, compute_dtypes, load_wv, mm
+from pallas_kernels.chunk_fwd import Chunk, chunk_solve, compute_dtypes, mm
 from pallas_kernels.config import TuningConfig
 
 
@@ -42,15 +42,13 @@ def _revcumsum(x):
 
 def _bwd_kernel(*refs, carve, has_beta, scale, C, bc, N, dt, cdt):
   it = iter(refs)
-  q_ref, k_ref, v_ref, g_ref, b_ref, w_ref = (next(it) for _ in range(6))
+  in_refs = tuple(next(it) for _ in range(6))
   gamma_ref = next(it) if carve else None
   st_ref = next(it)
   c_ref = next(it) if carve else None
   do_ref, dsf_ref = next(it), next(it)
   dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref, ds0_ref = (next(it) for _ in range(7))
   ns = C // bc
-  r = lax.broadcasted_iota(jnp.int32, (bc, bc), 0)
-  cc = lax.broadcasted_iota(jnp.int32, (bc, bc), 1)
 
   def body(m, dS):
     n = N - 1 - m
@@ -62,77 +60,90 @@ def _bwd_kernel(*refs, carve, has_beta, scale, C, bc, N, dt, cdt):
       gate = lambda logits: jax.nn.sigmoid(logits + gam[None, :] * cvec[None, :])
     else:
       gate = lambda x: x
-    F = chunk_intra(q_ref, k_ref, g_ref, b_ref, t0, ns=ns, bc=bc, dt=dt, cdt=cdt, gate=gate)
-    vs, ws, wv = load_wv(v_ref, w_ref, t0, ns=ns, bc=bc, cdt=cdt, has_beta=has_beta)
-    Vn = chunk_solve(F, wv, S, ns=ns, dt=dt)
-    GC = F["Gend"][-1]
+    ch = Chunk(in_refs, t0, ns=ns, bc=bc, dt=dt, cdt=cdt, gate=gate, has_beta=has_beta)
+    Vn, diag, off = chunk_solve(ch, S)
+    Aqk = lambda i, j: diag[i][1] if i == j else off[i, j][1]
+    Lb = lambda i, j: diag[i][0] if i == j else off[i, j][0]
+    GC = ch.Gend[-1]
     eGC = jnp.exp(GC)
-    dO = [do_ref[pl.ds(t0 + i * bc, bc), :].astype(cdt) for i in range(ns)]
-    kdec = [F["k"][i] * jnp.exp(GC[None, :] - F["G"][i]) for i in range(ns)]
+    dO = lambda i: do_ref[ch.rows(i), :].astype(cdt)
 
-    # dV_new, then dX by back substitution with (I + L)^T.
+    # dV_new (and the G_C gradient of the state-update term), then dX by back substitution.
+    dGC = jnp.sum(S * dS, axis=1) * eGC
     dVn = []
     for i in range(ns):
-      x = mm(kdec[i], dS, dt)
-      for rr in range(i, ns):
-        x = x + scale * mm(F["Aqk"][rr, i], dO[rr], dt, trans_a=True)
+      kdec = ch.k(i) * jnp.exp(GC[None, :] - ch.G(i))
+      x = mm(kdec, dS, dt)
+      dGC = dGC + jnp.sum(mm(Vn[i], dS, dt, trans_b=True) * kdec, axis=0)
+      for r in range(i, ns):
+        x = x + scale * mm(Aqk(r, i), dO(r), dt, trans_a=True)
       dVn.append(x)
     dX = [None] * ns
     for i in reversed(range(ns)):
       y = dVn[i]
       for j in range(i + 1, ns):
-        y = y - mm(F["L"][j, i], dX[j], dt, trans_a=True)
-      dX[i] = mm(F["Ainv"][i], y, dt, trans_a=True)
+        y = y - mm(Lb(j, i), dX[j], dt, trans_a=True)
+      dX[i] = mm(diag[i][2], y, dt, trans_a=True)
 
-    # Pairwise (L, Aqk) gradients with the forward's split decay factors.
-    dq_p = [jnp.zeros_like(F["q"][i]) for i in range(ns)]
-    dbk_p = [jnp.zeros_like(F["q"][i]) for i in range(ns)]
-    dk_p = [jnp.zeros_like(F["q"][i]) for i in range(ns)]
-    for i in range(ns):
-      for j in range(i + 1):
-        dA = scale * mm(dO[i], Vn[j], dt, trans_b=True)
-        dL = -mm(dX[i], Vn[j], dt, trans_b=True)
-        if j < i:
-          rf = F["rdec"][i] * jnp.exp(F["Gprev"][i] - F["Gend"][j])[None, :]
-          cf = F["kcol"][j]
-        else:
-          dA = jnp.where(r >= cc, dA, 0.0)
-          dL = jnp.where(r > cc, dL, 0.0)
-          rf, cf = F["ad"][i], F["kd"][i]
-        kc = F["k"][j] * cf
-        dq_p[i] = dq_p[i] + mm(dA, kc, dt) * rf
-        dbk_p[i] = dbk_p[i] + mm(dL, kc, dt) * rf
-        dk_p[j] = dk_p[j] + (mm(dA, F["q"][i] * rf, dt, trans_a=True)
-                             + mm(dL, F["bk"][i] * rf, dt, trans_a=True)) * cf
+    def pair_grads(i, j):
+      """(dAqk_ij, dL_ij) of this value tile, masked on the diagonal."""
+      dA = scale * mm(dO(i), Vn[j], dt, trans_b=True)
+      dL = -mm(dX[i], Vn[j], dt, trans_b=True)
+      if i == j:
+        dA, dL = jnp.where(ch.lower, dA, 0.0), jnp.where(ch.strict, dL, 0.0)
+      return dA, dL
 
-    dGC = jnp.sum(S * dS, axis=1) * eGC
     dS_in = eGC[:, None] * dS
-    dGs = []
-    for i in range(ns):
-      q, k, bk, bg, eG = F["q"][i], F["k"][i], F["bk"][i], F["bg"][i], F["eG"][i]
-      dqe = scale * mm(dO[i], S, dt, trans_b=True)
-      dbke = -mm(dX[i], S, dt, trans_b=True)
-      dkdec = mm(Vn[i], dS, dt, trans_b=True)
-      dS_in = dS_in + scale * mm(q * eG, dO[i], dt, trans_a=True) - mm(bk * eG, dX[i], dt, trans_a=True)
-      dGC = dGC + jnp.sum(dkdec * kdec[i], axis=0)
-      dG = (dqe * q * eG + dbke * bk * eG - dkdec * kdec[i]
-            + q * dq_p[i] + bk * dbk_p[i] - k * dk_p[i])
-      dGs.append(dG)
-      dbk = dbke * eG + dbk_p[i]
-      dgate = dbk * k
-      rows = pl.ds(t0 + i * bc, bc)
-      dq_ref[rows, :] = (dqe * eG + dq_p[i]).astype(dq_ref.dtype)
-      dk_ref[rows, :] = (dkdec * jnp.exp(GC[None, :] - F["G"][i]) + dk_p[i] + dbk * bg).astype(dk_ref.dtype)
-      db_ref[rows, :] = (dgate * bg * (1.0 - bg) if carve else dgate).astype(db_ref.dtype)
-      dv_ref[rows, :] = (dX[i] * ws[i]).astype(dv_ref.dtype)
-      if has_beta:
-        dw_ref[rows] = jnp.sum(dX[i] * vs[i], axis=1).astype(dw_ref.dtype)
-      else:
-        dw_ref[rows, :] = (dX[i] * vs[i]).astype(dw_ref.dtype)
     suffix = dGC
     for i in reversed(range(ns)):
-      dg_ref[pl.ds(t0 + i * bc, bc), :] = (_revcumsum(dGs[i]) + suffix[None, :]).astype(dg_ref.dtype)
-      suffix = suffix + jnp.sum(dGs[i], axis=0)
+      q, k, G, bg = ch.q(i), ch.k(i), ch.G(i), ch.bg(i)
+      bk, eG = bg * k, jnp.exp(G)
+      # Row pass: pairs (i, j <= i) give d(q_i), d(bk_i) through Aqk and L.
+      dq_p = jnp.zeros_like(q)
+      dbk_p = jnp.zeros_like(q)
+      for j in range(i + 1):
+        dA, dL = pair_grads(i, j)
+        if j < i:
+          rf, kc = ch.row_factor(i, j, G), ch.k(j) * ch.col(j)
+        else:
+          rf, cf = ch.diag_factors(i, G)
+          kc = k * cf
+        dq_p = dq_p + mm(dA, kc, dt) * rf
+        dbk_p = dbk_p + mm(dL, kc, dt) * rf
+      # Column pass: pairs (r >= i, i) give d(k_i).
+      dk_p = jnp.zeros_like(q)
+      for r in range(i, ns):
+        dA, dL = pair_grads(r, i)
+        if r > i:
+          Gr = ch.G(r)
+          rf, cf = ch.row_factor(r, i, Gr), ch.col(i, G)
+          qr, bkr = ch.q(r), ch.bg(r) * ch.k(r)
+        else:
+          rf, cf = ch.diag_factors(i, G)
+          qr, bkr = q, bk
+        dk_p = dk_p + (mm(dA, qr * rf, dt, trans_a=True) + mm(dL, bkr * rf, dt, trans_a=True)) * cf
+      dOi = dO(i)
+      kdec_f = jnp.exp(GC[None, :] - G)
+      dqe = scale * mm(dOi, S, dt, trans_b=True)
+      dbke = -mm(dX[i], S, dt, trans_b=True)
+      dkdec = mm(Vn[i], dS, dt, trans_b=True)
+      dS_in = dS_in + scale * mm(q * eG, dOi, dt, trans_a=True) - mm(bk * eG, dX[i], dt, trans_a=True)
+      dG = (dqe * q * eG + dbke * bk * eG - dkdec * k * kdec_f
+            + q * dq_p + bk * dbk_p - k * dk_p)
+      dbk = dbke * eG + dbk_p
+      dgate = dbk * k
+      rows = ch.rows(i)
+      dq_ref[rows, :] = (dqe * eG + dq_p).astype(dq_ref.dtype)
+      dk_ref[rows, :] = (dkdec * kdec_f + dk_p + dbk * bg).astype(dk_ref.dtype)
+      db_ref[rows, :] = (dgate * bg * (1.0 - bg) if carve else dgate).astype(db_ref.dtype)
+      dg_ref[rows, :] = (_revcumsum(dG) + suffix[None, :]).astype(dg_ref.dtype)
+      suffix = suffix + jnp.sum(dG, axis=0)
+      v, w = ch.v(i), ch.w(i)
+      dv_ref[rows, :] = (dX[i] * w).astype(dv_ref.dtype)
+      if has_beta:
+        dw_ref[rows] = jnp.sum(dX[i] * v, axis=1).astype(dw_ref.dtype)
+      else:
+        dw_ref[rows, :] = (dX[i] * v).astype(dw_ref.dtype)
     return dS_in
 
   dS = lax.fori_loop(0, N, body, dsf_ref[...].astype(cdt))
@@ -156,6 +167,8 @@ def chunk_bwd(q, k, v, g, b, w, gamma, states, cvec, do, dsf, *, scale, chunk_si
   has_beta = w.ndim == 3
   dt, cdt = compute_dtypes(q, k, v)
   BV = V if cfg.bwd_block_v is None else min(cfg.bwd_block_v, V)
+  if dt == jnp.float32 and not interpret:  # IEEE float32 dots: Triton's shared memory overflows at 64
+    BV = min(BV, 32)
   NV = V // BV
   sdt = states.dtype
 
