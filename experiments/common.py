@@ -1,0 +1,394 @@
+"""Shared pieces of the experiment scripts: environment record, token streams, a short training
+loop over `carve_jax.train.step`, accuracy on masked positions, power-law fits, result files.
+
+Every experiment writes `<out_dir>/<name>.json` (all numbers, the environment and the exact
+command), `<name>.md` (tables) and `<name>.png` (plot) through `write_results`.
+
+Training here is deliberately small: `train_model` runs a fixed number of AdamW steps
+(`carve_jax.train.optim.make_optimizer`, `carve_jax.train.step.make_train_step`) on batches from a
+caller's `batch_fn(step) -> {"inputs", "targets"[, "mask"]}`. A "mask" (float [B, T]) restricts the
+loss and the accuracy to the positions that carry an answer (synthetic tasks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from carve_jax.configs import ModelConfig
+from carve_jax.model import LM, param_count
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+MIXERS = ("carve", "gdn2", "kda", "gdn", "attention")
+PAPER = {"params": -0.19, "memory": -0.13, "time": +0.004, "perturbation_exponent": -0.5, "wikitext_ppl_delta": -0.18}
+
+
+# -- environment ----------------------------------------------------------------------------------
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def enable_compile_cache(path: str = "/tmp/carve_jax_cache") -> None:
+  """Persistent XLA cache: repeated configurations (seeds) compile once per process tree."""
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def env_info() -> dict:
+  """Device, library versions, git commit, time and the exact command line."""
+  import flax
+
+  def _git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return None
+
+  dev = jax.devices()[0]
+  return {
+      "device": f"{dev.platform}:{getattr(dev, 'device_kind', '?')}",
+      "device_count": jax.device_count(),
+      "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+      "python": platform.python_version(), "host": platform.node(),
+      "git_commit": _git("rev-parse", "--short", "HEAD"),
+      "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "?"]
+                          + sys.argv[1:]),
+  }
+
+
+def pick_impl(requested: str = "auto", tiny: bool = False) -> str:
+  """The ops implementation to train with. "auto": on a GPU, checks once that the Pallas path runs
+  a forward + backward and matches the chunk form, else falls back to "chunk" (printed); on a CPU,
+  "recurrent" for --tiny runs (compiles fastest at tiny sizes), else "chunk"."""
+  if requested != "auto":
+    return requested
+  from carve_jax import ops
+  if ops.resolve_impl("auto") != "pallas":
+    return "recurrent" if tiny else "chunk"
+  try:
+    key = jax.random.split(jax.random.key(0), 6)
+    B, T, H, K = 1, 128, 2, 64
+    q = jax.random.normal(key[0], (B, T, H, K)) / 8
+    k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+    v = jax.random.normal(key[1], (B, T, H, K))
+    g = -jax.nn.softplus(jax.random.normal(key[2], (B, T, H, K))) * 0.1
+    el = jax.random.normal(key[3], (B, T, H, K))
+    beta = jax.nn.sigmoid(jax.random.normal(key[4], (B, T, H)))
+    gamma = jnp.ones((H,))
+
+    def f(q):
+      return ops.carve(q, k, v, g, el, beta, gamma, content_block=64, impl="pallas", chunk_size=64)[0].sum()
+
+    val, grad = jax.value_and_grad(f)(q)
+    ref = ops.carve(q, k, v, g, el, beta, gamma, content_block=64, impl="chunk", chunk_size=64)[0].sum()
+    if not (bool(jnp.isfinite(grad).all()) and abs(float(val) - float(ref)) <= 1e-2 * (1 + abs(float(ref)))):
+      raise RuntimeError(f"pallas forward {float(val)} vs chunk {float(ref)}")
+    return "pallas"
+  except Exception as e:  # noqa: BLE001  (any failure of the kernel path -> the pure-JAX path)
+    print(f"[experiments] Pallas path failed its smoke test, using impl='chunk': {type(e).__name__}: {e}",
+          flush=True)
+    return "chunk"
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def load_stream(tokens_dir: str | None, split: str) -> tuple[np.ndarray, str]:
+  """A byte-level token stream and where it came from.
+
+  tokens_dir: a folder written by `python -m carve_jax.data export --tokenizer byte` (read with
+  numpy, sha256 checked against its export.json: no grain needed), or None for the committed
+  fixture corpus (tiny runs; needs `carve_jax.data`).
+  """
+  if tokens_dir:
+    path = Path(tokens_dir)
+    meta = json.loads((path / "export.json").read_text())
+    if meta["tokenizer"] != "byte":
+      raise ValueError(f"load_stream: argument `tokens_dir` must hold a byte export, got {meta['tokenizer']!r}")
+    with np.load(path / f"{split}.npz") as z:
+      stream = z["tokens"]
+    if hashlib.sha256(np.ascontiguousarray(stream).tobytes()).hexdigest() != meta["splits"][split]["sha256"]:
+      raise ValueError(f"load_stream: {path}/{split}.npz does not match the sha256 in export.json")
+    return stream, f"export {path.name} ({meta['corpus_size']} corpus, sha256 {meta['corpus_sha256'][:12]})"
+  from carve_jax.data import load_tokens, prepare_corpus
+  corpus = prepare_corpus("fixture")
+  return np.asarray(load_tokens(corpus, "byte", split)), "fixture corpus (committed excerpt)"
+
+
+def window_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, seed: int):
+  """batch_fn(step) of random windows (uniform, with replacement; numpy PCG64 seeded by (seed, step)):
+  {"inputs": int32 [B, T], "targets": int32 [B, T]} with targets the next tokens."""
+  n = len(stream) - seq_len - 1
+  if n <= 0:
+    raise ValueError(f"window_batches: stream of {len(stream)} tokens is shorter than seq_len + 1 = {seq_len + 1}")
+
+  def batch_fn(step: int) -> dict:
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, n, batch_size)
+    w = np.stack([stream[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+    return {"inputs": w[:, :-1], "targets": w[:, 1:]}
+
+  return batch_fn
+
+
+def fixed_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, n_batches: int) -> list[dict]:
+  """The first n_batches * batch_size consecutive non-overlapping windows (validation)."""
+  need = n_batches * batch_size * seq_len + 1
+  if len(stream) < need:
+    raise ValueError(f"fixed_batches: need {need} tokens, the stream holds {len(stream)}")
+  out = []
+  for b in range(n_batches):
+    rows = [stream[(b * batch_size + i) * seq_len:(b * batch_size + i + 1) * seq_len + 1] for i in range(batch_size)]
+    w = np.stack(rows).astype(np.int32)
+    out.append({"inputs": w[:, :-1], "targets": w[:, 1:]})
+  return out
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def masked_loss(model, batch: dict, rng=None) -> jax.Array:
+  """Mean cross-entropy over positions with mask 1 (all positions without a "mask")."""
+  del rng
+  logits = model(batch["inputs"]).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  if "mask" not in batch:
+    return ce.mean()
+  m = batch["mask"].astype(jnp.float32)
+  return (ce * m).sum() / jnp.maximum(m.sum(), 1.0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train_model` returns. history: [{"step", "loss"[, "val_loss"]}]; params: final nnx.State."""
+  cfg: ModelConfig
+  params: object
+  graphdef: object
+  rest: object
+  history: list
+  params_count: dict
+  tokens_per_step: int
+  steps: int
+  train_s: float
+  compile_s: float
+  tokens_per_s: float
+  step_memory_bytes: int | None
+  peak_memory_bytes: int | None
+
+  def model(self) -> LM:
+    return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def compiled_memory(compiled) -> int | None:
+  """Device bytes an XLA executable needs (arguments + outputs + temporaries - aliased)."""
+  try:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001  (not every backend reports it)
+    return None
+
+
+def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int, seed: int, lr: float = 3e-3,
+                warmup: int | None = None, weight_decay: float = 0.1, eval_fn: Callable | None = None,
+                eval_every: int = 0, log_every: int = 10, verbose: bool = True) -> TrainResult:
+  """Trains `LM(cfg)` from seed `seed` for `steps` AdamW steps on `batch_fn(step)`.
+
+  eval_fn(model) -> float is called every `eval_every` steps and at the end (its time is not
+  counted as training time). Throughput counts the steps after the first (the first compiles).
+  """
+  from carve_jax.train import distributed as dist
+  from carve_jax.train.config import OptimConfig
+  from carve_jax.train.optim import make_optimizer
+  from carve_jax.train.step import init_state, make_train_step
+
+  mesh = dist.make_mesh()
+  model = LM(cfg, rngs=nnx.Rngs(seed))
+  counts = param_count(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  warmup = max(1, steps // 10) if warmup is None else warmup
+  optimizer = make_optimizer(OptimConfig(lr=lr, warmup_steps=warmup, weight_decay=weight_decay), steps)
+  state = dist.replicate(mesh, init_state(params, optimizer, seed))
+  del model, params
+  step_fn = make_train_step(graphdef, rest, optimizer, mesh, loss_fn=masked_loss)
+  first = batch_fn(0)
+  tokens_per_step = int(np.prod(first["inputs"].shape))
+  t0 = time.time()
+  compiled = step_fn.lower(state, dist.global_batch(mesh, first)).compile()
+  mem = compiled_memory(compiled)
+  history, pending = [], []
+  train_s, compile_s = 0.0, None
+
+  def evaluate(step):
+    nonlocal t_mark
+    jax.block_until_ready(state.params)
+    val = float(eval_fn(nnx.merge(graphdef, state.params, rest)))
+    history.append({"step": step, "val_loss": val})
+    if verbose:
+      print(f"  step {step:5d}  val {val:.4f}", flush=True)
+    t_mark = time.time()
+
+  t_mark = time.time()
+  for i in range(steps):
+    batch = first if i == 0 else batch_fn(i)
+    state, metrics = compiled(state, dist.global_batch(mesh, batch))
+    if i == 0:
+      jax.block_until_ready(state.step)
+      compile_s = time.time() - t0
+      t_mark = time.time()
+    pending.append((i + 1, metrics["loss"]))
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      for s, loss in pending:
+        history.append({"step": s, "loss": float(loss)})
+      pending.clear()
+      if i > 0:
+        train_s += time.time() - t_mark
+      t_mark = time.time()
+    if eval_fn is not None and eval_every and (i + 1) % eval_every == 0 and i + 1 != steps:
+      if i > 0:
+        jax.block_until_ready(state.step)
+        train_s += time.time() - t_mark
+      evaluate(i + 1)
+  jax.block_until_ready(state.step)
+  if eval_fn is not None:
+    evaluate(steps)
+  timed = steps - 1
+  return TrainResult(cfg=cfg, params=state.params, graphdef=graphdef, rest=rest, history=history,
+                     params_count=counts, tokens_per_step=tokens_per_step, steps=steps, train_s=train_s,
+                     compile_s=compile_s or 0.0,
+                     tokens_per_s=tokens_per_step * timed / train_s if train_s > 0 and timed > 0 else float("nan"),
+                     step_memory_bytes=mem, peak_memory_bytes=dist.peak_memory_bytes())
+
+
+def make_loss_eval(batches: list[dict]) -> Callable:
+  """eval_fn(model) -> mean masked loss over fixed batches (one jitted forward per shape)."""
+  fwd = nnx.jit(lambda m, b: masked_loss(m, b))
+  return lambda model: float(np.mean([float(fwd(model, b)) for b in batches]))
+
+
+@nnx.jit
+def _argmax_logits(model, inputs):
+  return jnp.argmax(model(inputs), axis=-1)
+
+
+def masked_accuracy(model, batches: list[dict], *, per_row: bool = False) -> float:
+  """Fraction of masked positions whose argmax equals the target (teacher forcing).
+
+  per_row=True: fraction of rows whose masked positions are ALL right (exact match of an answer)."""
+  right = total = 0
+  for b in batches:
+    pred = np.asarray(_argmax_logits(model, jnp.asarray(b["inputs"])))
+    m = np.asarray(b["mask"]) > 0
+    ok = (pred == np.asarray(b["targets"])) | ~m
+    if per_row:
+      right += int(ok.all(axis=1).sum())
+      total += ok.shape[0]
+    else:
+      right += int((ok & m).sum())
+      total += int(m.sum())
+  return right / max(total, 1)
+
+
+# -- fits and output ------------------------------------------------------------------------------
+
+
+def fit_power_law(x, y) -> dict:
+  """Least-squares fit of log y = a + p log x: {"exponent": p, "prefactor": e^a, "r2": R^2,
+  "exponent_stderr": standard error of p}. Needs >= 3 positive points."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
+    raise ValueError(f"fit_power_law: arguments `x`, `y` must be 1-D of equal length >= 3, got {x.shape}, {y.shape}")
+  if not (np.all(x > 0) and np.all(y > 0)):
+    raise ValueError("fit_power_law: arguments `x`, `y` must be positive (log-log fit)")
+  lx, ly = np.log(x), np.log(y)
+  A = np.stack([np.ones_like(lx), lx], axis=1)
+  (a, p), *_ = np.linalg.lstsq(A, ly, rcond=None)
+  resid = ly - A @ np.array([a, p])
+  ss_tot = float(((ly - ly.mean()) ** 2).sum())
+  r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+  dof = len(x) - 2
+  se = math.sqrt(float((resid ** 2).sum()) / dof / float(((lx - lx.mean()) ** 2).sum())) if dof > 0 else float("nan")
+  return {"exponent": float(p), "prefactor": float(math.exp(a)), "r2": r2, "exponent_stderr": se}
+
+
+def mean_std(xs) -> tuple[float, float]:
+  xs = np.asarray(list(xs), np.float64)
+  return float(xs.mean()), float(xs.std(ddof=1)) if len(xs) > 1 else 0.0
+
+
+def fmt_bytes(n) -> str:
+  if n is None:
+    return "n/a"
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+    n /= 1024
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+  def cell(v):
+    if isinstance(v, float):
+      return "n/a" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def add_common_args(p) -> None:
+  p.add_argument("--tiny", action="store_true", help="CPU-sized run (< 60 s), for tests and CI")
+  p.add_argument("--out_dir", default=str(RESULTS), help="where <name>.{json,md,png} go")
+  p.add_argument("--impl", default="auto", choices=("auto", "chunk", "pallas", "recurrent"))
+  p.add_argument("--tag", default="", help="suffix of the result file names (e.g. '_cpu')")
+
+
+def write_results(name: str, out_dir: str, payload: dict, markdown: str, fig=None) -> dict[str, str]:
+  """Writes <out_dir>/<name>.json (payload + env), .md (title, env, command, markdown), .png (fig)."""
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  env = payload.setdefault("env", env_info())
+  paths = {"json": str(out / f"{name}.json"), "md": str(out / f"{name}.md")}
+  (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=_jsonable))
+  head = (f"# {name}\n\nDevice `{env['device']}`; jax {env['jax']}, flax {env['flax']}, optax {env['optax']}; "
+          f"commit {env['git_commit']}; {env['utc']}.\n\nCommand: `{env['command']}`\n\n")
+  (out / f"{name}.md").write_text(head + markdown.rstrip() + "\n")
+  if fig is not None:
+    fig.savefig(out / f"{name}.png", dpi=110, bbox_inches="tight")
+    paths["png"] = str(out / f"{name}.png")
+  return paths
+
+
+def _jsonable(o):
+  if isinstance(o, (np.integer,)):
+    return int(o)
+  if isinstance(o, (np.floating,)):
+    return float(o)
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  return str(o)
+
+
+def plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt

@@ -1,0 +1,1 @@
+"""Synthetic task generators of the experiments (numpy, seeded, no model code)."""
