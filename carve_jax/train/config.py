@@ -173,6 +173,9 @@ def _build(cls, d: dict):
 # them is refused (the rest, e.g. logging cadence or output paths, may change between runs).
 RUN_IDENTITY = ("model", "optim", "data.corpus", "data.tokenizer", "data.seq_len", "data.batch_size",
                 "data.data_seed", "steps", "grad_accum", "seed")
+# ...except these, which change how the same function is computed, not what (e.g. resume a GPU
+# run that used the Pallas kernel on a CPU, or switch rematerialisation on to save memory).
+IDENTITY_EXEMPT = ("model.impl", "model.remat")
 
 
 def _get(d: dict, dotted: str):
@@ -189,7 +192,7 @@ def identity_diff(saved: dict, current: dict) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
       for k in sorted(set(a) | set(b)):
         walk(f"{prefix}.{k}", a.get(k, "<absent>"), b.get(k, "<absent>"))
-    elif _norm(a) != _norm(b):
+    elif _norm(a) != _norm(b) and prefix not in IDENTITY_EXEMPT:
       out.append(f"{prefix}: checkpoint has {a!r}, this run has {b!r}")
 
   for key in RUN_IDENTITY:
