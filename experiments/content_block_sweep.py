@@ -1,0 +1,264 @@
+r"""CARVE's content block G: gate perturbation against G (fitted power law vs the paper's -1/2), and
+(with --train) language-model quality and throughput against G.
+
+Perturbation. CARVE's erase gate uses the content signal of the state ENTERING the block,
+c_n = rms_rows(S_{nG-1}), for every token of block n; a token-level gate would use
+c_t = rms_rows(S_{t-1}). Along the CARVE trajectory with block length G (`carve_jax.ops.carve_step`
+token by token) we measure
+
+    gate perturbation   delta_G = mean_{t,h,i} | sigmoid(l_t + gamma_h c_n) - sigmoid(l_t + gamma_h c_t) |
+    signal gap          rho_G   = mean_t ||c_n - c_t|| / ||c_t||
+    output perturbation eps_G   = ||o^{(G)} - o^{(1)}|| / ||o^{(1)}||   (o^{(1)}: G = 1, the token-level gate)
+
+and fit log(metric) = a + p log G over the paper's range G in {16, 32, 64, 128} and over all G.
+The paper reports O(1/sqrt(L)) (p = -1/2). Inputs: `sample_inputs.family_inputs` random
+inputs (gamma = 1 in every head) at two decay strengths, and (with --train) the first layer's
+inputs of the trained G=64 CARVE LM on validation text, with its learned gamma and with gamma = 1.
+
+    python experiments/content_block_sweep.py --tiny            # CPU, < 60 s
+    python experiments/content_block_sweep.py                   # CPU: the perturbation sweep
+    python experiments/content_block_sweep.py --train --tokens_dir .data/exp   # GPU: + quality/throughput
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from carve_jax import ops  # noqa: E402
+from carve_jax.configs import ModelConfig  # noqa: E402
+from carve_jax.ops.gates import content_signal  # noqa: E402
+from carve_jax.ops.sample_inputs import family_inputs  # noqa: E402
+from carve_jax.ops.step import carve_step  # noqa: E402
+from experiments import common as C  # noqa: E402
+
+PAPER_RANGE = (16, 32, 64, 128)
+
+
+def _head_major(x):
+  return jnp.moveaxis(x, 1, 0)  # [B, T, ...] -> [T, B, ...]
+
+
+def gate_perturbation(inp: dict, G: int) -> tuple[float, float]:
+  """(delta_G, rho_G) along the CARVE trajectory with content block G. inp: `ops.carve` inputs."""
+  q, k, v, g, el, beta, gamma = (inp[n] for n in ("q", "k", "v", "g", "erase_logits", "beta", "gamma"))
+  B, T, H, K = q.shape
+
+  def step(carry, x):
+    S, c = carry
+    qt, kt, vt, gt, lt, bt, t = x
+    c_tok = content_signal(S)
+    _, S_new, c_used = carve_step(S, c, t, qt, kt, vt, gt, lt, bt, gamma, content_block=G)
+    gd = jnp.abs(jax.nn.sigmoid(lt + gamma[:, None] * c_used) - jax.nn.sigmoid(lt + gamma[:, None] * c_tok)).mean()
+    rel = (jnp.linalg.norm(c_used - c_tok, axis=-1) / jnp.linalg.norm(c_tok, axis=-1)).mean()
+    return (S_new, c_used), (gd, rel)
+
+  S0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
+  xs = tuple(_head_major(x) for x in (q, k, v, g, el, beta)) + (jnp.arange(T),)
+  _, (gd, rel) = jax.lax.scan(step, (S0, content_signal(S0)), xs)
+  return float(gd.mean()), float(rel.mean())
+
+
+def output_perturbation(inp: dict, G: int, ref: jax.Array) -> float:
+  o, _ = ops.carve(**inp, content_block=G, impl="recurrent")
+  return float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref))
+
+
+def sweep(inp: dict, Gs: list[int]) -> dict:
+  inp = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items()}
+  ref, _ = ops.carve(**inp, content_block=1, impl="recurrent")
+  rows = []
+  for G in Gs:
+    gd, rel = gate_perturbation(inp, G)
+    rows.append({"G": G, "gate": gd, "signal": rel, "output": output_perturbation(inp, G, ref)})
+  fits = {}
+  for metric in ("gate", "signal", "output"):
+    for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
+      pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
+      if len(pts) >= 3:
+        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
+  return {"rows": rows, "fits": fits}
+
+
+def random_inputs(seed: int, *, B, T, H, K, decay_scale) -> dict:
+  inp = family_inputs(jax.random.key(seed), "carve", B=B, T=T, H=H, K=K, V=K, decay_scale=decay_scale)
+  inp["gamma"] = jnp.ones((H,), jnp.float32)
+  return inp
+
+
+def model_inputs(model, tokens: np.ndarray) -> dict:
+  """First block's `ops.carve` inputs of a CARVE LM on `tokens` [B, T] (uses the layer's `_inputs`)."""
+  block = model.blocks[0]
+  x = block.mixer_norm(model.embed(jnp.asarray(tokens)).astype(jnp.float32))
+  inp, _ = block.mixer._inputs(x)
+  inp = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items()}
+  inp["gamma"] = jnp.asarray(block.mixer.gamma[...], jnp.float32)
+  return inp
+
+
+def train_sweep(args, impl: str, Gs: list[int]) -> tuple[list[dict], object]:
+  """CARVE LMs with content_block G (same seed, data, steps): val loss and tokens/s."""
+  train, src = C.load_stream(args.tokens_dir, "train")
+  val, _ = C.load_stream(args.tokens_dir, "val")
+  eval_fn = C.make_loss_eval(C.fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size,
+                                             n_batches=args.eval_batches))
+  out, keep = [], None
+  for G in Gs:
+    cfg = ModelConfig(mixer="carve", vocab_size=256, d_model=args.d_model, n_layers=args.n_layers,
+                      n_heads=args.n_heads, content_block=G, chunk_size=min(G, 64), mlp_multiple=64,
+                      max_seq_len=args.seq_len, compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+    print(f"[content_block_sweep] train G={G}", flush=True)
+    r = C.train_model(cfg, C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0),
+                      steps=args.steps, seed=0, lr=args.lr, eval_fn=eval_fn, eval_every=0)
+    val_loss = [h["val_loss"] for h in r.history if "val_loss" in h][-1]
+    gamma = [np.asarray(b.mixer.gamma[...]).tolist() for b in r.model().blocks]
+    out.append({"G": G, "chunk_size": min(G, 64), "val_loss": val_loss, "tokens_per_s": r.tokens_per_s,
+                "compile_s": r.compile_s, "step_memory_bytes": r.step_memory_bytes, "gamma": gamma, "data": src})
+    print(f"  val {val_loss:.4f}  {r.tokens_per_s:,.0f} tok/s  gamma[0] {np.round(gamma[0], 3)}", flush=True)
+    if G == 64 or keep is None:
+      keep = (G, r.model())
+  return out, (*keep, val)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  C.add_common_args(p)
+  p.add_argument("--Gs", default="2,4,8,16,32,64,128,256,512")
+  p.add_argument("--T", type=int, default=2048)
+  p.add_argument("--B", type=int, default=2)
+  p.add_argument("--H", type=int, default=4)
+  p.add_argument("--K", type=int, default=64)
+  p.add_argument("--seeds", type=int, default=2)
+  p.add_argument("--train", action="store_true", help="also train CARVE LMs at each G in --train_Gs")
+  p.add_argument("--train_Gs", default="16,32,64,128")
+  p.add_argument("--tokens_dir", default=None)
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--seq_len", type=int, default=512)
+  p.add_argument("--d_model", type=int, default=256)
+  p.add_argument("--n_layers", type=int, default=4)
+  p.add_argument("--n_heads", type=int, default=4)
+  p.add_argument("--lr", type=float, default=2e-3)
+  p.add_argument("--eval_batches", type=int, default=8)
+  p.add_argument("--no_random", action="store_true", help="skip the random-input sweeps (run them on a CPU)")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.Gs, args.T, args.B, args.H, args.K, args.seeds = "2,4,8,16,32", 128, 1, 2, 16, 1
+    args.train_Gs, args.steps, args.batch_size, args.seq_len = "16,32", 4, 4, 64
+    args.d_model, args.n_layers, args.n_heads, args.eval_batches = 32, 1, 2, 1
+  C.enable_compile_cache()
+  Gs = [int(x) for x in args.Gs.split(",")]
+  sources = {}
+  for decay in () if args.no_random else (1.0, 0.05):
+    per_seed = [sweep(random_inputs(s, B=args.B, T=args.T, H=args.H, K=args.K, decay_scale=decay), Gs)
+                for s in range(args.seeds)]
+    sources[f"random, decay_scale {decay}"] = _merge(per_seed)
+    print(f"[content_block_sweep] random decay {decay}: " + _fit_line(sources[f"random, decay_scale {decay}"]),
+          flush=True)
+  trained = []
+  if args.train:
+    impl = C.pick_impl(args.impl, args.tiny)
+    trained, (G_kept, model, val) = train_sweep(args, impl, [int(x) for x in args.train_Gs.split(",")])
+    _write(args, Gs, sources, trained)  # the trained rows survive a timeout of the sweeps below
+    toks = np.stack([val[i * args.T:(i + 1) * args.T] for i in range(args.B)]).astype(np.int32)
+    inp = model_inputs(model, toks)
+    sources[f"trained G={G_kept} LM layer 1, learned gamma"] = sweep(inp, Gs)
+    sources[f"trained G={G_kept} LM layer 1, gamma = 1"] = sweep({**inp, "gamma": jnp.ones_like(inp["gamma"])}, Gs)
+    for k in list(sources)[-2:]:
+      print(f"[content_block_sweep] {k}: " + _fit_line(sources[k]), flush=True)
+  return _write(args, Gs, sources, trained)
+
+
+def _write(args, Gs, sources, trained) -> dict:
+  payload = {"experiment": "content_block_sweep", "tiny": args.tiny, "paper_exponent": C.PAPER["perturbation_exponent"],
+             "shape": {"B": args.B, "T": args.T, "H": args.H, "K": args.K, "seeds": args.seeds}, "Gs": Gs,
+             "perturbation": sources, "train": trained,
+             "train_shape": ({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                              "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
+                             if args.train else None)}
+  C.write_results("content_block_sweep" + args.tag, args.out_dir, payload, _markdown(args, sources, trained),
+                  _figure(sources, trained))
+  return payload
+
+
+def _merge(per_seed: list[dict]) -> dict:
+  """Mean over seeds of each metric at each G, refitted."""
+  rows = []
+  for i, r in enumerate(per_seed[0]["rows"]):
+    rows.append({"G": r["G"], **{m: float(np.mean([s["rows"][i][m] for s in per_seed])) for m in ("gate", "signal", "output")}})
+  fits = {}
+  for metric in ("gate", "signal", "output"):
+    for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
+      pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
+      if len(pts) >= 3:
+        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
+  return {"rows": rows, "fits": fits, "seeds": len(per_seed)}
+
+
+def _fit_line(s: dict) -> str:
+  return "  ".join(f"{k}: p={v['exponent']:+.3f}" for k, v in s["fits"].items())
+
+
+def _markdown(args, sources, trained) -> str:
+  md = (f"Gate perturbation of the block-level content signal against content block G (B={args.B}, T={args.T}, "
+        f"H={args.H}, K=V={args.K}; random inputs averaged over {args.seeds} seeds). Fitted exponent p of "
+        f"metric ∝ G^p; the paper reports p = -1/2 for L up to 128.\n\n")
+  rows = []
+  for name, s in sources.items():
+    for metric in ("gate", "signal", "output"):
+      f1, f2 = s["fits"].get(f"{metric}/paper_range"), s["fits"].get(f"{metric}/all")
+      rows.append([name, metric, f"{f1['exponent']:+.3f} ± {f1['exponent_stderr']:.3f}" if f1 else "n/a",
+                   f"{f2['exponent']:+.3f} (R² {f2['r2']:.3f})" if f2 else "n/a"])
+  md += C.md_table(["inputs", "metric", "p over G in 16..128", "p over all G"], rows) + "\n\n"
+  for name, s in sources.items():
+    md += f"**{name}**\n\n" + C.md_table(["G", "gate delta", "signal gap rho", "output eps"],
+                                         [[r["G"], r["gate"], r["signal"], r["output"]] for r in s["rows"]]) + "\n\n"
+  if trained:
+    md += ("Quality and throughput of CARVE LMs against G (same seed, data and steps; kernel chunk = min(G, 64)):\n\n"
+           + C.md_table(["G", "val loss (nats/byte)", "tokens/s", "compile s", "gamma layer 1 (learned)"],
+                        [[t["G"], t["val_loss"], f"{t['tokens_per_s']:,.0f}", t["compile_s"],
+                          " ".join(f"{x:+.3f}" for x in t["gamma"][0])] for t in trained]) + "\n")
+  else:
+    md += "Quality/throughput against G: not run in this invocation (needs --train; GPU).\n"
+  return md
+
+
+def _figure(sources, trained):
+  plt = C.plt()
+  n = 3 if trained else 2
+  fig, ax = plt.subplots(1, n, figsize=(5 * n, 3.8))
+  for i, (name, s) in enumerate(sources.items()):
+    G = [r["G"] for r in s["rows"]]
+    ax[0].loglog(G, [r["gate"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
+    ax[1].loglog(G, [r["output"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
+  for a in ax[:2]:
+    G = np.array([16, 128], float)
+    ys = [float(np.interp(16, l.get_xdata(), l.get_ydata())) for l in a.get_lines()]
+    if ys:
+      a.loglog(G, min(ys) * (G / 16) ** -0.5, "k--", lw=1, label="paper: G^-1/2 (slope)")
+    a.set_xlabel("content block G")
+  ax[0].set(ylabel="mean |b_block - b_token|", title="gate perturbation")
+  ax[1].set(ylabel="||o_G - o_1|| / ||o_1||", title="output perturbation")
+  ax[0].legend(fontsize=7)
+  if trained:
+    ax2 = ax[2]
+    G = [t["G"] for t in trained]
+    ax2.plot(G, [t["val_loss"] for t in trained], "o-", color="C0")
+    ax2.set(xscale="log", xlabel="content block G", ylabel="val loss", title="CARVE LM vs G")
+    t2 = ax2.twinx()
+    t2.plot(G, [t["tokens_per_s"] for t in trained], "s--", color="C1")
+    t2.set_ylabel("tokens/s", color="C1")
+  fig.tight_layout()
+  return fig
+
+
+if __name__ == "__main__":
+  main()
