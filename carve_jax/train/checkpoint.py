@@ -2,7 +2,8 @@
 
 A checkpoint at step s is the folder `<dir>/<s>/` with three items:
   state/  the `TrainState` (params, optimizer state, step, RNG, skipped count), orbax PyTree format;
-  data/   the training data iterator's `get_state()` (JSON);
+  data/   the training data iterator's `get_state()` (JSON, written by process 0: every process's
+          iterator is at the same position, e.g. {"next_index": 812}, since all step in lockstep);
   meta/   JSON: the run's `TrainConfig`, the step, a fingerprint of the params, library versions.
 
 Safety (what "nothing good is ever overwritten" rests on):

@@ -86,8 +86,19 @@ def global_batch(mesh, local_batch: dict) -> dict:
 
 
 def replicate(mesh, tree):
-  """Places a pytree (identical on every process) replicated on the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree (identical on every process) replicated on the mesh.
+
+  With several processes each one fills its own devices from its host copy
+  (`jax.make_array_from_callback`), which needs no cross-host transfer.
+  """
+  sh = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sh)
+
+  def one(x):
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+  return jax.tree.map(one, tree)
 
 
 def peak_memory_bytes() -> int | None:
