@@ -48,7 +48,7 @@ def _check(family, *, B, T, H, K, V, chunk_size, dtype=jnp.float32, tol=1e-5, gr
   return errs
 
 
-@pytest.mark.parametrize("family", ["carve", "gdn2", "kda"])
+@pytest.mark.parametrize("family", ["carve", "gdn2"])  # kda = gdn2 with b = w = beta: GPU test below
 def test_fwd_and_grads_fp32_interpret(family):
   # T = 72: not a multiple of the chunk (padding); chunk 32 = two sub-blocks of 16.
   _check(family, B=1, T=72, H=2, K=16, V=32, chunk_size=32)
@@ -117,8 +117,10 @@ def test_content_eps_matches_reference():
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("family, dtype, tol", [("carve", jnp.float32, 1e-4), ("gdn2", jnp.float32, 1e-4),
-                                                ("carve", jnp.bfloat16, 3e-2), ("kda", jnp.bfloat16, 3e-2)])
-def test_gpu_head128(family, dtype, tol):
-  errs = _check(family, B=2, T=300, H=4, K=128, V=128, chunk_size=64, dtype=dtype, tol=tol, seed=11)
+@pytest.mark.parametrize("family, dtype, tol, D", [
+    ("carve", jnp.bfloat16, 3e-2, 128), ("kda", jnp.bfloat16, 3e-2, 128), ("gdn2", jnp.bfloat16, 3e-2, 128),
+    # float32 runs IEEE float32 dots (CUDA cores; slow to compile at head size 128): head size 32.
+    ("carve", jnp.float32, 1e-4, 32), ("gdn2", jnp.float32, 1e-4, 32)])
+def test_gpu_compiled(family, dtype, tol, D):
+  errs = _check(family, B=2, T=300, H=4, K=D, V=D, chunk_size=64, dtype=dtype, tol=tol, seed=11)
   print(f"GPU max errors {family} {dtype.__name__}: {errs}")
