@@ -21,7 +21,9 @@ Safety (what "nothing good is ever overwritten" rests on):
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -94,12 +96,13 @@ class Checkpointer:
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointNotFoundError(f"checkpoint directory {self.directory} does not exist")
     self.config = config
-    opts = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
-        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
-        cleanup_tmp_directories=not read_only)
-    self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+    with _quiet_absl() if read_only else contextlib.nullcontext():  # orbax notes every read-only open
+      opts = ocp.CheckpointManagerOptions(
+          save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
+          preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+          enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+          cleanup_tmp_directories=not read_only)
+      self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
 
   # --------------------------------------------------------------------------------- queries
   def all_steps(self) -> list[int]:
@@ -215,6 +218,17 @@ class Checkpointer:
     steps = self.all_steps()
     if step not in steps:
       raise CheckpointNotFoundError(f"no checkpoint step {step} under {self.directory}; steps there: {steps}")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  log = logging.getLogger("absl")
+  level = log.level
+  log.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    log.setLevel(level)
 
 
 def layout(tree) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 
@@ -82,7 +81,6 @@ def main(argv=None) -> int:
   ap.add_argument("--data_root", default=None)
   ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first")
   args = ap.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax notes every read-only open
   if args.eval_batches is not None and args.eval_batches < 1:
     ap.error(f"--eval_batches must be >= 1, got {args.eval_batches}")
   dist.maybe_initialize(args.distributed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 import jax
@@ -46,7 +45,6 @@ def main(argv=None) -> int:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
   args = ap.parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax notes every read-only open
   if args.max_new_tokens < 0:
     ap.error(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
   if args.num_samples < 1:
