@@ -250,3 +250,22 @@ def test_resume_refuses_a_different_config(tmp_path, xla_cache):
   other = cfg.replace(optim=cfg.optim.__class__(lr=5e-3, warmup_steps=2))
   with pytest.raises(CheckpointMismatchError, match=r"optim\.lr: checkpoint has 0\.01, this run has 0\.005"):
     train(other)
+
+
+@pytest.mark.slow
+def test_demo_and_eval_generate_entry_points(tmp_path, xla_cache):
+  """The README demo end to end at a tiny size, then carve-eval and carve-generate on its checkpoint."""
+  out = tmp_path / "demo"
+  argv = ["--preset", "tiny", "--n_layers", "1", "--impl", "recurrent", "--corpus", "fixture", "--seq_len", "32",
+          "--batch_size", "4", "--steps", "4", "--eval_every", "0", "--eval_batches", "1", "--ckpt_every", "2",
+          "--sample_tokens", "16", "--out_dir", str(out), "--no-progress"]
+  r = subprocess.run([sys.executable, "-m", "carve_jax.demo", *argv], capture_output=True, text=True, timeout=900,
+                     env=_env(CARVE_JAX_CACHE=xla_cache))
+  assert r.returncode == 0, r.stderr[-3000:]
+  for stage in ("[1/6] data", "[4/6] validation perplexity", "[5/6] sample", "[6/6] summary", "val ppl"):
+    assert stage in r.stdout, (stage, r.stdout[-2000:])
+  from carve_jax.train import eval as ev
+  from carve_jax.train import generate as gen
+  ckpt = str(out / "checkpoints")
+  assert ev.main(["--ckpt_dir", ckpt, "--eval_batches", "1"]) == 0
+  assert gen.main(["--ckpt_dir", ckpt, "--prompt", "The ", "--max_new_tokens", "8", "--json"]) == 0
