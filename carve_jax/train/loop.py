@@ -138,7 +138,7 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
     losses = []
     for (s, _), m in zip(pending, host):
       consecutive = 0 if m["finite"] else consecutive + 1
-      rec = {k: (float(v) if k != "finite" else bool(v)) for k, v in m.items()}
+      rec = {k: (bool(v) if k == "finite" else int(v) if k == "skipped" else float(v)) for k, v in m.items()}
       logger.log(s, "train", **rec)
       losses.append(rec["loss"])
       if on_step is not None:
@@ -224,7 +224,7 @@ def format_summary(s: dict) -> str:
       f"skipped steps      {s['skipped_steps']}",
       f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s)",
       f"peak memory        device {format_bytes(s['peak_device_bytes'])}, host RSS {format_bytes(s['host_peak_rss_bytes'])}",
-      f"compile + 1st step {s['compile_s']:.1f} s;  wall {s['wall_s']:.1f} s",
+      f"compile + 1st step {s['compile_s'] or 0:.1f} s;  wall {s['wall_s']:.1f} s",
       f"checkpoint         {s['checkpoint_dir']} (step {s['latest_checkpoint']})",
       f"metrics            {s['out_dir']}/metrics.jsonl, TensorBoard: {s['out_dir']}/tb",
   ]
