@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from typing import Callable
 
@@ -198,7 +199,12 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
     bar.close()
     logger.close()
     latest = ckpt.latest_step()
-    ckpt.close()
+    failing = sys.exc_info()[0] is not None
+    try:
+      ckpt.close()  # waits for pending saves: the last good checkpoint is kept, even on failure
+    except Exception:
+      if not failing:
+        raise
 
   tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
   return {
@@ -224,7 +230,7 @@ def format_summary(s: dict) -> str:
       f"skipped steps      {s['skipped_steps']}",
       f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s)",
       f"peak memory        device {format_bytes(s['peak_device_bytes'])}, host RSS {format_bytes(s['host_peak_rss_bytes'])}",
-      f"compile + 1st step {s['compile_s'] or 0:.1f} s;  wall {s['wall_s']:.1f} s",
+      f"first step after   {s['compile_s'] or 0:.1f} s (setup + compile);  wall {s['wall_s']:.1f} s",
       f"checkpoint         {s['checkpoint_dir']} (step {s['latest_checkpoint']})",
       f"metrics            {s['out_dir']}/metrics.jsonl, TensorBoard: {s['out_dir']}/tb",
   ]
