@@ -252,6 +252,22 @@ def test_resume_refuses_a_different_config(tmp_path, xla_cache):
     train(other)
 
 
+def test_diverging_run_stops_and_keeps_its_checkpoints(tmp_path, xla_cache):
+  from carve_jax.train.checkpoint import Checkpointer
+  from carve_jax.train.loop import TrainingDivergedError, train
+  cfg = _run_cfg(tmp_path).replace(max_consecutive_skips=3)
+  cfg = cfg.replace(model=cfg.model.replace(impl="recurrent"), ckpt=cfg.ckpt.__class__(ckpt_every=2))
+
+  def nan_loss(model, batch, rng):
+    return st.lm_loss(model, batch, rng) * jnp.nan
+
+  with pytest.raises(TrainingDivergedError, match=r"3 consecutive steps up to step 3 .* are kept \(latest: 2\)"):
+    train(cfg, loss_fn=nan_loss)
+  assert Checkpointer(cfg.checkpoint_dir, read_only=True).all_steps() == [2]
+  train_recs = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+  assert [(r["step"], r["finite"], r["skipped"]) for r in train_recs] == [(1, False, 1), (2, False, 2), (3, False, 3)]
+
+
 @pytest.mark.slow
 def test_demo_and_eval_generate_entry_points(tmp_path, xla_cache):
   """The README demo end to end at a tiny size, then carve-eval and carve-generate on its checkpoint."""
