@@ -241,12 +241,14 @@ def _add_fields(parser, cls, dest_prefix: str, taken: set[str]):
     taken.add(f.name)
     conv, choices, is_bool = _flag_type(hints[f.name])
     dest = f"{dest_prefix}{f.name}"
+    hint = (f"{cls.__name__}.{f.name} (default: the preset's)" if cls is ModelConfig
+            else f"{cls.__name__}.{f.name} (default {f.default!r})")
     if is_bool:
       group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
-                         default=argparse.SUPPRESS)
+                         default=argparse.SUPPRESS, help=hint)
     else:
       group.add_argument(f"--{f.name}", dest=dest, type=conv, choices=choices, default=argparse.SUPPRESS,
-                         metavar=None if choices else f.name.upper())
+                         metavar=None if choices else f.name.upper(), help=hint)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -268,10 +270,12 @@ def add_train_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     if f.name in taken:
       raise AssertionError(f"flag --{f.name} is defined by two config sections")
     conv, choices, is_bool = _flag_type(hints[f.name])
+    hint = f"TrainConfig.{f.name} (default {f.default!r})"
     if is_bool:
-      group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS)
+      group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                         help=hint)
     else:
-      group.add_argument(f"--{f.name}", type=conv, choices=choices, default=argparse.SUPPRESS)
+      group.add_argument(f"--{f.name}", type=conv, choices=choices, default=argparse.SUPPRESS, help=hint)
   return parser
 
 
