@@ -285,3 +285,42 @@ def test_demo_and_eval_generate_entry_points(tmp_path, xla_cache):
   ckpt = str(out / "checkpoints")
   assert ev.main(["--ckpt_dir", ckpt, "--eval_batches", "1"]) == 0
   assert gen.main(["--ckpt_dir", ckpt, "--prompt", "The ", "--max_new_tokens", "8", "--json"]) == 0
+
+
+MULTIHOST_SCRIPT = textwrap.dedent("""
+  import json, sys
+  from carve_jax.train.config import TrainConfig
+  from carve_jax.train.loop import train
+  s = train(TrainConfig.from_dict(json.loads(sys.argv[1])))
+  print("SUMMARY", json.dumps({"processes": s["processes"], "devices": s["devices"], "steps": s["steps"]}))
+""")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  """2 processes x 2 CPU devices (jax.distributed over localhost) reproduce a 1-process run's losses."""
+  import socket
+  from carve_jax.data import load_tokens, num_windows, prepare_corpus
+  train_tokens = load_tokens(prepare_corpus("fixture"), "byte", "train")
+  seq_len = next(t for t in range(16, 40) if num_windows(len(train_tokens), t) % 2 == 0)  # same windows for 1 or 2 shards
+  cfg = _run_cfg(tmp_path / "multi", steps=4).replace(eval_batches=1)
+  cfg = cfg.replace(data=cfg.data.__class__(corpus="fixture", seq_len=seq_len, batch_size=4))
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, "-c", MULTIHOST_SCRIPT, cfg.to_json()], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env=_env(CARVE_DISTRIBUTED="1", CARVE_COORDINATOR=f"localhost:{port}",
+                                     CARVE_NUM_PROCESSES="2", CARVE_PROCESS_ID=str(i),
+                                     XLA_FLAGS="--xla_force_host_platform_device_count=2")) for i in range(2)]
+  outs = [p.communicate(timeout=900)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    assert 'SUMMARY {"processes": 2, "devices": 4, "steps": 4}' in out
+  from carve_jax.train.loop import train
+  single = train(cfg.replace(out_dir=str(tmp_path / "single")))
+  multi, one = _losses(tmp_path / "multi"), _losses(tmp_path / "single")
+  assert sorted(multi) == sorted(one) == [1, 2, 3, 4]
+  for s in one:
+    assert abs(multi[s] - one[s]) < 1e-5 * abs(one[s]), (s, multi[s], one[s])
+  assert single["steps"] == 4
