@@ -1,0 +1,103 @@
+"""Pure logic of the experiments: the MQAR and needle task generators, the power-law fit, the
+windows of the LM batches. Fast (numpy only, no model)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import fit_power_law, fixed_batches, window_batches  # noqa: E402
+from experiments.tasks import needle as nd  # noqa: E402
+from experiments.tasks.mqar import mqar_batch  # noqa: E402
+
+
+@pytest.mark.parametrize("T,P", [(16, 4), (64, 8), (256, 64)])
+def test_mqar_queries_answer_bound_values(T, P):
+  V = max(128, 4 * P)
+  b = mqar_batch(np.random.default_rng(0), batch_size=8, seq_len=T, num_pairs=P, vocab_size=V)
+  x, y, m = b["inputs"], b["targets"], b["mask"]
+  assert x.shape == y.shape == m.shape == (8, T) and x.dtype == np.int32
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])  # targets are the next tokens
+  for r in range(8):
+    keys, vals = x[r, 0:2 * P:2], x[r, 1:2 * P:2]
+    assert len(set(keys.tolist())) == P and keys.min() >= 1 and keys.max() < V // 2
+    assert vals.min() >= V // 2 and vals.max() < V
+    bound = dict(zip(keys.tolist(), vals.tolist()))
+    q = np.flatnonzero(m[r])
+    assert len(q) == P and q.min() >= 2 * P  # every key queried once, after the context
+    assert sorted(x[r, q].tolist()) == sorted(keys.tolist())
+    assert all(y[r, i] == bound[x[r, i]] for i in q)
+    rest = np.setdiff1d(np.arange(2 * P, T), np.concatenate([q, q + 1]))
+    assert (x[r, rest] == 0).all()  # filler elsewhere
+
+
+def test_mqar_is_seeded_and_validates():
+  a = mqar_batch(np.random.default_rng(3), batch_size=2, seq_len=32, num_pairs=4, vocab_size=64)
+  b = mqar_batch(np.random.default_rng(3), batch_size=2, seq_len=32, num_pairs=4, vocab_size=64)
+  np.testing.assert_array_equal(a["inputs"], b["inputs"])
+  with pytest.raises(ValueError, match="seq_len"):
+    mqar_batch(np.random.default_rng(0), batch_size=1, seq_len=15, num_pairs=4, vocab_size=64)
+  with pytest.raises(ValueError, match="vocab_size"):
+    mqar_batch(np.random.default_rng(0), batch_size=1, seq_len=64, num_pairs=8, vocab_size=8)
+
+
+@pytest.mark.parametrize("task", nd.TASKS)
+def test_needle_answer_is_retrievable(task):
+  T, n, w = 200, 3, 2
+  stream = np.frombuffer(b"the quick brown fox jumps over the lazy dog " * 40, np.uint8)
+  b = nd.needle_batch(np.random.default_rng(1), batch_size=6, seq_len=T, tasks=(task,), stream=stream,
+                      n_needles=n, width=w)
+  x, y, m = b["inputs"], b["targets"], b["mask"]
+  assert x.shape == (6, T) and x.max() < nd.VOCAB_SIZE
+  np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+  for r in range(6):
+    seq = np.concatenate([x[r], y[r, -1:]])
+    starts = np.flatnonzero(seq == nd.NEEDLE)
+    assert len(starts) == (1 if task == "single" else n)
+    needles = [(tuple(seq[s + 1:s + 1 + w]), tuple(seq[s + 2 + w:s + 2 + 2 * w])) for s in starts]
+    q = int(np.flatnonzero(seq == nd.QUERY)[0])
+    key = tuple(seq[q + 1:q + 1 + w])
+    expected = [t for k, v in needles if k == key for t in v]
+    if task != "multivalue":
+      assert len(expected) == w  # keys are distinct: exactly one needle answers
+    else:
+      assert len(expected) == n * w and len({k for k, _ in needles}) == 1
+    assert y[r][m[r] > 0].tolist() == expected
+    hay = seq[(seq < 256)]
+    assert hay.min() >= 1  # 0 never appears in the haystack
+
+
+def test_needle_validates():
+  with pytest.raises(ValueError, match="task"):
+    nd.needle_row(np.random.default_rng(0), "bogus", 64)
+  with pytest.raises(ValueError, match="seq_len"):
+    nd.needle_row(np.random.default_rng(0), "multivalue", 12)
+
+
+def test_power_law_fit_recovers_exponent():
+  x = np.array([16, 32, 64, 128, 256], float)
+  f = fit_power_law(x, 3.0 * x ** -0.5)
+  assert abs(f["exponent"] + 0.5) < 1e-9 and abs(f["prefactor"] - 3.0) < 1e-9 and f["r2"] > 0.999999
+  noisy = 2.0 * x ** 0.7 * np.exp(np.random.default_rng(0).normal(0, 0.05, x.shape))
+  f = fit_power_law(x, noisy)
+  assert abs(f["exponent"] - 0.7) < 4 * f["exponent_stderr"] + 0.05
+  with pytest.raises(ValueError, match="positive"):
+    fit_power_law([1, 2, 3], [1, 0, 2])
+  with pytest.raises(ValueError, match="length"):
+    fit_power_law([1, 2], [1, 2])
+
+
+def test_lm_windows():
+  stream = np.arange(1000, dtype=np.uint16)
+  fn = window_batches(stream, seq_len=16, batch_size=4, seed=0)
+  b = fn(5)
+  np.testing.assert_array_equal(b["targets"], b["inputs"] + 1)  # consecutive windows, shifted by one
+  np.testing.assert_array_equal(fn(5)["inputs"], b["inputs"])  # seeded by (seed, step)
+  assert not np.array_equal(fn(6)["inputs"], b["inputs"])
+  v = fixed_batches(stream, seq_len=10, batch_size=2, n_batches=3)
+  assert [x["inputs"][0, 0] for x in v] == [0, 20, 40]
+  with pytest.raises(ValueError, match="need"):
+    fixed_batches(stream, seq_len=100, batch_size=5, n_batches=3)
