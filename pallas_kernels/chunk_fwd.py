@@ -30,8 +30,9 @@ bf16 inputs give bf16 matmul operands with float32 accumulation; float32 inputs 
 (IEEE) dots.
 
 Registers: a program keeps only S, V_new and the c x c blocks across a chunk; every [c, K] quantity
-(q, k, gate, G, decay factors) is reloaded and recomputed where it is used (`Chunk`), because
-keeping them (v1) spilled far past the register file.
+(q, k, gate, G, decay factors) is reloaded and recomputed where it is used (`Chunk`). (v1 kept
+them; this version measured 8% faster. Neither spills; what limits both is the chain of small
+Triton ops, each behind a CTA barrier: see pallas_kernels/NOTES.md.)
 
 CARVE needs the whole state row to form c, so its forward keeps all of V in one program; the
 gamma-free variants may tile V (`TuningConfig.block_v`), each tile recomputing the c x c blocks.
