@@ -56,8 +56,8 @@ def _bwd_kernel(*refs, carve, has_beta, scale, C, bc, N, dt, cdt):
     S = st_ref[n].astype(cdt)
     if carve:
       cvec = c_ref[n].astype(cdt)
-      gam = gamma_ref[...].astype(cdt)
-      gate = lambda logits: jax.nn.sigmoid(logits + gam[None, :] * cvec[None, :])
+      gc = (gamma_ref[...].astype(cdt) * cvec)[None, :]  # gamma_h c_n, once per chunk
+      gate = lambda logits: jax.nn.sigmoid(logits + gc)
     else:
       gate = lambda x: x
     ch = Chunk(in_refs, t0, ns=ns, bc=bc, dt=dt, cdt=cdt, gate=gate, has_beta=has_beta)

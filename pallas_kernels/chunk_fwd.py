@@ -213,8 +213,8 @@ def _fwd_kernel(*refs, carve, has_beta, save, scale, C, bc, cb, N, dt, cdt):
       cvec = jnp.where(lax.rem(t0, cb) == 0, content_signal(S), cvec)
       if save:
         c_ref[n] = cvec
-      gam = gamma_ref[...].astype(cdt)
-      gate = lambda logits: jax.nn.sigmoid(logits + gam[None, :] * cvec[None, :])
+      gc = (gamma_ref[...].astype(cdt) * cvec)[None, :]  # gamma_h c_n, once per chunk
+      gate = lambda logits: jax.nn.sigmoid(logits + gc)
     else:
       gate = lambda x: x
     ch = Chunk(in_refs, t0, ns=ns, bc=bc, dt=dt, cdt=cdt, gate=gate, has_beta=has_beta)
