@@ -13,6 +13,7 @@ local-memory (spill) accesses. In these kernels time per chunk tracked the barri
 from __future__ import annotations
 
 import argparse
+import time
 import types
 
 import jax
@@ -66,9 +67,11 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sub-chunks", default="16,32,64")
   ap.add_argument("--num-warps", type=int, default=8)
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   a = ap.parse_args()
   B, T, H, K, N = 1, 128, 1, 128, 2
-  sd = lambda s, d=jnp.bfloat16: jax.ShapeDtypeStruct(s, d)
+  dt = jnp.dtype(a.dtype)
+  sd = lambda s, d=dt: jax.ShapeDtypeStruct(s, d)
   x, f32 = sd((B, T, H, K)), jnp.float32
   for sc in (int(s) for s in a.sub_chunks.split(",")):
     cfg = TuningConfig(sub_chunk=sc, num_warps=a.num_warps, bwd_num_warps=a.num_warps)
@@ -82,7 +85,9 @@ def main():
         ("fwd", fwd, common + (sd((B, H, K, K), f32),), (cfg.num_warps, cfg.num_stages)),
         ("bwd", bwd, common + (sd((B, H, N, K, K), f32), sd((B, H, N, K), f32), x, sd((B, H, K, K), f32)),
          (cfg.bwd_num_warps, cfg.bwd_num_stages))):
-      print(f"sub_chunk={sc} {name} CARVE bf16 K=V=128 warps={nw}: {stats(ttir_of(fn, args), nw, ns)}", flush=True)
+      t0 = time.time()
+      st = stats(ttir_of(fn, args), nw, ns)
+      print(f"sub_chunk={sc} {name} CARVE {a.dtype} K=V=128 warps={nw}: {st} ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

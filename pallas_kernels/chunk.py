@@ -63,6 +63,21 @@ def _gated_delta_bwd(static, res, cts):
 _gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
 
 
+def supported(*, K: int, V: int, chunk_size: int, dtype, config: TuningConfig | None = None) -> bool:
+  """Whether the kernels take these head sizes, chunk size and input dtype (for impl="auto").
+
+  K, V: powers of two >= 16; chunk_size: a power of two, multiple of `config.sub_chunk`. Only 16-bit
+  inputs count as supported for "auto": float32 runs (TF32x3 dots on the GPU) but was verified
+  only in interpret mode, and its kernels compile slowly.
+  """
+  cfg = DEFAULT if config is None else config
+  try:
+    cfg.check_shapes(chunk_size=chunk_size, K=K, V=V)
+  except ValueError:
+    return False
+  return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def pallas_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_size, content_block=None,
                        content_grad="stop", config: TuningConfig | None = None):
   """(o [B, T, H, V], final state [B, H, K, V] float32) of the gated delta rule; see the module doc."""

@@ -165,10 +165,10 @@ def chunk_bwd(q, k, v, g, b, w, gamma, states, cvec, do, dsf, *, scale, chunk_si
   N = Tp // C
   carve = gamma is not None
   has_beta = w.ndim == 3
-  dt, cdt = compute_dtypes(q, k, v)
+  dt, cdt = compute_dtypes(q, k, v, interpret=interpret)
   BV = V if cfg.bwd_block_v is None else min(cfg.bwd_block_v, V)
-  if dt == jnp.float32 and not interpret:  # IEEE float32 dots: Triton's shared memory overflows at 64
-    BV = min(BV, 32)
+  if cdt == jnp.float32 and dt != jnp.bfloat16 and not interpret:  # float32 operands: v1 (IEEE dots)
+    BV = min(BV, 32)                                # overflowed shared memory at value tile 64
   NV = V // BV
   sdt = states.dtype
 

@@ -26,8 +26,8 @@ away, never multiplied. Every other exponent is <= 0.
 (I + L_ii)^{-1} is the product (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_ii (exact, as N^16 = 0;
 4 dependent float32 dot pairs instead of 16 dependent row steps; see `unit_lower_inv` for the
 rounding bound). v1 used row-wise forward substitution (a 15-step loop of cross-warp reductions).
-bf16 inputs give bf16 matmul operands with float32 accumulation; float32 inputs use full-precision
-(IEEE) dots.
+bf16 inputs give bf16 matmul operands with float32 accumulation; float32 inputs use TF32x3 dots
+on the GPU (exact float32 in interpret mode); the c x c inverses are always IEEE float32.
 
 Registers: a program keeps only S, V_new and the c x c blocks across a chunk; every [c, K] quantity
 (q, k, gate, G, decay factors) is reloaded and recomputed where it is used (`Chunk`). (v1 kept
@@ -55,10 +55,17 @@ _CLAMP = 80.0
 F32 = jnp.float32
 
 
+TF32X3 = "tf32x3"  # dot mode of float32 inputs on the GPU: three TF32 tensor-core passes
+
+
 def mm(a, b, dt, trans_a=False, trans_b=False):
-  """a @ b (a^T / b^T as asked) with operands in dt and float32 accumulation."""
+  """a @ b (a^T / b^T as asked), float32 accumulation. dt: operand dtype (bf16: one bf16 pass;
+  float32/float64: IEEE), or TF32X3 (float32 operands, ~float32 accuracy on tensor cores)."""
   dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-  prec = lax.Precision.HIGHEST if dt != jnp.bfloat16 else None
+  if isinstance(dt, str):
+    prec, dt = lax.DotAlgorithmPreset.TF32_TF32_F32_X3, F32
+  else:
+    prec = lax.Precision.HIGHEST if dt != jnp.bfloat16 else None
   return lax.dot_general(a.astype(dt), b.astype(dt), dims, precision=prec,
                          preferred_element_type=F32 if dt != jnp.float64 else dt)
 
@@ -233,14 +240,16 @@ def _fwd_kernel(*refs, carve, has_beta, save, scale, C, bc, cb, N, dt, cdt):
   sf_ref[...] = S.astype(sf_ref.dtype)
 
 
-def compute_dtypes(*xs):
-  """(dot operand dtype, elementwise/accumulation dtype): bf16 dots when any input is 16-bit."""
+def compute_dtypes(*xs, interpret=True):
+  """(dot mode, elementwise/accumulation dtype): bf16 dots when any input is 16-bit; float32
+  inputs get TF32x3 dots on the GPU (IEEE float32 dots there ran on CUDA cores and compiled for
+  minutes) and exact float32 dots in interpret mode."""
   dts = {jnp.dtype(x.dtype) for x in xs}
   if jnp.dtype(jnp.float64) in dts:
     return jnp.float64, jnp.float64
   if dts & {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)}:
     return jnp.bfloat16, F32
-  return F32, F32
+  return (F32 if interpret else TF32X3), F32
 
 
 def chunk_fwd(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cfg: TuningConfig,
@@ -258,7 +267,7 @@ def chunk_fwd(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, 
   N = Tp // C
   carve = gamma is not None
   has_beta = w.ndim == 3
-  dt, cdt = compute_dtypes(q, k, v)
+  dt, cdt = compute_dtypes(q, k, v, interpret=interpret)
   BV = V if (carve or cfg.block_v is None) else min(cfg.block_v, V)
   NV = V // BV
   sdt = jnp.float64 if cdt == jnp.float64 else F32

@@ -10,7 +10,7 @@ import pytest
 
 from carve_jax.ops import gates
 from carve_jax.ops.sample_inputs import family_inputs, run_family
-from pallas_kernels import TuningConfig, pallas_gated_delta
+from pallas_kernels import TuningConfig, pallas_gated_delta, supported
 from pallas_kernels import chunk_fwd as fwd_mod
 from conftest import rel_err
 
@@ -109,6 +109,13 @@ def test_bad_head_size_is_refused():
   inp = family_inputs(jax.random.PRNGKey(0), "gdn2", B=1, T=16, H=1, K=24, V=16)
   with pytest.raises(ValueError, match="head size K"):
     run_family("gdn2", impl="pallas", chunk_size=16, **inp)
+
+
+def test_supported():
+  assert supported(K=128, V=128, chunk_size=64, dtype=jnp.bfloat16)
+  assert not supported(K=96, V=128, chunk_size=64, dtype=jnp.bfloat16)
+  assert not supported(K=128, V=128, chunk_size=48, dtype=jnp.bfloat16)
+  assert not supported(K=128, V=128, chunk_size=64, dtype=jnp.float32)
 
 
 def test_content_eps_matches_reference():
