@@ -1,7 +1,8 @@
 """Training (carve_jax.train): CLI flags, optimizer, the data-parallel step, the loop, exact resume.
 
 - Data-parallel: one step of the CARVE LM on 8 fake CPU devices (with and without gradient
-  accumulation) gives the same parameters as on one device for the same global batch.
+  accumulation, and with the Pallas kernel in interpret mode on 2) gives the same parameters as
+  on one device for the same global batch.
 - A NaN/Inf step is skipped: parameters and optimizer state unchanged, counted, the next applies.
 - Exact resume: a run SIGKILLed after its step-3 checkpoint and resumed reproduces the loss of
   every step of the uninterrupted run bit for bit (same data order, same RNG, same updates).
@@ -30,7 +31,7 @@ from carve_jax.train.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest CARVE LM that still has two content blocks per sequence.
-SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=8, chunk_size=8)
+SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=16, chunk_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +157,15 @@ DP_SCRIPT = textwrap.dedent("""
   g, p, rest = nnx.split(LM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
   opt = optax.sgd(1.0)  # update = -gradient: compares the averaged gradients themselves
   rng = np.random.default_rng(0)
-  batch = {k: rng.integers(0, 256, (8, 16)).astype(np.int32) for k in ("inputs", "targets")}
+  batch = {k: rng.integers(0, 256, (8, 32)).astype(np.int32) for k in ("inputs", "targets")}
+  # The Pallas kernel (interpret mode on CPU) under shard_map: the GPU path's composition.
+  g_pallas, _, rest_pallas = nnx.split(LM(cfg.replace(impl="pallas"), rngs=nnx.Rngs(0)), nnx.Param, ...)
   out = {}
-  for n_dev, accum in ((1, 1), (8, 1), (4, 2)):
+  for n_dev, accum, impl in ((1, 1, "chunk"), (8, 1, "chunk"), (4, 2, "chunk"), (2, 1, "pallas")):
     mesh = dist.make_mesh(jax.devices()[:n_dev])
     state = dist.replicate(mesh, st.init_state(jax.tree.map(np.asarray, p), opt, 0))
-    step = st.make_train_step(g, rest, opt, mesh, grad_accum=accum)
+    graph, other = (g, rest) if impl == "chunk" else (g_pallas, rest_pallas)
+    step = st.make_train_step(graph, other, opt, mesh, grad_accum=accum)
     state, m = step(state, dist.global_batch(mesh, batch))
     out[(n_dev, accum)] = ([np.asarray(x) for x in jax.tree.leaves(state.params)], float(m["loss"]),
                            float(m["grad_norm"]))
@@ -179,7 +183,7 @@ def test_data_parallel_8_devices_matches_one_device():
                      timeout=600, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   assert r.returncode == 0, r.stderr[-3000:]
   rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-  assert [(x["devices"], x["accum"]) for x in rows] == [(1, 1), (8, 1), (4, 2)]
+  assert [(x["devices"], x["accum"]) for x in rows] == [(1, 1), (8, 1), (4, 2), (2, 1)]
   for x in rows:
     assert x["update"] > 1e-2  # the step really moved the parameters
     assert x["max_param_diff"] < 1e-6 * x["update"] + 1e-7 and x["loss_diff"] < 1e-5 and x["gnorm_diff"] < 1e-5, x
@@ -189,7 +193,7 @@ def test_data_parallel_8_devices_matches_one_device():
 def _run_cfg(out_dir, steps=8):
   return parse_train_args([
       "--preset", "tiny", *[f"--{k}={v}" for k, v in SMALL.items()], "--corpus", "fixture",
-      "--seq_len", "16", "--batch_size", "4", "--steps", str(steps), "--lr", "1e-2", "--warmup_steps", "2",
+      "--seq_len", "32", "--batch_size", "4", "--steps", str(steps), "--lr", "1e-2", "--warmup_steps", "2",
       "--ckpt_every", "3", "--log_every", "1", "--eval_every", "0", "--eval_batches", "1",
       "--out_dir", str(out_dir), "--no-progress"])
 
@@ -305,7 +309,7 @@ def test_two_processes_train_like_one(tmp_path):
   import socket
   from carve_jax.data import load_tokens, num_windows, prepare_corpus
   train_tokens = load_tokens(prepare_corpus("fixture"), "byte", "train")
-  seq_len = next(t for t in range(16, 40) if num_windows(len(train_tokens), t) % 2 == 0)  # same windows for 1 or 2 shards
+  seq_len = next(t for t in range(32, 64) if num_windows(len(train_tokens), t) % 2 == 0)  # same windows for 1 or 2 shards
   cfg = _run_cfg(tmp_path / "multi", steps=4).replace(eval_batches=1)
   cfg = cfg.replace(data=cfg.data.__class__(corpus="fixture", seq_len=seq_len, batch_size=4))
   with socket.socket() as sock:
