@@ -126,7 +126,7 @@ def test_content_eps_matches_reference():
 @pytest.mark.gpu
 @pytest.mark.parametrize("family, dtype, tol, D", [
     ("carve", jnp.bfloat16, 3e-2, 128), ("kda", jnp.bfloat16, 3e-2, 128),
-    # float32 runs IEEE float32 dots (CUDA cores; slow to compile at head size 128): head size 32.
+    # float32 (TF32x3 dots on the GPU) compiles slowly at head size 128: head size 32.
     ("carve", jnp.float32, 1e-4, 32)])
 def test_gpu_compiled(family, dtype, tol, D):
   errs = _check(family, B=2, T=300, H=4, K=D, V=D, chunk_size=64, dtype=dtype, tol=tol, seed=11)
