@@ -22,7 +22,6 @@ Safety (what "nothing good is ever overwritten" rests on):
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -296,7 +295,3 @@ def abstract_like(state, sharding=None):
     sh = sharding if sharding is not None else getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
   return jax.tree.map(one, state)
-
-
-def dumps(meta: dict) -> str:
-  return json.dumps(meta, indent=2, sort_keys=True)
