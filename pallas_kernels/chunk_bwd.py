@@ -105,23 +105,24 @@ def _bwd_kernel(*refs, carve, has_beta, scale, C, bc, N, dt, cdt):
         dA, dL = pair_grads(i, j)
         if j < i:
           rf, kc = ch.row_factor(i, j, G), ch.k(j) * ch.col(j)
+          dq_p = dq_p + mm(dA, kc, dt) * rf
+          dbk_p = dbk_p + mm(dL, kc, dt) * rf
         else:
-          rf, cf = ch.diag_factors(i, G)
-          kc = k * cf
-        dq_p = dq_p + mm(dA, kc, dt) * rf
-        dbk_p = dbk_p + mm(dL, kc, dt) * rf
+          for rf, cf in ch.diag_parts(i, G):
+            kc = k * cf
+            dq_p = dq_p + mm(dA, kc, dt) * rf
+            dbk_p = dbk_p + mm(dL, kc, dt) * rf
       # Column pass: pairs (r >= i, i) give d(k_i).
       dk_p = jnp.zeros_like(q)
       for r in range(i, ns):
         dA, dL = pair_grads(r, i)
         if r > i:
           Gr = ch.G(r)
-          rf, cf = ch.row_factor(r, i, Gr), ch.col(i, G)
-          qr, bkr = ch.q(r), ch.bg(r) * ch.k(r)
+          parts, qr, bkr = [(ch.row_factor(r, i, Gr), ch.col(i, G))], ch.q(r), ch.bg(r) * ch.k(r)
         else:
-          rf, cf = ch.diag_factors(i, G)
-          qr, bkr = q, bk
-        dk_p = dk_p + (mm(dA, qr * rf, dt, trans_a=True) + mm(dL, bkr * rf, dt, trans_a=True)) * cf
+          parts, qr, bkr = ch.diag_parts(i, G), q, bk
+        for rf, cf in parts:
+          dk_p = dk_p + (mm(dA, qr * rf, dt, trans_a=True) + mm(dL, bkr * rf, dt, trans_a=True)) * cf
       dOi = dO(i)
       kdec_f = jnp.exp(GC[None, :] - G)
       dqe = scale * mm(dOi, S, dt, trans_b=True)

@@ -19,9 +19,12 @@ instead of the two (W and U) of the reference; W itself is never formed.
 Decay numerics (nothing overflows): for an off-diagonal block (rows i > cols j) the pairwise factor
 exp(G_r - G_c) is split at G_ref = G at the last row of block j, so exp(G_r - G_ref) <= 1 and
 exp(G_ref - G_c) <= 1. Inside a diagonal block the reference is the mid value m = (G_before + G_end)/2
-of the block and each factor is clamped at e^80: exact unless one channel decays by more than
-e^-160 within one sub-block (a mean log decay below -10 per token); masked entries are selected
-away, never multiplied. Every other exponent is <= 0.
+of its 16-row decay group and each factor is clamped at e^80: exact unless one channel decays by
+more than e^-160 within 16 tokens (a mean log decay below -10 per token); masked entries are
+selected away, never multiplied. Every other exponent is <= 0. Sub-blocks larger than 16 rows
+(`TuningConfig.sub_chunk` 32 or 64: fewer, larger ops per chunk) keep these references per
+16-row group by summing masked products (`Chunk.diag_parts`), and invert by 16-row blocks
+(`block_unit_lower_inv`), so their numerics match sub_chunk 16.
 
 (I + L_ii)^{-1} is the product (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_ii (exact, as N^16 = 0;
 4 dependent float32 dot pairs instead of 16 dependent row steps; see `unit_lower_inv` for the
@@ -52,6 +55,7 @@ from pallas_kernels.config import TuningConfig
 
 CONTENT_EPS = 1e-6  # = carve_jax.ops.gates.CONTENT_EPS (checked by the tests)
 _CLAMP = 80.0
+DECAY_GROUP = 16  # rows sharing one decay reference inside a diagonal block
 F32 = jnp.float32
 
 
@@ -70,21 +74,41 @@ def mm(a, b, dt, trans_a=False, trans_b=False):
                          preferred_element_type=F32 if dt != jnp.float64 else dt)
 
 
-def unit_lower_inv(L):
+def unit_lower_inv(L, order=None):
   """(I + L)^{-1} for strictly lower L [n, n], n a power of two: (I + N)(I + N^2)(I + N^4)... with
-  N = -L (exact: N is nilpotent). log2(n) squarings instead of n dependent row steps; the dots are
-  float32 (IEEE). Rounding grows with the largest entry of the powers of L, at most C(n-1, n/2-1)
-  times max|L| (6435 for n = 16 with |L_rc| <= 1; keys of norm 1 and gates in (0, 1) give |L| <= 1)."""
+  N = -L (exact: N is nilpotent; `order` = a power of two with N^order = 0, default n).
+  log2(order) squarings instead of n dependent row steps; the dots are float32 (IEEE). Rounding grows
+  with the largest entry of the powers of L, at most C(order-1, order/2-1) times max|L| (6435 for
+  order 16 with |L_rc| <= 1; keys of norm 1 and gates in (0, 1) give |L| <= 1)."""
   n = L.shape[0]
+  order = n if order is None else order
   rows = lax.broadcasted_iota(jnp.int32, (n, n), 0)
   cols = lax.broadcasted_iota(jnp.int32, (n, n), 1)
   P = -L
   A = jnp.where(rows == cols, 1.0, 0.0).astype(L.dtype) + P
   m = 2
-  while m < n:
+  while m < order:
     P = mm(P, P, L.dtype)
     A = A + mm(A, P, L.dtype)
     m *= 2
+  return A
+
+
+def block_unit_lower_inv(L, group=DECAY_GROUP):
+  """(I + L)^{-1} for n > group: I + L = (I + L_d)(I + D L_o) with L_d the diagonal group x group
+  blocks, D = (I + L_d)^{-1} (`unit_lower_inv`, order group) and L_o the rest, so
+  (I + L)^{-1} = sum_{m < n/group} (-D L_o)^m D (D L_o is strictly block-lower: nilpotent)."""
+  n = L.shape[0]
+  if n <= group:
+    return unit_lower_inv(L)
+  rows = lax.broadcasted_iota(jnp.int32, (n, n), 0) // group
+  cols = lax.broadcasted_iota(jnp.int32, (n, n), 1) // group
+  D = unit_lower_inv(jnp.where(rows == cols, L, 0.0), order=group)
+  P = -mm(D, jnp.where(rows == cols, 0.0, L), L.dtype)
+  A = term = D
+  for _ in range(n // group - 1):
+    term = mm(P, term, L.dtype)
+    A = A + term
   return A
 
 
@@ -153,19 +177,44 @@ class Chunk:
     """e^{G_i - Gend_j} for rows of block i against columns of block j < i (<= 1)."""
     return jnp.exp(G - self.Gprev[i][None, :]) * jnp.exp(self.Gprev[i] - self.Gend[j])[None, :]
 
-  def diag_factors(self, i, G):
-    m = self.mid(i)[None, :]
-    return jnp.exp(jnp.minimum(G - m, _CLAMP)), jnp.exp(jnp.minimum(m - G, _CLAMP))
+  def diag_parts(self, i, G):
+    """[(row factor, column factor)] whose masked products sum to exp(G_r - G_c) on block i.
+
+    Decay groups of 16 rows: a group's own 16 x 16 block uses its mid value as reference (factors
+    clamped at e^80); rows after the group use the group's last G (both factors <= 1). Rows and
+    columns outside a part are zero in its factors. With sub_chunk 16 there is one part.
+    """
+    gs = DECAY_GROUP
+    row = lax.broadcasted_iota(jnp.int32, (self.bc, 1), 0)
+    parts = []
+    Gp = self.Gprev[i]
+    for h in range(self.bc // gs):
+      lo, hi = h * gs, (h + 1) * gs
+      Ge = self.Gend[i] if hi == self.bc else jnp.sum(jnp.where(row == hi - 1, G, 0.0), axis=0)
+      m = (0.5 * (Gp + Ge))[None, :]
+      if self.bc == gs:
+        parts.append((jnp.exp(jnp.minimum(G - m, _CLAMP)), jnp.exp(jnp.minimum(m - G, _CLAMP))))
+        break
+      in_h = (row >= lo) & (row < hi)
+      parts.append((jnp.where(in_h, jnp.exp(jnp.minimum(G - m, _CLAMP)), 0.0),
+                    jnp.where(in_h, jnp.exp(jnp.minimum(m - G, _CLAMP)), 0.0)))
+      if hi < self.bc:
+        parts.append((jnp.where(row >= hi, jnp.exp(jnp.minimum(G - Ge[None, :], 0.0)), 0.0),
+                      jnp.where(in_h, jnp.exp(jnp.minimum(Ge[None, :] - G, 0.0)), 0.0)))
+      Gp = Ge
+    return parts
 
   def diag_blocks(self, i):
     """(L_ii strictly lower, Aqk_ii lower, (I + L_ii)^{-1})."""
     G, k, q = self.G(i), self.k(i), self.q(i)
     bk = self.bg(i) * k
-    ad, kd = self.diag_factors(i, G)
-    kk = k * kd
-    L = jnp.where(self.strict, mm(bk * ad, kk, self.dt, trans_b=True), 0.0)
-    A = jnp.where(self.lower, mm(q * ad, kk, self.dt, trans_b=True), 0.0)
-    return L, A, unit_lower_inv(L)
+    L = A = 0.0
+    for rf, cf in self.diag_parts(i, G):
+      kk = k * cf
+      L = L + mm(bk * rf, kk, self.dt, trans_b=True)
+      A = A + mm(q * rf, kk, self.dt, trans_b=True)
+    L = jnp.where(self.strict, L, 0.0)
+    return L, jnp.where(self.lower, A, 0.0), block_unit_lower_inv(L)
 
   def off_blocks(self, i, j, bk_i, q_i, G_i):
     """(L_ij, Aqk_ij) for j < i given row block i's bk, q, G."""

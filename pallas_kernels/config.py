@@ -17,8 +17,11 @@ class TuningConfig:
   """Block sizes and launch parameters.
 
   Attributes:
-    sub_chunk: rows of one triangular sub-block (the in-chunk decay reference and the unit of the
-      blocked forward substitution); a power of two >= 16 dividing the chunk size.
+    sub_chunk: rows of one triangular sub-block (the unit of the blocked forward substitution); a
+      power of two >= 16 dividing the chunk size. Decay references stay per 16 rows whatever
+      this is, so numerics do not depend on it. 16 is the measured default; 32 halves the
+      barriers per chunk (offline compile) but is not yet timed on the GPU; 64's backward needs
+      ~400 KB of shared memory in the offline compile (over the H100's 227 KB).
     block_v: value-axis tile of the gamma-free forward (None = all of V). CARVE's forward always
       keeps the whole state in one program (its content signal is a row norm over V).
     bwd_block_v: value-axis tile of the backward (None = all of V); partial key-side gradients of
