@@ -231,7 +231,8 @@ def write(args, results, shapes, bw, rate, dev, quiet=False):
            f"Versions: {versions}; FLA: fla-core 0.6.0 via its own torch script (separate process).", "",
            f"Measured ceilings: copy {bw / 1e12:.2f} TB/s (read+write), bf16 matmul {rate / 1e12:.0f} TFLOP/s.",
            "", "H=16, K=V=128, bf16 (g float32). Times: median ms after warm-up.", "",
-           "| impl | B | T | fwd ms | fwd+bwd ms | peak GiB | fwd/floor | fb/floor |", "|---|---|---|---|---|---|---|---|"]
+           "| impl | B | T | fwd ms | fwd+bwd ms | peak GiB | fwd/floor | fb/floor |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in results:
     if "error" in r:
       lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | error: {r['error'][:120]} | | | | |")

@@ -19,7 +19,7 @@ import types
 import jax
 import jax.numpy as jnp
 from jax import export
-from jax._src.pallas.triton import lowering, pallas_call_registration as pcr
+from jax._src.pallas.triton import pallas_call_registration as pcr
 
 from pallas_kernels import chunk_bwd as cb
 from pallas_kernels import chunk_fwd as cf

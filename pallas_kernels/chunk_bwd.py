@@ -1,7 +1,7 @@
 r"""Fused backward kernel: one reverse pass over the chunks carrying dS = dLoss/dS_out in float32.
 
 Per chunk it reloads the chunk-entry state S_in saved by the forward (and CARVE's content signal
-c_n), recomputes the state-free blocks (`chunk_intra`) and V_new, then (cotangents dO, dS_out):
+c_n), recomputes the c x c blocks and V_new (`Chunk`, `chunk_solve`), then (cotangents dO, dS_out):
 
     dV_new = scale Aqk^T dO + (k e^{G_C - G}) dS_out
     dX     = (I + L)^{-T} dV_new                  (blocked back substitution, last sub-block first)
