@@ -268,3 +268,14 @@ def test_jit_and_final_state_flag():
 def test_auto_resolves_to_chunk_on_cpu():
   assert jax.default_backend() == "cpu"
   assert ops.resolve_impl("auto") == "chunk"
+
+
+def test_auto_sends_only_supported_calls_to_pallas(monkeypatch):
+  from carve_jax.ops import api
+  monkeypatch.setattr(api, "pallas_available", lambda: True)  # as on a GPU
+  kw = dict(K=128, V=128, chunk_size=64)
+  assert api.resolve_impl("auto", **kw, dtype=jnp.bfloat16) == "pallas"
+  assert api.resolve_impl("auto", **kw, dtype=jnp.float32) == "chunk"  # fp32 kernels: interpret-verified only
+  assert api.resolve_impl("auto", K=48, V=128, chunk_size=64, dtype=jnp.bfloat16) == "chunk"
+  assert api.resolve_impl("auto", **kw, dtype=jnp.bfloat16, content_grad="full") == "chunk"
+  assert api.resolve_impl("recurrent", **kw, dtype=jnp.bfloat16) == "recurrent"

@@ -31,11 +31,22 @@ def pallas_available() -> bool:
   return True
 
 
-def resolve_impl(impl: str) -> str:
-  """'auto' -> 'pallas' on a GPU where the kernels import, 'chunk' elsewhere."""
-  if impl == "auto":
-    return "pallas" if pallas_available() else "chunk"
-  return impl
+def resolve_impl(impl: str, *, K: int | None = None, V: int | None = None, chunk_size: int | None = None,
+                 dtype=None, content_grad: str = "stop") -> str:
+  """'auto' -> 'pallas' on a GPU where the kernels import and support the call, 'chunk' elsewhere.
+
+  Given K, V, chunk_size and dtype, 'auto' also asks `pallas_kernels.supported` (power-of-two head
+  sizes, 16-bit inputs) and keeps content_grad="full" on the chunk path; without them only the
+  platform decides.
+  """
+  if impl != "auto":
+    return impl
+  if not pallas_available() or content_grad != "stop":
+    return "chunk"
+  if K is None:
+    return "pallas"
+  from pallas_kernels import supported
+  return "pallas" if supported(K=K, V=V, chunk_size=chunk_size, dtype=dtype) else "chunk"
 
 
 def _compute_dtype(*xs) -> jnp.dtype:
@@ -59,7 +70,7 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
   scale = K**-0.5 if scale is None else float(scale)
   kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
-  impl = resolve_impl(impl)
+  impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad)
   if impl == "pallas":
     from pallas_kernels import pallas_gated_delta  # imported lazily: GPU (or interpret mode) only
     o, S = pallas_gated_delta(q, k, v, g, b, w, gamma, chunk_size=chunk_size, **kw)
