@@ -138,6 +138,9 @@ def test_mixer_inputs_are_in_range(variant):
   if variant == "carve":
     assert inp["beta"].shape == (B, T, H) and inp["erase_logits"].shape == (B, T, H, K)
   assert tails["q"].shape == (B, 3, H * K)
+  # bf16 compute: decay stays float32, everything else (q, k, v, gates, logits) is bf16 like FLA's.
+  inp16, _ = DeltaMixer(_cfg(variant, compute_dtype="bfloat16"), rngs=nnx.Rngs(0))._inputs(_x(B, T, 32))
+  assert inp16["g"].dtype == jnp.float32 and all(inp16[n].dtype == jnp.bfloat16 for n in inp16 if n != "g")
 
 
 @pytest.mark.parametrize("mixer", ["carve", "attention"])

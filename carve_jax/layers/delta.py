@@ -21,7 +21,9 @@ CARVE keeps GDN-2's erase projection and replaces the d x HV write projection by
 gamma [H] (init 0), and hands the erase *logits* to `carve_jax.ops.carve`. W_f1, W_g1 have rank
 `cfg.rank` (head_dim by default; FLA uses head_v_dim). GDN's decay follows FLA's GatedDeltaNet
 (a full d x H projection, dt_bias per head); its output gate is the family's sigmoid gate.
-Gates and decay are computed in float32 from compute-dtype projections.
+The decay g is float32; the gates are sigmoids taken in float32 and stored in the compute dtype
+(FLA keeps them in the activation dtype), so with float32 compute CARVE at gamma = 0 hands the
+kernel exactly GDN-2's gates.
 
 Three entry points share the projections: `__call__` (parallel, from position 0),
 `prefill` (parallel, also returns the decode cache) and `step` (one token from the cache).
@@ -114,17 +116,17 @@ class DeltaMixer(nnx.Module):
       f = self.f_proj2(self.f_proj1(x)).astype(_F32) + self.dt_bias[...]
       g = -A[:, None] * jax.nn.softplus(self._heads(f))  # [B, T, H, K]
     inp = dict(q=l2norm(self._heads(q)), k=l2norm(self._heads(k)), v=self._heads(v), g=g)
-    if self.variant in ("gdn2", "carve"):
-      b_logits = self._heads(self.b_proj(x)).astype(_F32)
+    cdt = compute_dtype(cfg)
+    gate = lambda z: jax.nn.sigmoid(z.astype(_F32)).astype(cdt)  # sigmoid in float32, stored like FLA's gates
     match self.variant:
       case "gdn2":
-        inp["b"] = jax.nn.sigmoid(b_logits)
-        inp["w"] = jax.nn.sigmoid(self._heads(self.w_proj(x)).astype(_F32))
+        inp["b"] = gate(self._heads(self.b_proj(x)))
+        inp["w"] = gate(self._heads(self.w_proj(x)))
       case "carve":
-        inp["erase_logits"] = b_logits
-        inp["beta"] = jax.nn.sigmoid(self.beta_proj(x).astype(_F32))
+        inp["erase_logits"] = self._heads(self.b_proj(x))
+        inp["beta"] = gate(self.beta_proj(x))
       case _:
-        inp["beta"] = jax.nn.sigmoid(self.beta_proj(x).astype(_F32))
+        inp["beta"] = gate(self.beta_proj(x))
     return inp, dict(q=tq, k=tk, v=tv)
 
   def _mix(self, inp, initial_state=None, output_final_state=False):
