@@ -8,7 +8,7 @@ from flax import nnx
 
 from carve_jax.configs import DELTA_MIXERS, preset
 from carve_jax.layers import Attention, DeltaMixer, GatedRMSNorm, RMSNorm, ShortConv, SwiGLU, l2norm, rope
-from carve_jax.layers.attention import attention_implementation
+from carve_jax.layers.attention import attention_implementation, causal_attention
 from conftest import rel_err
 
 B, T = 2, 12
@@ -66,7 +66,19 @@ def test_rope_is_relative():
   np.testing.assert_allclose(dot(7, 3), dot(14, 10), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(rope(q, jnp.array([0]), 1e4), q)
   assert not np.allclose(dot(7, 3), dot(7, 4))
-  assert attention_implementation(jnp.float32) == "xla"
+  assert attention_implementation(jnp.float32, 32) == "xla"
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_odd_length_matches_xla():
+  """cuDNN rejects odd lengths in training; the padded call matches XLA, gradients included."""
+  q, k, v = (_x(2, 255, 2, 64, seed=i).astype(jnp.bfloat16) for i in range(3))
+  assert attention_implementation(q.dtype, 64) == "cudnn"
+  xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  assert rel_err(causal_attention(q, k, v).astype(jnp.float32), xla(q, k, v).astype(jnp.float32)) < 2e-2
+  loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) ** 2)
+  g, g_ref = jax.grad(loss(causal_attention), (0, 1, 2))(q, k, v), jax.grad(loss(xla), (0, 1, 2))(q, k, v)
+  assert rel_err(jax.tree.map(lambda x: x.astype(jnp.float32), g), jax.tree.map(lambda x: x.astype(jnp.float32), g_ref)) < 5e-2
 
 
 def test_swiglu():

@@ -4,7 +4,8 @@ r"""Softmax attention baseline: causal multi-head attention with rotary position
     o_t     = sum_{s<=t} softmax_s(q_t . k_s / sqrt(K)) v_s,      y = W_o o
 
 The parallel form calls `jax.nn.dot_product_attention` with the cuDNN implementation on a GPU when
-the compute dtype is bf16/fp16 (cuDNN's flash attention has no fp32 path), XLA elsewhere. Decoding
+the compute dtype is bf16/fp16 (cuDNN's flash attention has no fp32 path), XLA elsewhere; odd
+lengths are padded by one position for cuDNN. Decoding
 keeps a KV cache of `max_len` positions and masks the unwritten ones.
 RoPE rotates channel pairs (i, i + K/2) by angle pos * theta^(-2i/K) (the GPT-NeoX / Llama layout).
 """
@@ -31,11 +32,25 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_implementation(dtype) -> str:
-  """"cudnn" on a GPU for 16-bit inputs, "xla" otherwise."""
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+def attention_implementation(dtype, head_dim: int) -> str:
+  """"cudnn" on a GPU for 16-bit inputs and head_dim a multiple of 8 up to 128, "xla" otherwise."""
+  if (jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
     return "cudnn"
   return "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Causal softmax attention, q, k, v: [B, T, H, K] -> [B, T, H, K].
+
+  cuDNN's fused kernel rejects odd sequence lengths in training (seen on an H100 with T = 255), so
+  an odd T gets one padding position at the end; causality keeps it out of every real row.
+  """
+  impl = attention_implementation(q.dtype, q.shape[-1])
+  T = q.shape[1]
+  if impl == "cudnn" and T % 2:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)[:, :T]
 
 
 class Attention(nnx.Module):
@@ -57,7 +72,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """Parallel causal form. x: [B, T, d_model] -> [B, T, d_model]."""
     q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
+    o = causal_attention(q, k, v)
     return self.o_proj(o.reshape(*x.shape[:-1], -1))
 
   def init_cache(self, batch_size: int, max_len: int) -> dict:
@@ -72,7 +87,7 @@ class Attention(nnx.Module):
     if T > max_len:
       raise ValueError(f"Attention.prefill: sequence length {T} exceeds the cache length max_len={max_len}")
     q, k, v = self._qkv(x, jnp.arange(T))
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_implementation(q.dtype))
+    o = causal_attention(q, k, v)
     cache = self.init_cache(B, max_len)
     cache = dict(k=cache["k"].at[:, :T].set(k), v=cache["v"].at[:, :T].set(v))
     return self.o_proj(o.reshape(B, T, -1)), cache
