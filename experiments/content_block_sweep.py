@@ -95,10 +95,10 @@ def random_inputs(seed: int, *, B, T, H, K, decay_scale) -> dict:
 
 
 def model_inputs(model, tokens: np.ndarray) -> dict:
-  """First block's `ops.carve` inputs of a CARVE LM on `tokens` [B, T] (uses the layer's `_inputs`)."""
+  """First block's `ops.carve` inputs of a CARVE LM on `tokens` [B, T] (the layer's `op_inputs`)."""
   block = model.blocks[0]
   x = block.mixer_norm(model.embed(jnp.asarray(tokens)).astype(jnp.float32))
-  inp, _ = block.mixer._inputs(x)
+  inp, _ = block.mixer.op_inputs(x)
   inp = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items()}
   inp["gamma"] = jnp.asarray(block.mixer.gamma[...], jnp.float32)
   return inp

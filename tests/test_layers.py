@@ -138,7 +138,7 @@ def test_mixer_parameters_per_variant():
 def test_mixer_inputs_are_in_range(variant):
   """q, k unit norm per head; decay g <= 0 (per channel, or per head for GDN); gates in (0, 1)."""
   m = _loud(DeltaMixer(_cfg(variant), rngs=nnx.Rngs(0)))
-  inp, tails = m._inputs(_x(B, T, 32))
+  inp, tails = m.op_inputs(_x(B, T, 32))
   H, K = 2, 16
   np.testing.assert_allclose(jnp.linalg.norm(inp["q"], axis=-1), 1.0, rtol=1e-3)  # up to the eps
   np.testing.assert_allclose(jnp.linalg.norm(inp["k"], axis=-1), 1.0, rtol=1e-3)  # up to the eps
@@ -151,7 +151,7 @@ def test_mixer_inputs_are_in_range(variant):
     assert inp["beta"].shape == (B, T, H) and inp["erase_logits"].shape == (B, T, H, K)
   assert tails["q"].shape == (B, 3, H * K)
   # bf16 compute: decay stays float32, everything else (q, k, v, gates, logits) is bf16 like FLA's.
-  inp16, _ = DeltaMixer(_cfg(variant, compute_dtype="bfloat16"), rngs=nnx.Rngs(0))._inputs(_x(B, T, 32))
+  inp16, _ = DeltaMixer(_cfg(variant, compute_dtype="bfloat16"), rngs=nnx.Rngs(0)).op_inputs(_x(B, T, 32))
   assert inp16["g"].dtype == jnp.float32 and all(inp16[n].dtype == jnp.bfloat16 for n in inp16 if n != "g")
 
 

@@ -25,7 +25,8 @@ The decay g is float32; the gates are sigmoids taken in float32 and stored in th
 (FLA keeps them in the activation dtype), so with float32 compute CARVE at gamma = 0 hands the
 kernel exactly GDN-2's gates.
 
-Three entry points share the projections: `__call__` (parallel, from position 0),
+`op_inputs` and `project_output` are the stages around the recurrence (public, for probes). Three
+entry points share them: `__call__` (parallel, from position 0),
 `prefill` (parallel, also returns the decode cache) and `step` (one token from the cache).
 """
 
@@ -102,8 +103,11 @@ class DeltaMixer(nnx.Module):
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], self.cfg.n_heads, -1)
 
-  def _inputs(self, x, tails=None):
-    """x: [B, T, d] -> dict of kernel inputs ([B, T, H, .]) and the new conv tails."""
+  def op_inputs(self, x, tails=None):
+    """x: [B, T, d] -> (dict of the `carve_jax.ops` inputs, each [B, T, H, .], the new conv tails).
+
+    Public so probes and experiments can see exactly what the recurrence receives.
+    """
     cfg = self.cfg
     tails = tails or {}
     q, tq = self.q_conv(self.q_proj(x), tails.get("q"))
@@ -146,8 +150,8 @@ class DeltaMixer(nnx.Module):
         return ops.carve(q, k, v, g, inp["erase_logits"], inp["beta"], self.gamma[...],
                          content_block=cfg.content_block, content_grad=cfg.content_grad, **kw)
 
-  def _out(self, x, o):
-    """o: [B, T, H, V] -> y: [B, T, d]."""
+  def project_output(self, x, o):
+    """The layer output from the recurrence output. x: [B, T, d]; o: [B, T, H, V] -> y: [B, T, d]."""
     z = self._heads(self.g_proj2(self.g_proj1(x)))
     y = self.o_norm(o, z)
     return self.o_proj(y.reshape(*y.shape[:-2], -1))
@@ -156,9 +160,9 @@ class DeltaMixer(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Parallel form from position 0. x: [B, T, d_model] -> [B, T, d_model]."""
-    inp, _ = self._inputs(x)
+    inp, _ = self.op_inputs(x)
     o, _ = self._mix(inp)
-    return self._out(x, o)
+    return self.project_output(x, o)
 
   def init_cache(self, batch_size: int) -> dict:
     """Cache before any token: state [B, H, K, V] float32 zeros, conv tails [B, W-1, H*K] zeros,
@@ -178,11 +182,11 @@ class DeltaMixer(nnx.Module):
     last content-block boundary nG <= T: the state there gives the content vector of the open
     block, and `ops.carve` resumes from it (its first token starts a block, as nG does).
     """
-    inp, tails = self._inputs(x)
+    inp, tails = self.op_inputs(x)
     T = x.shape[1]
     if self.variant != "carve":
       o, S = self._mix(inp, output_final_state=True)
-      return self._out(x, o), dict(state=S, conv=tails)
+      return self.project_output(x, o), dict(state=S, conv=tails)
     split = (T // self.cfg.content_block) * self.cfg.content_block
     if split in (0, T):
       o, S = self._mix(inp, output_final_state=True)
@@ -192,14 +196,14 @@ class DeltaMixer(nnx.Module):
       o2, S = self._mix({n: a[:, split:] for n, a in inp.items()}, initial_state=S_open,
                         output_final_state=True)
       o = jnp.concatenate([o1, o2], axis=1)
-    return self._out(x, o), dict(state=S, conv=tails, content=content_signal(S_open))
+    return self.project_output(x, o), dict(state=S, conv=tails, content=content_signal(S_open))
 
   def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
     """One token. x: [B, d_model]; pos: int32 scalar, tokens before this one.
 
     Returns (y [B, d_model], new cache).
     """
-    inp, tails = self._inputs(x[:, None], cache["conv"])
+    inp, tails = self.op_inputs(x[:, None], cache["conv"])
     t = {n: a[:, 0] for n, a in inp.items()}  # drop the time axis
     q, k, v = t["q"], t["k"], t["v"]
     g = t["g"] if t["g"].ndim == 3 else jnp.broadcast_to(t["g"][..., None], q.shape)
@@ -215,4 +219,4 @@ class DeltaMixer(nnx.Module):
         o, new["state"], new["content"] = carve_step(
             cache["state"], cache["content"], pos, q, k, v, g, t["erase_logits"], t["beta"], self.gamma[...],
             content_block=self.cfg.content_block)
-    return self._out(x, o), new
+    return self.project_output(x, o), new
