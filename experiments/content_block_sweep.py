@@ -23,7 +23,6 @@ inputs of the trained G=64 CARVE LM on validation text, with its learned gamma a
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 

@@ -16,7 +16,6 @@ import pytest
 
 from carve_jax import ops
 from carve_jax.ops.chunk import chunk_step
-from carve_jax.ops.recurrent import recurrent_gated_delta
 from carve_jax.ops.sample_inputs import FAMILIES, family_inputs, run_family
 from conftest import TOL, rel_err
 

@@ -1,10 +1,13 @@
-"""The gated delta-rule family: public API (`api.py`), references (`recurrent.py`, `chunk.py`)."""
+"""The gated delta-rule family: public API (`api.py`), references (`recurrent.py`, `chunk.py`),
+one-token decoding steps (`step.py`)."""
 
 from carve_jax.ops.api import Impl, carve, gated_delta, gdn, kda, pallas_available, resolve_impl
 from carve_jax.ops.gates import content_erase_gate, content_signal
+from carve_jax.ops.step import carve_step, gated_delta_step
 from carve_jax.ops.transition import chunk_transition, kronecker_rank
 
 __all__ = [
     "Impl", "carve", "gated_delta", "gdn", "kda", "pallas_available", "resolve_impl",
-    "content_erase_gate", "content_signal", "chunk_transition", "kronecker_rank",
+    "content_erase_gate", "content_signal", "chunk_transition", "kronecker_rank", "gated_delta_step",
+    "carve_step",
 ]

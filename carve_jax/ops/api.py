@@ -7,7 +7,6 @@ to K^-1/2; states are [B, H, K, V] in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import jax

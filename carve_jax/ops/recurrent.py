@@ -28,6 +28,17 @@ from carve_jax.ops.gates import content_erase_gate, content_signal
 _HI = jax.lax.Precision.HIGHEST
 
 
+def delta_update(S, q, k, v, g, b, w, scale):
+  """One token of the rule. S: [B, H, K, V]; q, k, g, b: [B, H, K]; v, w: [B, H, V].
+
+  Returns (o [B, H, V], S' [B, H, K, V]).
+  """
+  S = jnp.exp(g)[..., None] * S
+  erase = jnp.einsum("bhk,bhkv->bhv", b * k, S, precision=_HI)
+  S = S + k[..., None] * (w * v - erase)[..., None, :]
+  return jnp.einsum("bhk,bhkv->bhv", scale * q, S, precision=_HI), S
+
+
 def _time_major(*xs):
   return tuple(jnp.moveaxis(x, 2, 0) for x in xs)
 
@@ -48,10 +59,7 @@ def recurrent_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, cont
     if gamma is not None:
       c = jnp.where(t % content_block == 0, content_signal(S), c)
       bt = content_erase_gate(bt[:, :, None], gamma, c, content_grad)[:, :, 0]
-    S = jnp.exp(gt)[..., None] * S
-    erase = jnp.einsum("bhk,bhkv->bhv", bt * kt, S, precision=_HI)
-    S = S + kt[..., None] * (wt * vt - erase)[..., None, :]
-    o = jnp.einsum("bhk,bhkv->bhv", scale * qt, S, precision=_HI)
+    o, S = delta_update(S, qt, kt, vt, gt, bt, wt, scale)
     return (S, c), o
 
   xs = _time_major(q, k, v, g, b, w) + (jnp.arange(T),)

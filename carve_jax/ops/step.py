@@ -17,21 +17,11 @@ States and content stay float32 (float64 with float64 inputs); o comes back in q
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from carve_jax.ops import validate as vd
 from carve_jax.ops.gates import content_erase_gate, content_signal
-
-_HI = jax.lax.Precision.HIGHEST
-
-
-def _update(S, q, k, v, g, b, w, scale):
-  S = jnp.exp(g)[..., None] * S
-  erase = jnp.einsum("bhk,bhkv->bhv", b * k, S, precision=_HI)
-  S = S + k[..., None] * (w * v - erase)[..., None, :]
-  o = jnp.einsum("bhk,bhkv->bhv", scale * q, S, precision=_HI)
-  return o, S
+from carve_jax.ops.recurrent import delta_update
 
 
 def _check_token(fn, state, q, k, v, g):
@@ -61,7 +51,7 @@ def gated_delta_step(state, q, k, v, g, b, w, *, scale=None):
   vd.check_scale(fn, scale)
   dt = jnp.promote_types(jnp.result_type(q, k, v, g, b, w), jnp.float32)
   scale = q.shape[-1]**-0.5 if scale is None else float(scale)
-  o, S = _update(state.astype(dt), *(x.astype(dt) for x in (q, k, v, g, b, w)), scale)
+  o, S = delta_update(state.astype(dt), *(x.astype(dt) for x in (q, k, v, g, b, w)), scale)
   return o.astype(q.dtype), S
 
 
@@ -100,5 +90,5 @@ def carve_step(state, content, pos, q, k, v, g, erase_logits, beta, gamma, *, co
   c = jnp.where(at_start, content_signal(S), content.astype(dt))
   b = content_erase_gate(erase_logits.astype(dt)[:, :, None], gamma.astype(dt), c, "stop")[:, :, 0]
   w = jnp.broadcast_to(beta.astype(dt)[..., None], v.shape)
-  o, S = _update(S, *(x.astype(dt) for x in (q, k, v, g)), b, w, scale)
+  o, S = delta_update(S, *(x.astype(dt) for x in (q, k, v, g)), b, w, scale)
   return o.astype(q.dtype), S, c
