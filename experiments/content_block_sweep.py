@@ -71,6 +71,17 @@ def output_perturbation(inp: dict, G: int, ref: jax.Array) -> float:
   return float(jnp.linalg.norm(o - ref) / jnp.linalg.norm(ref))
 
 
+def power_law_fits(rows) -> dict:
+  """Power-law fits of each metric against G, over the paper's range of G and over all of them."""
+  fits = {}
+  for metric in ("gate", "signal", "output"):
+    for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
+      pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
+      if len(pts) >= 3:
+        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
+  return fits
+
+
 def sweep(inp: dict, Gs: list[int]) -> dict:
   inp = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items()}
   ref, _ = ops.carve(**inp, content_block=1, impl="recurrent")
@@ -78,13 +89,7 @@ def sweep(inp: dict, Gs: list[int]) -> dict:
   for G in Gs:
     gd, rel = gate_perturbation(inp, G)
     rows.append({"G": G, "gate": gd, "signal": rel, "output": output_perturbation(inp, G, ref)})
-  fits = {}
-  for metric in ("gate", "signal", "output"):
-    for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
-      pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
-      if len(pts) >= 3:
-        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
-  return {"rows": rows, "fits": fits}
+  return {"rows": rows, "fits": power_law_fits(rows)}
 
 
 def random_inputs(seed: int, *, B, T, H, K, decay_scale) -> dict:
@@ -193,13 +198,7 @@ def _merge(per_seed: list[dict]) -> dict:
   rows = []
   for i, r in enumerate(per_seed[0]["rows"]):
     rows.append({"G": r["G"], **{m: float(np.mean([s["rows"][i][m] for s in per_seed])) for m in ("gate", "signal", "output")}})
-  fits = {}
-  for metric in ("gate", "signal", "output"):
-    for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
-      pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
-      if len(pts) >= 3:
-        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
-  return {"rows": rows, "fits": fits, "seeds": len(per_seed)}
+  return {"rows": rows, "fits": power_law_fits(rows), "seeds": len(per_seed)}
 
 
 def _fit_line(s: dict) -> str:
