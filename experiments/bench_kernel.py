@@ -94,13 +94,14 @@ def ops(x):
       return lambda a: pallas_gated_delta(*a, **kw)[0].astype(jnp.bfloat16), carve_args
     return lambda a: pallas_gated_delta(*gated(a), None, **kw)[0], nocontent_args
   variants = {
-      "pallas_carve_nw4": direct(TuningConfig(num_warps=4, bwd_num_warps=4)),
-      "pallas_carve_bwdbv32": direct(TuningConfig(bwd_block_v=32)),
-      "pallas_carve_bwdbv128": direct(TuningConfig(bwd_block_v=None)),
-      "pallas_carve_st2": direct(TuningConfig(num_stages=2, bwd_num_stages=2)),
-      "pallas_carve_sc32": direct(TuningConfig(sub_chunk=32)),
-      "pallas_carve_sc64": direct(TuningConfig(sub_chunk=64)),
-      "pallas_nocontent_bv64": direct(TuningConfig(block_v=64), gamma=False),
+      "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
+      "pallas_carve_sbv32": direct(TuningConfig(state_block_v=32)),
+      "pallas_carve_nw8": direct(TuningConfig(num_warps=8)),
+      "pallas_carve_gw4": direct(TuningConfig(grad_num_warps=4)),
+      "pallas_carve_cw4": direct(TuningConfig(carve_num_warps=4)),
+      "pallas_carve_sw8": direct(TuningConfig(state_num_warps=8)),
+      "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
+      "pallas_nocontent_sbv128": direct(TuningConfig(state_block_v=None), gamma=False),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),
@@ -111,6 +112,45 @@ def ops(x):
       "cudnn_attention": (lambda a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="cudnn"),
                           (x["q"], x["k"], x["v"])),
   }
+
+
+def breakdown(x, reps):
+  """Median ms of each kernel of the CARVE and content-off paths alone, on realistic intermediates."""
+  from pallas_kernels import backward as bw_mod, forward as fw_mod  # noqa: PLC0415
+  from pallas_kernels.config import DEFAULT as cfg  # noqa: PLC0415
+  q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
+  B, T = q.shape[:2]
+  S0 = jnp.zeros((B, H, D, D), jnp.float32)
+  interpret = jax.default_backend() != "gpu"  # CPU: a dry run of the script in interpret mode
+  dt = fw_mod.Dtypes(q, interpret)
+  kw = dict(C=64, cfg=cfg, dt=dt, interpret=interpret)
+  s = D**-0.5
+  gate = jax.nn.sigmoid(logits.astype(jnp.float32)).astype(q.dtype)
+  do = jax.random.normal(jax.random.PRNGKey(5), v.shape, v.dtype)
+  dsf = jnp.zeros_like(S0)
+  steps = {
+      "fwd prep (content off)": (lambda: fw_mod.prep(k, g, gate, beta, v, **kw)),
+  }
+  W, U, kd, gc = jax.jit(steps["fwd prep (content off)"])()
+  steps["fwd state (content off)"] = lambda: fw_mod.state_pass(W, U, kd, gc, S0, **kw)
+  steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(k, g, logits, beta, v, gamma, S0,
+                                                                              cb=64, **kw)
+  h, vn, c, _ = jax.jit(steps["fwd state (CARVE, gate in loop)"])()
+  steps["fwd output"] = lambda: fw_mod.output(q, k, g, h, vn, scale=s, **kw)
+  steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(q, k, g, logits, c, gamma, do, scale=s, **kw)
+  Wb, qe, kdb, gcb, A, dvl = jax.jit(steps["bwd prep (CARVE)"])()
+  steps["bwd state"] = lambda: bw_mod.bstate(qe, Wb, kdb, gcb, dvl, do, dsf, scale=s, **kw)
+  dh, dvn, _ = jax.jit(steps["bwd state"])()
+  steps["bwd grads (CARVE)"] = lambda: bw_mod.grads(q, k, v, g, logits, beta, c, gamma, h, dh, vn, dvn, do, A,
+                                                     scale=s, **kw)
+  out = {}
+  for name, f in steps.items():
+    try:
+      out[name] = timeit(jax.jit(f), reps=reps)
+    except Exception as e:  # noqa: BLE001 - record, go on
+      out[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    print(f"breakdown B={B} T={T} {name}: {out[name]}", flush=True)
+  return out
 
 
 def floors(B, T, bw, flops_rate):
@@ -172,6 +212,7 @@ def main():
   ap.add_argument("--fla-path", default=None)
   ap.add_argument("--fla-timeout", type=int, default=240)
   ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--breakdown", action="store_true", help="time each kernel alone at every shape")
   args = ap.parse_args()
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   dev = jax.devices()[0]
@@ -187,6 +228,9 @@ def main():
     x = inputs(B, T)
     ffl, fbfl, detail = floors(B, T, bw, rate)
     table = ops(x)
+    if args.breakdown:
+      results.append(dict(impl="breakdown", B=B, T=T, kernels_ms=breakdown(x, args.reps)))
+      write(args, results, shapes, bw, rate, dev, quiet=True)
     names = args.impls.split(",") + ([v for v in args.variants.split(",") if v] if si == 0 else [])
     for name in names:
       fn, a = table[name]
@@ -234,12 +278,18 @@ def write(args, results, shapes, bw, rate, dev, quiet=False):
            "| impl | B | T | fwd ms | fwd+bwd ms | peak GiB | fwd/floor | fb/floor |",
            "|---|---|---|---|---|---|---|---|"]
   for r in results:
+    if r["impl"] == "breakdown":
+      continue
     if "error" in r:
       lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | error: {r['error'][:120]} | | | | |")
       continue
     f = lambda k, fmt="{:.3f}": fmt.format(r[k]) if k in r and r[k] is not None else ""
     lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | {f('fwd_ms')} | {f('fb_ms')} | {f('peak_gib', '{:.2f}')} "
                  f"| {f('fwd_floor_ratio', '{:.1f}x')} | {f('fb_floor_ratio', '{:.1f}x')} |")
+  for r in results:
+    if r["impl"] == "breakdown":
+      lines += ["", f"Kernels alone, B={r['B']} T={r['T']} (median ms):", ""]
+      lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in r["kernels_ms"].items()]
   lines += ["", "## Targets", ""]
   targets = {}
   for B, T in shapes:

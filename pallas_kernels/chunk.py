@@ -6,9 +6,10 @@ Contract (called by `carve_jax.ops.api._run` for impl="pallas"): public layout, 
     initial_state: [B, H, K, V] float32. Any T: padded inside with k = v = g = b = w = 0 tokens.
 Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32).
 
-The forward under differentiation saves the float32 state entering every chunk ([B, H, T/C, K, V],
-the tensor FLA calls h) and CARVE's content signal per chunk; the backward kernel recomputes all
-in-chunk quantities from them (recompute, not store, for everything of size C x C or C x K).
+The forward (`forward.py`: chunk-parallel preparation, a sequential state pass, chunk-parallel
+output) materialises the state entering every chunk ([B, H, T/C, K, V], the tensor FLA calls h),
+V_new and CARVE's content signal per chunk; under differentiation these are the residuals, and the
+backward (`backward.py`) recomputes every other in-chunk quantity from them.
 On a backend other than GPU the kernels run in Pallas interpret mode (CPU CI).
 """
 
@@ -19,8 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.chunk_bwd import chunk_bwd
-from pallas_kernels.chunk_fwd import chunk_fwd
+from pallas_kernels.backward import backward
+from pallas_kernels.forward import forward
 from pallas_kernels.config import DEFAULT, TuningConfig
 
 
@@ -31,33 +32,22 @@ def _static(scale, chunk_size, content_block, cfg, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _gated_delta(q, k, v, g, b, w, gamma, S0, static):
-  scale, C, cb, cfg, interpret = static
-  o, S, _, _ = chunk_fwd(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C, content_block=cb,
-                         cfg=cfg, save=False, interpret=interpret)
+  (o, S), _ = _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, static)
   return o, S
 
 
 def _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, static):
   scale, C, cb, cfg, interpret = static
-  o, S, states, cvec = chunk_fwd(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C,
-                                 content_block=cb, cfg=cfg, save=True, interpret=interpret)
-  return (o, S), (q, k, v, g, b, w, gamma, states, cvec)
+  o, S, res = forward(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C, content_block=cb, cfg=cfg,
+                      interpret=interpret)
+  return (o, S), (q, k, v, g, b, w, gamma, res)
 
 
 def _gated_delta_bwd(static, res, cts):
-  scale, C, cb, cfg, interpret = static
-  q, k, v, g, b, w, gamma, states, cvec = res
+  scale, C, _, cfg, interpret = static
+  q, k, v, g, b, w, gamma, fres = res
   do, dsf = cts
-  dq, dk, dg, db, dv, dw, ds0 = chunk_bwd(q, k, v, g, b, w, gamma, states, cvec, do.astype(q.dtype), dsf,
-                                          scale=scale, chunk_size=C, cfg=cfg, interpret=interpret)
-  dgamma = None
-  if gamma is not None:  # dgamma_h = sum_{t, i} dlogit_t[i] c_{n(t)}[i]
-    B, Tp, H, K = q.shape
-    per_chunk = db.reshape(B, Tp // C, C, H, K).sum(2)                   # [B, N, H, K]
-    dgamma = jnp.einsum("bnhk,bhnk->h", per_chunk, cvec).astype(gamma.dtype)
-  cast = lambda d, x: d.astype(x.dtype)
-  return (cast(dq, q), cast(dk, k), cast(dv, v), cast(dg, g), cast(db, b), cast(dw, w), dgamma,
-          ds0)
+  return backward(q, k, v, g, b, w, gamma, fres, do, dsf, scale=scale, chunk_size=C, cfg=cfg, interpret=interpret)
 
 
 _gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
@@ -66,7 +56,7 @@ _gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
 def supported(*, K: int, V: int, chunk_size: int, dtype, config: TuningConfig | None = None) -> bool:
   """Whether the kernels take these head sizes, chunk size and input dtype (for impl="auto").
 
-  K, V: powers of two >= 16; chunk_size: a power of two, multiple of `config.sub_chunk`. Only 16-bit
+  K, V: powers of two >= 16; chunk_size: a power of two >= 16. Only 16-bit
   inputs count as supported for "auto": float32 runs (TF32x3 dots on the GPU) but was verified
   only in interpret mode, and its kernels compile slowly.
   """

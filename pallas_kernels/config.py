@@ -14,50 +14,42 @@ def _pow2(x: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class TuningConfig:
-  """Block sizes and launch parameters.
+  """Launch parameters of the kernels (`forward.py`, `backward.py`).
 
   Attributes:
-    sub_chunk: rows of one triangular sub-block (the unit of the blocked forward substitution); a
-      power of two >= 16 dividing the chunk size. Decay references stay per 16 rows whatever
-      this is, so numerics do not depend on it. 16 is the measured default; 32 halves the
-      barriers per chunk (offline compile) but is not yet timed on the GPU; 64's backward needs
-      ~400 KB of shared memory in the offline compile (over the H100's 227 KB).
-    block_v: value-axis tile of the gamma-free forward (None = all of V). CARVE's forward always
-      keeps the whole state in one program (its content signal is a row norm over V).
-    bwd_block_v: value-axis tile of the backward (None = all of V); partial key-side gradients of
-      the tiles are summed outside the kernel. CARVE's backward tiles too (c is saved by the forward).
-    num_warps, num_stages: Triton launch parameters of the forward.
-    bwd_num_warps, bwd_num_stages: the same for the backward.
+    state_block_v: value-axis tile of the sequential state passes of the gamma-free forward and of
+      every backward (None = all of V): more programs for small batches. CARVE's forward state pass
+      always keeps the whole state in one program (its content signal is a row norm over V).
+    num_warps: Triton warps of the chunk-parallel preparation and output kernels.
+    grad_num_warps: warps of the chunk-parallel gradient kernel (the largest live set).
+    state_num_warps: warps of the gamma-free state passes (forward and backward).
+    carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
+    num_stages: Triton software-pipelining stages of every kernel.
   """
-  sub_chunk: int = 16
-  block_v: int | None = None
-  bwd_block_v: int | None = 64
-  num_warps: int = 8
+  state_block_v: int | None = 64
+  num_warps: int = 4
+  grad_num_warps: int = 8
+  state_num_warps: int = 4
+  carve_num_warps: int = 8
   num_stages: int = 1
-  bwd_num_warps: int = 8
-  bwd_num_stages: int = 1
 
   def __post_init__(self):
-    if not isinstance(self.sub_chunk, int) or self.sub_chunk < 16 or not _pow2(self.sub_chunk):
-      raise ValueError(f"TuningConfig: `sub_chunk` must be a power of two >= 16, got {self.sub_chunk!r}")
-    for name in ("block_v", "bwd_block_v"):
-      x = getattr(self, name)
-      if x is not None and (not isinstance(x, int) or x < 16 or not _pow2(x)):
-        raise ValueError(f"TuningConfig: `{name}` must be None or a power of two >= 16, got {x!r}")
-    for name in ("num_warps", "bwd_num_warps"):
+    x = self.state_block_v
+    if x is not None and (not isinstance(x, int) or x < 16 or not _pow2(x)):
+      raise ValueError(f"TuningConfig: `state_block_v` must be None or a power of two >= 16, got {x!r}")
+    for name in ("num_warps", "grad_num_warps", "state_num_warps", "carve_num_warps"):
       x = getattr(self, name)
       if not isinstance(x, int) or x not in (1, 2, 4, 8, 16):
         raise ValueError(f"TuningConfig: `{name}` must be one of 1, 2, 4, 8, 16, got {x!r}")
-    for name in ("num_stages", "bwd_num_stages"):
-      x = getattr(self, name)
-      if not isinstance(x, int) or x < 1:
-        raise ValueError(f"TuningConfig: `{name}` must be a positive int, got {x!r}")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"TuningConfig: `num_stages` must be a positive int, got {self.num_stages!r}")
 
-  def check_shapes(self, *, chunk_size: int, K: int, V: int) -> None:
-    """Raises ValueError when the chunk or head sizes cannot be tiled by this config."""
-    if chunk_size % self.sub_chunk or not _pow2(chunk_size):
-      raise ValueError(f"pallas_gated_delta: argument `chunk_size` must be a power of two and a multiple "
-                       f"of TuningConfig.sub_chunk={self.sub_chunk}, got {chunk_size}")
+  @staticmethod
+  def check_shapes(*, chunk_size: int, K: int, V: int) -> None:
+    """Raises ValueError when the chunk or head sizes cannot be tiled by the kernels."""
+    if chunk_size < 16 or not _pow2(chunk_size):
+      raise ValueError(f"pallas_gated_delta: argument `chunk_size` must be a power of two >= 16 (whole-chunk "
+                       f"tiles, 16-row decay groups), got {chunk_size}")
     for name, d in (("K", K), ("V", V)):
       if d < 16 or not _pow2(d):
         raise ValueError(f"pallas_gated_delta: head size {name} must be a power of two >= 16 for the "

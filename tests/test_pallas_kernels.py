@@ -11,7 +11,7 @@ import pytest
 from carve_jax.ops import gates
 from carve_jax.ops.sample_inputs import family_inputs, run_family
 from pallas_kernels import TuningConfig, pallas_gated_delta, supported
-from pallas_kernels import chunk_fwd as fwd_mod
+from pallas_kernels import intra
 from conftest import rel_err
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -21,7 +21,7 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 def _loss_fn(family, impl, chunk_size, ct_o, ct_s):
   def loss(inputs):
     o, S = run_family(family, impl=impl, chunk_size=chunk_size, **inputs)
-    return jnp.sum(o.astype(jnp.float32) * ct_o) + jnp.sum(S * ct_s)
+    return jnp.sum(o.astype(ct_o.dtype) * ct_o) + jnp.sum(S * ct_s)
   return loss
 
 
@@ -29,15 +29,16 @@ def _check(family, *, B, T, H, K, V, chunk_size, dtype=jnp.float32, tol=1e-5, gr
            decay_scale=1.0):
   inp = family_inputs(jax.random.PRNGKey(seed), family, B=B, T=T, H=H, K=K, V=V, dtype=dtype,
                       initial_state=True, decay_scale=decay_scale)
-  ref_inp = {n: x.astype(jnp.float32) for n, x in inp.items()}
+  wide = jnp.float64 if dtype == jnp.float64 else jnp.float32  # the reference's dtype and the state's
+  ref_inp = {n: x.astype(wide) for n, x in inp.items()}
   o_ref, s_ref = run_family(family, impl="chunk", chunk_size=chunk_size, **ref_inp)
   o, s = run_family(family, impl="pallas", chunk_size=chunk_size, **inp)
-  assert o.dtype == dtype and s.dtype == jnp.float32
+  assert o.dtype == dtype and s.dtype == wide
   errs = {"o": rel_err(o, o_ref), "S": rel_err(s, s_ref)}
   if grads:
     kc = jax.random.split(jax.random.PRNGKey(seed + 100))
-    ct_o = jax.random.normal(kc[0], o.shape, jnp.float32)
-    ct_s = jax.random.normal(kc[1], s.shape, jnp.float32)
+    ct_o = jax.random.normal(kc[0], o.shape, wide)
+    ct_s = jax.random.normal(kc[1], s.shape, wide)
     g_ref = jax.grad(_loss_fn(family, "chunk", chunk_size, ct_o, ct_s))(ref_inp)
     g = jax.grad(_loss_fn(family, "pallas", chunk_size, ct_o, ct_s))(inp)
     for name in g_ref:
@@ -50,11 +51,23 @@ def _check(family, *, B, T, H, K, V, chunk_size, dtype=jnp.float32, tol=1e-5, gr
 
 @pytest.mark.parametrize("family", ["carve", "gdn2"])  # kda = gdn2 with b = w = beta: GPU test below
 def test_fwd_and_grads_fp32_interpret(family):
-  # T = 72: not a multiple of the chunk (padding); chunk 32 = two sub-blocks of 16.
+  # T = 72: not a multiple of the chunk (padding); chunk 32 = two 16-row decay groups.
   _check(family, B=1, T=72, H=2, K=16, V=32, chunk_size=32)
 
 
-def test_four_sub_blocks_and_content_block_spanning_chunks():
+@pytest.mark.parametrize("family, chunk_size", [("kda", 16), ("gdn", 128)])
+def test_one_and_eight_decay_groups(family, chunk_size):
+  """chunk 16: the diagonal part alone; chunk 128: eight groups, seven off-diagonal parts."""
+  _check(family, B=1, T=150, H=1, K=16, V=16, chunk_size=chunk_size, seed=2)
+
+
+def test_float64_interpret(x64):
+  """In float64 the kernels agree with the chunk reference to rounding (forward and every gradient)."""
+  for family in ("carve", "gdn2"):
+    _check(family, B=1, T=40, H=1, K=16, V=16, chunk_size=16, dtype=jnp.float64, tol=1e-12, seed=5)
+
+
+def test_four_groups_and_content_block_spanning_chunks():
   inp = family_inputs(jax.random.PRNGKey(3), "carve", B=1, T=130, H=1, K=16, V=16, initial_state=True)
   o_ref, s_ref = run_family("carve", impl="chunk", chunk_size=32, content_block=128, **inp)
   o, s = run_family("carve", impl="pallas", chunk_size=64, content_block=128, **inp)
@@ -62,8 +75,7 @@ def test_four_sub_blocks_and_content_block_spanning_chunks():
 
 
 def test_value_tiles_fwd_and_bwd():
-  """Gamma-free forward and every backward tiled over V: partial key-side gradients summed."""
-  cfg = TuningConfig(block_v=16, bwd_block_v=16)
+  """The state passes tiled over V (gamma-free forward, every backward) equal the untiled ones."""
   for family in ("gdn2", "carve"):
     inp = family_inputs(jax.random.PRNGKey(4), family, B=1, T=40, H=1, K=16, V=32, initial_state=True)
     gamma = inp.get("gamma")
@@ -75,36 +87,20 @@ def test_value_tiles_fwd_and_bwd():
     def loss(args, config):
       o, S = pallas_gated_delta(*args, **kw, config=config)
       return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
-    (l1, g1) = jax.value_and_grad(loss)(args, cfg)
-    (l2, g2) = jax.value_and_grad(loss)(args, TuningConfig(block_v=None, bwd_block_v=None))
+    (l1, g1) = jax.value_and_grad(loss)(args, TuningConfig(state_block_v=16))
+    (l2, g2) = jax.value_and_grad(loss)(args, TuningConfig(state_block_v=None))
     assert abs(float(l1 - l2)) <= 1e-5 * abs(float(l2))
     assert rel_err(g1, g2) < 1e-5
 
 
 def test_strong_decay_stays_finite_and_exact():
-  """Mean log decay ~ -6 per token (e^-90 over a sub-block): no overflow, matches the reference."""
+  """Mean log decay ~ -6 per token (e^-90 over a 16-row group): no overflow, matches the reference."""
   _check("gdn2", B=1, T=32, H=1, K=16, V=16, chunk_size=32, decay_scale=8.0, seed=7)
 
 
-@pytest.mark.parametrize("sub_chunk", [32, 64])
-def test_larger_sub_blocks_strong_decay(sub_chunk):
-  """sub_chunk 32/64 (16-row decay groups summed, blocked inverse) against the reference."""
-  inp = family_inputs(jax.random.PRNGKey(8), "carve", B=1, T=70, H=1, K=16, V=16, initial_state=True,
-                      decay_scale=6.0)
-  names = ("q", "k", "v", "g", "erase_logits", "beta", "gamma", "initial_state")
-  cfg = TuningConfig(sub_chunk=sub_chunk)
-
-  def loss(x, impl):
-    if impl == "chunk":
-      o, S = run_family("carve", impl="chunk", chunk_size=64, scale=0.25, **x)
-    else:
-      o, S = pallas_gated_delta(*(x[n] for n in names[:7]), scale=0.25, initial_state=x["initial_state"],
-                                chunk_size=64, content_block=64, config=cfg)
-    return jnp.sum(jnp.sin(o)) + jnp.sum(S**2), (o, S)
-  (_, out), g = jax.value_and_grad(loss, has_aux=True)(inp, "pallas")
-  (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(inp, "chunk")
-  assert rel_err(out, ref) < 2e-5
-  assert rel_err(g, g_ref) < 2e-5
+def test_strong_decay_four_groups_carve():
+  """Chunk 64 (four decay groups) with mean log decay ~ -4.5 per token: forward and every gradient."""
+  _check("carve", B=1, T=70, H=1, K=16, V=16, chunk_size=64, decay_scale=6.0, seed=8, tol=2e-5)
 
 
 def test_bf16_forward_interpret():
@@ -119,8 +115,8 @@ def test_content_grad_full_is_refused():
     run_family("carve", impl="pallas", chunk_size=16, content_block=16, content_grad="full", **inp)
 
 
-@pytest.mark.parametrize("field, value", [("sub_chunk", 8), ("sub_chunk", 24), ("block_v", 48),
-                                          ("bwd_block_v", 8), ("num_warps", 3), ("num_stages", 0)])
+@pytest.mark.parametrize("field, value", [("state_block_v", 8), ("state_block_v", 48), ("num_warps", 3),
+                                          ("grad_num_warps", 0), ("carve_num_warps", 6), ("num_stages", 0)])
 def test_tuning_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
     TuningConfig(**{field: value})
@@ -136,17 +132,18 @@ def test_supported():
   assert supported(K=128, V=128, chunk_size=64, dtype=jnp.bfloat16)
   assert not supported(K=96, V=128, chunk_size=64, dtype=jnp.bfloat16)
   assert not supported(K=128, V=128, chunk_size=48, dtype=jnp.bfloat16)
+  assert not supported(K=128, V=128, chunk_size=8, dtype=jnp.bfloat16)
   assert not supported(K=128, V=128, chunk_size=64, dtype=jnp.float32)
 
 
 def test_content_eps_matches_reference():
-  assert fwd_mod.CONTENT_EPS == gates.CONTENT_EPS
+  assert intra.CONTENT_EPS == gates.CONTENT_EPS
 
 
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("family, dtype, tol, D", [
-    ("carve", jnp.bfloat16, 3e-2, 128), ("kda", jnp.bfloat16, 3e-2, 128),
+    ("carve", jnp.bfloat16, 3e-2, 128), ("kda", jnp.bfloat16, 3e-2, 128), ("gdn2", jnp.bfloat16, 3e-2, 128),
     # float32 (TF32x3 dots on the GPU) compiles slowly at head size 128: head size 32.
     ("carve", jnp.float32, 1e-4, 32)])
 def test_gpu_compiled(family, dtype, tol, D):

@@ -1,0 +1,237 @@
+r"""Forward of the gated delta-rule family (CARVE, GDN-2, KDA, GDN) as three Pallas/Triton passes.
+
+Per chunk of C tokens entering with state S (the math of `carve_jax.ops.chunk.chunk_step`;
+`intra.py` for Aqk, L and the exact decay):
+
+    A     = (I + L)^{-1},  W = A (b k e^G),  U = A (w v)     (b: erase gate, w: write gate or beta)
+    V_new = U - W S
+    S_out = e^{G_C} S + (k e^{G_C - G})^T V_new
+    O     = scale [(q e^G) S + Aqk V_new]
+
+1. `_prep_kernel`, chunk-parallel (grid B x H x N): W, U, Kd = k e^{G_C - G} and G_C per chunk.
+   Skipped for CARVE, whose erase gate b = sigmoid(logits + gamma_h c_n) depends on the state.
+2. `_state_kernel`, sequential over chunks (grid B x H x V/BV): stores the state entering every chunk
+   (h, the tensor FLA calls h) and V_new; the final state stays float32.
+   `_carve_state_kernel` (grid B x H; the content signal c_n = row-RMS(S) needs the whole value
+   axis): per chunk it forms c_n, the gate, L, A and V_new = A (beta v - b k e^G S) in the loop.
+3. `_output_kernel`, chunk-parallel: O from h, V_new and Aqk.
+
+Dots: bf16 operands with float32 accumulation for 16-bit inputs; the inverse and products with A
+in TF32 on the GPU (float32 in interpret mode); float32 inputs use TF32x3 on the GPU. Stored
+intermediates (h, V_new, W, U, Kd) are in the input dtype for 16-bit inputs, float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import intra
+from pallas_kernels.config import TuningConfig
+from pallas_kernels.intra import F32, Decay, block_unit_lower_inv, content_signal, lower_masks, mm
+
+
+class Dtypes:
+  """dot: operands of data dots; inv: the inverse and products with A; cdt: elementwise math;
+  store: stored intermediates (states, V_new, W, ...)."""
+
+  def __init__(self, x, interpret: bool):
+    d = jnp.dtype(x.dtype)
+    if d == jnp.float64:
+      self.dot = self.inv = self.cdt = self.store = jnp.float64
+    elif d in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      self.dot, self.inv, self.cdt, self.store = d.type, (F32 if interpret else intra.TF32), F32, d.type
+    else:
+      self.dot = self.inv = F32 if interpret else intra.TF32X3
+      self.cdt = self.store = F32
+
+
+def tiles(C, B, H):
+  """BlockSpec factories for chunk-parallel kernels on grid (B, H, N)."""
+  return dict(
+      tok=lambda D: pl.BlockSpec((None, C, None, D), lambda b, h, n: (b, n, h, 0)),
+      tok1=pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
+      vec=lambda K: pl.BlockSpec((None, None, None, K), lambda b, h, n: (b, h, n, 0)),
+      state=lambda K, V: pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0)),
+      head=lambda K: pl.BlockSpec((None, K), lambda b, h, n: (h, 0)))
+
+
+def seq_specs(Tp, N):
+  """BlockSpec factories for sequential kernels on grid (B, H, NV): whole sequences, value tiles."""
+  return dict(
+      tok=lambda D: pl.BlockSpec((None, Tp, None, D), lambda b, h, j: (b, 0, h, 0)),
+      tokv=lambda BV: pl.BlockSpec((None, Tp, None, BV), lambda b, h, j: (b, 0, h, j)),
+      tok1=pl.BlockSpec((None, Tp, None), lambda b, h, j: (b, 0, h)),
+      vecs=lambda K: pl.BlockSpec((None, None, N, K), lambda b, h, j: (b, h, 0, 0)),
+      states=lambda K, BV: pl.BlockSpec((None, None, N, K, BV), lambda b, h, j: (b, h, 0, 0, j)),
+      state=lambda K, BV: pl.BlockSpec((None, None, K, BV), lambda b, h, j: (b, h, 0, j)),
+      head=lambda K: pl.BlockSpec((None, K), lambda b, h, j: (h, 0)))
+
+
+def params(num_warps, num_stages):
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def write_gate(w_ref, has_beta, cdt):
+  """[C, 1] beta or [C, V] w of a chunk-tile ref (rows sliced by `rows` when given)."""
+  return w_ref[...].astype(cdt)[:, None] if has_beta else w_ref[...].astype(cdt)
+
+
+def wy(k, G, bk, dec: Decay, dt: Dtypes):
+  """(A = (I + L)^{-1} [C, C], b k e^G [C, K]) of one chunk."""
+  _, strict = lower_masks(k.shape[0])
+  (L,) = dec.pairs([bk], k, dt.dot)
+  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
+  return A, bk * jnp.exp(G)
+
+
+# ---- 1. chunk-parallel preparation (gamma-free families) ----
+
+def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, *, has_beta, dt):
+  cdt = dt.cdt
+  k = k_ref[...].astype(cdt)
+  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
+  dec = Decay(G)
+  A, bke = wy(k, G, b_ref[...].astype(cdt) * k, dec, dt)
+  W_ref[...] = mm(A, bke, dt.inv).astype(W_ref.dtype)
+  U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
+  kd_ref[...] = (k * jnp.exp(dec.GC[None, :] - G)).astype(kd_ref.dtype)
+  gc_ref[...] = dec.GC.astype(gc_ref.dtype)
+
+
+def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """W, U, Kd [B, Tp, H, *] (dt.store) and G_C [B, H, N, K] (float32) of every chunk."""
+  B, Tp, H, K = k.shape
+  V, N = v.shape[-1], Tp // C
+  has_beta = w.ndim == 3
+  t = tiles(C, B, H)
+  sd = jax.ShapeDtypeStruct
+  return pl.pallas_call(
+      functools.partial(_prep_kernel, has_beta=has_beta, dt=dt), grid=(B, H, N),
+      in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["tok1"] if has_beta else t["tok"](V), t["tok"](V)],
+      out_specs=[t["tok"](K), t["tok"](V), t["tok"](K), t["vec"](K)],
+      out_shape=[sd((B, Tp, H, K), dt.store), sd((B, Tp, H, V), dt.store), sd((B, Tp, H, K), dt.store),
+                 sd((B, H, N, K), dt.cdt)],
+      compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
+      name="gated_delta_prep")(k, g, b, w, v)
+
+
+# ---- 2. sequential state pass ----
+
+def _state_kernel(W_ref, U_ref, kd_ref, gc_ref, s0_ref, h_ref, vn_ref, sf_ref, *, C, N, dt):
+  def body(n, S):
+    rows = pl.ds(n * C, C)
+    h_ref[n] = S.astype(h_ref.dtype)
+    vn = U_ref[rows, :].astype(dt.cdt) - mm(W_ref[rows, :], S, dt.dot)
+    vn_ref[rows, :] = vn.astype(vn_ref.dtype)
+    return jnp.exp(gc_ref[n].astype(dt.cdt))[:, None] * S + mm(kd_ref[rows, :], vn, dt.dot, trans_a=True)
+  sf_ref[...] = lax.fori_loop(0, N, body, s0_ref[...].astype(dt.cdt)).astype(sf_ref.dtype)
+
+
+def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """(h [B, H, N, K, V], V_new [B, Tp, H, V], S_final [B, H, K, V]) from the prepared W, U, Kd, G_C."""
+  B, Tp, H, K = W.shape
+  V, N = U.shape[-1], Tp // C
+  BV = V if cfg.state_block_v is None else min(cfg.state_block_v, V)
+  s = seq_specs(Tp, N)
+  sd = jax.ShapeDtypeStruct
+  return pl.pallas_call(
+      functools.partial(_state_kernel, C=C, N=N, dt=dt), grid=(B, H, V // BV),
+      in_specs=[s["tok"](K), s["tokv"](BV), s["tok"](K), s["vecs"](K), s["state"](K, BV)],
+      out_specs=[s["states"](K, BV), s["tokv"](BV), s["state"](K, BV)],
+      out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, K, V), S0.dtype)],
+      compiler_params=params(cfg.state_num_warps, cfg.num_stages), interpret=interpret,
+      name="gated_delta_state")(W, U, kd, gc, S0)
+
+
+def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h_ref, vn_ref, c_ref, sf_ref,
+                        *, C, N, cb, dt):
+  cdt = dt.cdt
+
+  def body(n, carry):
+    S, cvec = carry
+    rows = pl.ds(n * C, C)
+    h_ref[n] = S.astype(h_ref.dtype)
+    cvec = jnp.where(lax.rem(n * C, cb) == 0, content_signal(S), cvec)
+    c_ref[n] = cvec.astype(c_ref.dtype)
+    k = k_ref[rows, :].astype(cdt)
+    G = jnp.cumsum(g_ref[rows, :].astype(cdt), axis=0)
+    dec = Decay(G)
+    gate = jax.nn.sigmoid(l_ref[rows, :].astype(cdt) + (gam_ref[...].astype(cdt) * cvec)[None, :])
+    A, bke = wy(k, G, gate * k, dec, dt)
+    X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt) - mm(bke, S, dt.dot)
+    vn = mm(A, X, dt.inv)
+    vn_ref[rows, :] = vn.astype(vn_ref.dtype)
+    S = jnp.exp(dec.GC)[:, None] * S + mm(k * jnp.exp(dec.GC[None, :] - G), vn, dt.dot, trans_a=True)
+    return S, cvec
+
+  K = k_ref.shape[-1]
+  S, _ = lax.fori_loop(0, N, body, (s0_ref[...].astype(cdt), jnp.zeros((K,), cdt)))
+  sf_ref[...] = S.astype(sf_ref.dtype)
+
+
+def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
+  """(h, V_new, c [B, H, N, K] float32, S_final): CARVE's state pass with the gate formed in the loop."""
+  B, Tp, H, K = k.shape
+  V, N = v.shape[-1], Tp // C
+  s = seq_specs(Tp, N)
+  sd = jax.ShapeDtypeStruct
+  gam = jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))
+  return pl.pallas_call(
+      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt), grid=(B, H, 1),
+      in_specs=[s["tok"](K), s["tok"](K), s["tok"](K), s["tok1"], s["tokv"](V), s["head"](K), s["state"](K, V)],
+      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["state"](K, V)],
+      out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, N, K), dt.cdt),
+                 sd((B, H, K, V), S0.dtype)],
+      compiler_params=params(cfg.carve_num_warps, cfg.num_stages), interpret=interpret,
+      name="carve_state")(k, g, logits, beta, v, gam, S0)
+
+
+# ---- 3. chunk-parallel output ----
+
+def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, dt):
+  cdt = dt.cdt
+  q, k = q_ref[...].astype(cdt), k_ref[...].astype(cdt)
+  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
+  lower, _ = lower_masks(q.shape[0])
+  (Aqk,) = Decay(G).pairs([q], k, dt.dot)
+  o = mm(q * jnp.exp(G), h_ref[...], dt.dot) + mm(jnp.where(lower, Aqk, 0.0), vn_ref[...], dt.dot)
+  o_ref[...] = (scale * o).astype(o_ref.dtype)
+
+
+def output(q, k, g, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """o [B, Tp, H, V] in q's dtype."""
+  B, Tp, H, K = q.shape
+  V, N = vn.shape[-1], Tp // C
+  t = tiles(C, B, H)
+  return pl.pallas_call(
+      functools.partial(_output_kernel, scale=scale, dt=dt), grid=(B, H, N),
+      in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["state"](K, V), t["tok"](V)],
+      out_specs=t["tok"](V), out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+      compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
+      name="gated_delta_output")(q, k, g, h, vn)
+
+
+def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cfg: TuningConfig, interpret):
+  """Forward over padded inputs (Tp a multiple of chunk_size), public layout.
+
+  q, k, g, b: [B, Tp, H, K]; v: [B, Tp, H, V]; w: [B, Tp, H, V] or beta [B, Tp, H] (when gamma [H] is
+  given, b holds erase logits and w is beta). S0: [B, H, K, V] float32 (float64 under x64).
+  Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], residuals (h, V_new, c or None)).
+  """
+  dt = Dtypes(q, interpret)
+  C = chunk_size
+  kw = dict(C=C, cfg=cfg, dt=dt, interpret=interpret)
+  if gamma is not None:
+    h, vn, c, S = carve_state_pass(k, g, b, w, v, gamma, S0, cb=content_block, **kw)
+  else:
+    W, U, kd, gc = prep(k, g, b, w, v, **kw)
+    h, vn, S = state_pass(W, U, kd, gc, S0, **kw)
+    c = None
+  o = output(q, k, g, h, vn, scale=scale, **kw)
+  return o, S, (h, vn, c)

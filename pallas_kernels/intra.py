@@ -1,0 +1,178 @@
+r"""In-chunk math shared by the Pallas kernels: whole-chunk tiles, exact decay, the unit-lower inverse.
+
+Everything here is a pure function of arrays, called inside kernels (and usable outside them). One
+chunk of C tokens (C a power of two >= 16) is one tile: q, k, bk = b * k and the in-chunk cumulative
+log decay G = cumsum(g) are [C, K]; the pairwise matrices are [C, C]:
+
+    Aqk_rc = sum_i q_r[i] k_c[i] exp(G_r[i] - G_c[i])      (r >= c)
+    L_rc   = sum_i bk_r[i] k_c[i] exp(G_r[i] - G_c[i])     (r >  c)
+
+Exact decay without overflow (`decay_parts`): exp(G_r - G_c) is never formed per pair. Rows are split
+in groups of 16 (`DECAY_GROUP`), and each matrix is a sum of C/16 full-tile matmuls (C rows: wgmma
+on Hopper), each with one row factor and one column factor:
+  - the diagonal part: every row relative to the mid value m of its own group, factors clamped at
+    e^80 and the product kept only inside the group's 16 x 16 block (exact unless a channel decays
+    by more than e^-160 within 16 tokens);
+  - off-diagonal part j (columns in group j, rows in later groups): reference Gend_j = G at the last
+    row of group j; the column factor exp(Gend_j - G_c) is zero outside group j, the row factor
+    exp(G_r - Gend_j) = exp(G_r - Gprev_r) exp(Gprev_r - Gend_j) is zero in groups <= j. Both <= 1.
+The references cancel in every product, so gradients treat them as constants.
+
+(I + L)^{-1} (`block_unit_lower_inv`): the 16 x 16 diagonal blocks by the doubling product
+(I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, then merged: (I + L)^{-1} = sum_m (-D L_o)^m D.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+CONTENT_EPS = 1e-6  # = carve_jax.ops.gates.CONTENT_EPS (checked by the tests)
+DECAY_GROUP = 16    # rows sharing one decay reference
+_CLAMP = 80.0
+F32 = jnp.float32
+
+TF32 = "tf32"      # float32 operands, one TF32 tensor-core pass (~1e-3 relative)
+TF32X3 = "tf32x3"  # float32 operands, three TF32 passes (~float32 accuracy)
+
+
+def mm(a, b, dt, trans_a=False, trans_b=False):
+  """a @ b (a^T / b^T as asked), float32 accumulation (float64 for float64 operands).
+
+  dt: operand dtype (bf16: one bf16 pass; float32/float64: exact), or TF32 / TF32X3 (float32
+  operands on tensor cores). In Pallas interpret mode TF32 modes compute exact float32 products.
+  """
+  dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+  if dt == TF32X3:
+    prec, dt = lax.DotAlgorithmPreset.TF32_TF32_F32_X3, F32
+  elif dt == TF32:
+    prec, dt = lax.Precision.DEFAULT, F32
+  else:
+    prec = None if dt == jnp.bfloat16 else lax.Precision.HIGHEST
+  return lax.dot_general(a.astype(dt), b.astype(dt), dims, precision=prec,
+                         preferred_element_type=jnp.float64 if dt == jnp.float64 else F32)
+
+
+def iota(n, m, axis):
+  return lax.broadcasted_iota(jnp.int32, (n, m), axis)
+
+
+def row_of(x, r):
+  """Row r of x [n, K] as a [K] vector (a masked reduction: no dynamic slicing in Triton)."""
+  return jnp.sum(jnp.where(iota(x.shape[0], 1, 0) == r, x, 0.0), axis=0)
+
+
+def revcumsum(x):
+  """Reverse cumulative sum over rows: out_t = sum_{r >= t} x_r (Triton lowers only forward cumsum)."""
+  return jnp.sum(x, axis=0)[None, :] - jnp.cumsum(x, axis=0) + x
+
+
+def content_signal(S):
+  """Row RMS of the state [K, V] -> [K] (CARVE's c)."""
+  return jnp.sqrt(jnp.mean(S * S, axis=1) + CONTENT_EPS)
+
+
+def unit_lower_inv(L, dt, order=None):
+  """(I + L)^{-1} for strictly lower L [n, n]: (I + N)(I + N^2)(I + N^4)... with N = -L (exact: N^order
+  = 0; `order` a power of two, default n). Rounding grows with the entries of the powers of L, at most
+  C(order - 1, order/2 - 1) max|L| (6435 for order 16 with |L| <= 1: unit keys, gates in (0, 1))."""
+  n = L.shape[0]
+  order = n if order is None else order
+  P = -L
+  A = jnp.where(iota(n, n, 0) == iota(n, n, 1), 1.0, 0.0).astype(L.dtype) + P
+  m = 2
+  while m < order:
+    P = mm(P, P, dt)
+    A = A + mm(A, P, dt)
+    m *= 2
+  return A
+
+
+def block_unit_lower_inv(L, dt, group=DECAY_GROUP):
+  """(I + L)^{-1} for strictly lower L [n, n]: I + L = (I + L_d)(I + D L_o) with L_d the diagonal
+  group x group blocks and D = (I + L_d)^{-1}, so (I + L)^{-1} = sum_{m < n/group} (-D L_o)^m D."""
+  n = L.shape[0]
+  if n <= group:
+    return unit_lower_inv(L, dt)
+  same = iota(n, n, 0) // group == iota(n, n, 1) // group
+  D = unit_lower_inv(jnp.where(same, L, 0.0), dt, order=group)
+  P = -mm(D, jnp.where(same, 0.0, L), dt)
+  A = term = D
+  for _ in range(n // group - 1):
+    term = mm(P, term, dt)
+    A = A + term
+  return A
+
+
+class Decay:
+  """The factors of exp(G_r - G_c) for one chunk, G [C, K] (see the module docstring).
+
+  `parts()` yields (row factor, column factor, diagonal?) for each of the C/16 parts; a diagonal
+  part's products are valid only on its 16 x 16 blocks (`self.same`).
+  """
+
+  def __init__(self, G):
+    C, K = G.shape
+    self.G, self.C, self.ng = G, C, C // DECAY_GROUP
+    rows = iota(C, 1, 0)
+    self.rg = rows // DECAY_GROUP                                     # row group [C, 1]
+    self.Gend = [row_of(G, DECAY_GROUP * (h + 1) - 1) for h in range(self.ng)]
+    self.Gprev = [jnp.zeros_like(self.Gend[0])] + self.Gend[:-1]
+    self.GC = self.Gend[-1]
+    self.same = iota(C, C, 0) // DECAY_GROUP == iota(C, C, 1) // DECAY_GROUP
+
+  def _per_row(self, vecs):
+    """[C, K] tensor whose rows in group h are vecs[h] [K]."""
+    out = jnp.zeros_like(self.G)
+    for h, v in enumerate(vecs):
+      out = jnp.where(self.rg == h, v[None, :], out)
+    return out
+
+  def parts(self):
+    G = self.G
+    M = self._per_row([0.5 * (p + e) for p, e in zip(self.Gprev, self.Gend)])
+    yield jnp.exp(jnp.minimum(G - M, _CLAMP)), jnp.exp(jnp.minimum(M - G, _CLAMP)), True
+    if self.ng == 1:
+      return
+    e_in = jnp.exp(jnp.minimum(G - self._per_row(self.Gprev), 0.0))   # e^{G_r - Gprev(r)} <= 1
+    e_out = jnp.exp(jnp.minimum(self._per_row(self.Gend) - G, 0.0))   # e^{Gend(c) - G_c} <= 1
+    for j in range(self.ng - 1):
+      link = self._per_row([jnp.exp(jnp.minimum(self.Gprev[h] - self.Gend[j], 0.0)) if h > j
+                            else jnp.zeros_like(self.GC) for h in range(self.ng)])
+      yield e_in * link, jnp.where(self.rg == j, e_out, 0.0), False
+
+  def pairs(self, As, b, dt):
+    """[M(a, b) for a in As], M_rc = sum_i a_r[i] b_c[i] exp(G_r[i] - G_c[i]) [C, C], valid for
+    row group > column group and inside the 16 x 16 diagonal blocks (callers mask to lower or
+    strictly lower). The factors of each part are shared by all of As."""
+    outs = [0.0] * len(As)
+    for rf, cf, diag in self.parts():
+      bc = b * cf
+      for n, a in enumerate(As):
+        p = mm(a * rf, bc, dt, trans_b=True)
+        outs[n] = outs[n] + (jnp.where(self.same, p, 0.0) if diag else p)
+    return outs
+
+  def pair_grads(self, terms, b, dt):
+    """Gradients of M_rc = sum_i a_r[i] b_c[i] exp(G_r - G_c), summed over terms [(a, dM)] sharing b.
+
+    Returns (da per term, db, dG) with dG the decay gradient (a da summed, minus b db).
+    """
+    das = [0.0] * len(terms)
+    db = 0.0
+    for rf, cf, diag in self.parts():
+      bc = b * cf
+      for n, (a, dM) in enumerate(terms):
+        dMp = jnp.where(self.same, dM, 0.0) if diag else dM
+        das[n] = das[n] + mm(dMp, bc, dt) * rf
+        db = db + mm(dMp, a * rf, dt, trans_a=True) * cf
+    dG = -b * db
+    for (a, _), da in zip(terms, das):
+      dG = dG + a * da
+    return das, db, dG
+
+
+def lower_masks(C):
+  r, c = iota(C, C, 0), iota(C, C, 1)
+  return r >= c, r > c
