@@ -94,14 +94,13 @@ def ops(x):
       return lambda a: pallas_gated_delta(*a, **kw)[0].astype(jnp.bfloat16), carve_args
     return lambda a: pallas_gated_delta(*gated(a), None, **kw)[0], nocontent_args
   variants = {
-      "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
-      "pallas_carve_sbv32": direct(TuningConfig(state_block_v=32)),
-      "pallas_carve_nw8": direct(TuningConfig(num_warps=8)),
-      "pallas_carve_gw4": direct(TuningConfig(grad_num_warps=4)),
+      "pallas_carve_bk64": direct(TuningConfig(block_k=64)),
+      "pallas_carve_cbk32": direct(TuningConfig(carve_block_k=32)),
       "pallas_carve_cw4": direct(TuningConfig(carve_num_warps=4)),
-      "pallas_carve_sw8": direct(TuningConfig(state_num_warps=8)),
+      "pallas_carve_nw4": direct(TuningConfig(num_warps=4)),
+      "pallas_carve_sw4": direct(TuningConfig(state_num_warps=4)),
+      "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
       "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
-      "pallas_nocontent_sbv128": direct(TuningConfig(state_block_v=None), gamma=False),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),
@@ -212,7 +211,7 @@ def main():
   ap.add_argument("--fla-path", default=None)
   ap.add_argument("--fla-timeout", type=int, default=240)
   ap.add_argument("--reps", type=int, default=20)
-  ap.add_argument("--breakdown", action="store_true", help="time each kernel alone at every shape")
+  ap.add_argument("--breakdown", action="store_true", help="time each kernel alone at the first shape")
   args = ap.parse_args()
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   dev = jax.devices()[0]
@@ -228,7 +227,7 @@ def main():
     x = inputs(B, T)
     ffl, fbfl, detail = floors(B, T, bw, rate)
     table = ops(x)
-    if args.breakdown:
+    if args.breakdown and si == 0:
       results.append(dict(impl="breakdown", B=B, T=T, kernels_ms=breakdown(x, args.reps)))
       write(args, results, shapes, bw, rate, dev, quiet=True)
     names = args.impls.split(",") + ([v for v in args.variants.split(",") if v] if si == 0 else [])

@@ -1,13 +1,14 @@
-"""Offline look at the compiled Pallas/Triton kernels (no GPU needed): barriers, layout changes, dots.
+"""Offline look at the compiled Pallas/Triton kernels (no GPU needed): registers, spills, barriers, dots.
 
-    python experiments/kernel_ptx_stats.py [--sub-chunks 16,32,64] [--num-warps 8]
+    python experiments/kernel_ptx_stats.py [--kernels prep,grads] [--num-warps 4,8] [--dtype bfloat16]
 
 Lowers the forward and backward kernels to Triton IR with jax's Pallas lowering (a compute
 capability of 9.0 is faked, so this runs on a CPU-only machine), compiles that IR for sm_90 with
 the `triton` package installed here (the GPU image compiles with jaxlib's own Triton, so counts are
 indicative), and prints per chunk-loop body: CTA barriers (bar.sync), shared-memory staging
 (ttg.local_alloc), layout conversions, dots, wgmma / mma.sync instructions, global loads, exp2 and
-local-memory (spill) accesses. In these kernels time per chunk tracked the barrier count (NOTES.md).
+local-memory accesses; from the cubin (cuobjdump --dump-resource-usage, bundled with triton) the
+registers per thread, spill stores/loads and the stack frame.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 from jax import export
 from jax._src.pallas.triton import pallas_call_registration as pcr
 
-from pallas_kernels import chunk_bwd as cb
-from pallas_kernels import chunk_fwd as cf
+from pallas_kernels import backward as bw
+from pallas_kernels import forward as fw
 from pallas_kernels.config import TuningConfig
 
 
@@ -47,6 +48,9 @@ def ttir_of(fn, args) -> str:
 
 
 def stats(ttir: str, num_warps: int, num_stages: int) -> dict:
+  import os  # noqa: PLC0415
+  import re  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
   import tempfile  # noqa: PLC0415
 
   import triton  # noqa: PLC0415
@@ -56,38 +60,65 @@ def stats(ttir: str, num_warps: int, num_stages: int) -> dict:
   k = triton.compile(fh.name, target=GPUTarget("cuda", 90, 32),
                      options={"num_warps": num_warps, "num_stages": num_stages})
   ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
-  return {"bar.sync": ptx.count("bar.sync"), "local_alloc": ttgir.count("ttg.local_alloc"),
-          "convert_layout": ttgir.count("ttg.convert_layout"), "dots": ttgir.count("tt.dot "),
-          "wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync"),
-          "ld.global": ptx.count("ld.global"), "ex2": ptx.count("ex2.approx"),
-          "spill ld/st.local": ptx.count("ld.local") + ptx.count("st.local"), "shared_bytes": k.metadata.shared}
+  out = {"bar.sync": ptx.count("bar.sync"), "convert_layout": ttgir.count("ttg.convert_layout"),
+         "dots": ttgir.count("tt.dot ") + ttgir.count("ttng.warp_group_dot "),
+         "wgmma": ptx.count("wgmma.mma_async"), "mma.sync": ptx.count("mma.sync"), "ex2": ptx.count("ex2.approx"),
+         "shared_bytes": k.metadata.shared}
+  with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as fh:
+    fh.write(k.asm["cubin"])
+  tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+  res = subprocess.run([tool, "--dump-resource-usage", fh.name], capture_output=True, text=True).stdout
+  for key, pat in (("regs", r"REG:(\d+)"), ("stack", r"STACK:(\d+)"), ("local", r"LOCAL:(\d+)")):
+    m = re.search(pat, res)
+    out[key] = int(m.group(1)) if m else None
+  sass = subprocess.run([tool, "--dump-sass", fh.name], capture_output=True, text=True).stdout
+  out["STL"], out["LDL"] = sass.count(" STL"), sass.count(" LDL")
+  return out
+
+
+def kernels(dt, cfg):
+  """name -> (fn, abstract args, num_warps) for every kernel, B=1 T=128 H=1 K=V=128, chunk 64."""
+  B, T, H, K, N, C = 1, 128, 1, 128, 2, 64
+  sd = lambda s, d=dt: jax.ShapeDtypeStruct(s, d)
+  f32 = jnp.float32
+  d = fw.Dtypes(sd((1,)), False)
+  kw = dict(C=C, cfg=cfg, dt=d, interpret=False)
+  x, xg, beta, gam = sd((B, T, H, K)), sd((B, T, H, K), f32), sd((B, T, H)), sd((H,), f32)
+  st, vec, S0, A = sd((B, H, N, K, K)), sd((B, H, N, K), f32), sd((B, H, K, K), f32), sd((B, T, H, C), f32)
+  return {
+      "prep": (lambda k, g, b, w, v: fw.prep(k, g, b, w, v, **kw), (x, xg, x, beta, x), cfg.num_warps),
+      "state": (lambda W, U, kd, gc, S: fw.state_pass(W, U, kd, gc, S, **kw), (x, x, x, vec, S0),
+                cfg.state_num_warps),
+      "carve_state": (lambda k, g, l, b, v, gm, S: fw.carve_state_pass(k, g, l, b, v, gm, S, cb=64, **kw),
+                      (x, xg, x, beta, x, gam, S0), cfg.carve_num_warps),
+      "output": (lambda q, k, g, h, vn: fw.output(q, k, g, h, vn, scale=0.1, **kw), (x, x, xg, st, x),
+                 cfg.num_warps),
+      "bprep": (lambda q, k, g, b, c, gm, do: bw.bprep(q, k, g, b, c, gm, do, scale=0.1, **kw),
+                (x, x, xg, x, vec, gam, x), cfg.num_warps),
+      "bstate": (lambda qe, W, kd, gc, dvl, do, dsf: bw.bstate(qe, W, kd, gc, dvl, do, dsf, scale=0.1, **kw),
+                 (x, x, x, vec, sd((B, T, H, K), f32), x, S0), cfg.state_num_warps),
+      "grads": (lambda *a: bw.grads(*a, scale=0.1, **kw),
+                (x, x, x, xg, x, beta, vec, gam, st, st, x, sd((B, T, H, K), f32), x, A), cfg.grad_num_warps),
+  }
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--sub-chunks", default="16,32,64")
-  ap.add_argument("--num-warps", type=int, default=8)
+  ap.add_argument("--kernels", default="prep,state,carve_state,output,bprep,bstate,grads")
+  ap.add_argument("--num-warps", default="", help="comma list overriding every kernel's warps")
   ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+  ap.add_argument("--block-k", type=int, default=TuningConfig().block_k)
   a = ap.parse_args()
-  B, T, H, K, N = 1, 128, 1, 128, 2
   dt = jnp.dtype(a.dtype)
-  sd = lambda s, d=dt: jax.ShapeDtypeStruct(s, d)
-  x, f32 = sd((B, T, H, K)), jnp.float32
-  for sc in (int(s) for s in a.sub_chunks.split(",")):
-    cfg = TuningConfig(sub_chunk=sc, num_warps=a.num_warps, bwd_num_warps=a.num_warps)
-    fwd = lambda q, k, v, g, b, beta, gamma, S0: cf.chunk_fwd(
-        q, k, v, g, b, beta, gamma, S0, scale=0.1, chunk_size=64, content_block=64, cfg=cfg, save=False,
-        interpret=False)[:2]
-    bwd = lambda q, k, v, g, b, beta, gamma, st, cv, do, dsf: cb.chunk_bwd(
-        q, k, v, g, b, beta, gamma, st, cv, do, dsf, scale=0.1, chunk_size=64, cfg=cfg, interpret=False)
-    common = (x, x, x, sd((B, T, H, K), f32), x, sd((B, T, H)), sd((H,), f32))
-    for name, fn, args, (nw, ns) in (
-        ("fwd", fwd, common + (sd((B, H, K, K), f32),), (cfg.num_warps, cfg.num_stages)),
-        ("bwd", bwd, common + (sd((B, H, N, K, K), f32), sd((B, H, N, K), f32), x, sd((B, H, K, K), f32)),
-         (cfg.bwd_num_warps, cfg.bwd_num_stages))):
+  for nw in ([int(w) for w in a.num_warps.split(",")] if a.num_warps else [None]):
+    cfg = TuningConfig(block_k=a.block_k) if nw is None else TuningConfig(
+        block_k=a.block_k, num_warps=nw, grad_num_warps=nw, state_num_warps=nw, carve_num_warps=nw)
+    table = kernels(dt, cfg)
+    for name in a.kernels.split(","):
+      fn, args, warps = table[name]
       t0 = time.time()
-      st = stats(ttir_of(fn, args), nw, ns)
-      print(f"sub_chunk={sc} {name} CARVE {a.dtype} K=V=128 warps={nw}: {st} ({time.time() - t0:.0f} s)", flush=True)
+      st = stats(ttir_of(fn, args), warps, cfg.num_stages)
+      print(f"{name} {a.dtype} K=V=128 C=64 block_k={cfg.block_k} warps={warps}: {st} ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -30,40 +30,44 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.config import TuningConfig
-from pallas_kernels.forward import Dtypes, params, seq_specs, tiles, write_gate, wy
-from pallas_kernels.intra import Decay, lower_masks, mm, revcumsum
+from pallas_kernels.forward import Dtypes, kblocks, params, seq_specs, tiles, write_gate
+from pallas_kernels.intra import Decay, block_unit_lower_inv, lower_masks, mm, revcumsum
 
 
-def _gate(b_ref, c_ref, gam_ref, cdt):
-  """Erase gate [C, K]: b itself, or CARVE's sigmoid(logits + gamma_h c_n)."""
-  b = b_ref[...].astype(cdt)
+def _gate(b_ref, c_ref, gam_ref, sl, cdt):
+  """Erase gate [C, BK] of key block sl: b itself, or CARVE's sigmoid(logits + gamma_h c_n)."""
+  b = b_ref[:, sl].astype(cdt)
   if c_ref is None:
     return b
-  return jax.nn.sigmoid(b + (gam_ref[...].astype(cdt) * c_ref[...].astype(cdt))[None, :])
+  return jax.nn.sigmoid(b + (gam_ref[sl].astype(cdt) * c_ref[sl].astype(cdt))[None, :])
 
 
 # ---- 1. chunk-parallel preparation ----
 
-def _bprep_kernel(*refs, carve, scale, dt):
+def _bprep_kernel(*refs, carve, scale, dt, ks):
   it = iter(refs)
   q_ref, k_ref, g_ref, b_ref = (next(it) for _ in range(4))
   c_ref, gam_ref = (next(it), next(it)) if carve else (None, None)
   do_ref, W_ref, qe_ref, kd_ref, gc_ref, A_ref, dvl_ref = (next(it) for _ in range(7))
   cdt = dt.cdt
-  q, k = q_ref[...].astype(cdt), k_ref[...].astype(cdt)
-  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
-  dec = Decay(G)
-  bk = _gate(b_ref, c_ref, gam_ref, cdt) * k
-  lower, strict = lower_masks(q.shape[0])
-  A, bke = wy(k, G, bk, dec, dt)
-  (Aqk,) = dec.pairs([q], k, dt.dot)
-  eG = jnp.exp(G)
-  W_ref[...] = mm(A, bke, dt.inv).astype(W_ref.dtype)
-  qe_ref[...] = (q * eG).astype(qe_ref.dtype)
-  kd_ref[...] = (k * jnp.exp(dec.GC[None, :] - G)).astype(kd_ref.dtype)
-  gc_ref[...] = dec.GC.astype(gc_ref.dtype)
+  lower, strict = lower_masks(q_ref.shape[0])
+  L = Aqk = 0.0
+  for sl in ks:
+    q, k = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt)
+    dec = Decay(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
+    Lp, Ap = dec.pairs([_gate(b_ref, c_ref, gam_ref, sl, cdt) * k, q], k, dt.dot)
+    L, Aqk = L + Lp, Aqk + Ap
+  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   dvl_ref[...] = (scale * mm(jnp.where(lower, Aqk, 0.0), do_ref[...], dt.dot, trans_a=True)).astype(dvl_ref.dtype)
+  for sl in ks:
+    q, k, g = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
+    G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+    eG = jnp.exp(G)
+    W_ref[:, sl] = mm(A, _gate(b_ref, c_ref, gam_ref, sl, cdt) * k * eG, dt.inv).astype(W_ref.dtype)
+    qe_ref[:, sl] = (q * eG).astype(qe_ref.dtype)
+    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
+    gc_ref[sl] = GC.astype(gc_ref.dtype)
 
 
 def bprep(q, k, g, b, c, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
@@ -75,7 +79,7 @@ def bprep(q, k, g, b, c, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
   in_specs = [t["tok"](K)] * 4 + ([t["vec"](K), t["head"](K)] if carve else []) + [t["tok"](V)]
   args = [q, k, g, b] + ([c, jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))] if carve else []) + [do]
   return pl.pallas_call(
-      functools.partial(_bprep_kernel, carve=carve, scale=scale, dt=dt), grid=(B, H, N),
+      functools.partial(_bprep_kernel, carve=carve, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=in_specs,
       out_specs=[t["tok"](K)] * 3 + [t["vec"](K), t["tok"](C), t["tok"](V)],
       out_shape=[sd((B, Tp, H, K), dt.store)] * 3 + [sd((B, H, N, K), dt.cdt), sd((B, Tp, H, C), dt.cdt),
@@ -126,19 +130,26 @@ def _grad_kernel(*refs, carve, has_beta, scale, dt):
   dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref = (next(it) for _ in range(6))
   dgam_ref = next(it) if carve else None
   cdt, dd = dt.cdt, dt.dot
-  q, k = q_ref[...].astype(cdt), k_ref[...].astype(cdt)
-  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
-  dec = Decay(G)
-  gate = _gate(b_ref, c_ref, gam_ref, cdt)
-  bk = gate * k
-  eG, kdf = jnp.exp(G), jnp.exp(dec.GC[None, :] - G)
-  lower, strict = lower_masks(q.shape[0])
-  S, dS = h_ref[...].astype(cdt), dh_ref[...].astype(cdt)
-  dGC = jnp.sum(S * dS, axis=1) * jnp.exp(dec.GC)
-  vn, dvn, dO = vn_ref[...], dvn_ref[...].astype(cdt), do_ref[...]
-  dX = mm(A_ref[...], dvn, dt.inv, trans_a=True)
+  lower, strict = lower_masks(q_ref.shape[0])
+  vn, dO = vn_ref[...], do_ref[...]
+  dX = mm(A_ref[...], dvn_ref[...].astype(cdt), dt.inv, trans_a=True)
+
+  @pl.when(pl.program_id(3) == 0)
+  def _():
+    v = v_ref[...].astype(cdt)
+    dv_ref[...] = (dX * write_gate(w_ref, has_beta, cdt)).astype(dv_ref.dtype)
+    dw_ref[...] = (jnp.sum(dX * v, axis=1) if has_beta else dX * v).astype(dw_ref.dtype)
   dAqk = jnp.where(lower, scale * mm(dO, vn, dd, trans_b=True), 0.0)
   dL = jnp.where(strict, -mm(dX, vn, dd, trans_b=True), 0.0)
+  sl = slice(None)  # the refs hold only this program's key block
+  q, k, g = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
+  G = jnp.cumsum(g, axis=0)
+  dec = Decay(G)
+  gate = _gate(b_ref, c_ref, gam_ref, sl, cdt)
+  bk = gate * k
+  eG, kdf = jnp.exp(G), jnp.exp(dec.GC[None, :] - G)
+  S, dS = h_ref[sl, :].astype(cdt), dh_ref[sl, :].astype(cdt)
+  dGC = jnp.sum(S * dS, axis=1) * jnp.exp(dec.GC)
   dQe = scale * mm(dO, S, dd, trans_b=True)
   dBke = -mm(dX, S, dd, trans_b=True)
   dKd = mm(vn, dS, dd, trans_b=True)
@@ -146,38 +157,45 @@ def _grad_kernel(*refs, carve, has_beta, scale, dt):
   dbk = dBke * eG + dbk_p
   dG = dG + dQe * q * eG + dBke * bk * eG - dKd * k * kdf
   dGC = dGC + jnp.sum(dKd * k * kdf, axis=0)
-  dq_ref[...] = (dQe * eG + dq_p).astype(dq_ref.dtype)
-  dk_ref[...] = (dKd * kdf + dk_p + dbk * gate).astype(dk_ref.dtype)
-  dg_ref[...] = (revcumsum(dG) + dGC[None, :]).astype(dg_ref.dtype)
+  dq_ref[:, sl] = (dQe * eG + dq_p).astype(dq_ref.dtype)
+  dk_ref[:, sl] = (dKd * kdf + dk_p + dbk * gate).astype(dk_ref.dtype)
+  dg_ref[:, sl] = (revcumsum(dG) + dGC[None, :]).astype(dg_ref.dtype)
   dgate = dbk * k
   if carve:
     dlogit = dgate * gate * (1.0 - gate)
-    db_ref[...] = dlogit.astype(db_ref.dtype)
-    dgam_ref[...] = jnp.sum(dlogit * c_ref[...].astype(cdt)[None, :], axis=0).astype(dgam_ref.dtype)
+    db_ref[:, sl] = dlogit.astype(db_ref.dtype)
+    dgam_ref[sl] = jnp.sum(dlogit * c_ref[sl].astype(cdt)[None, :], axis=0).astype(dgam_ref.dtype)
   else:
-    db_ref[...] = dgate.astype(db_ref.dtype)
-  v = v_ref[...].astype(cdt)
-  dv_ref[...] = (dX * write_gate(w_ref, has_beta, cdt)).astype(dv_ref.dtype)
-  dw_ref[...] = (jnp.sum(dX * v, axis=1) if has_beta else dX * v).astype(dw_ref.dtype)
+    db_ref[:, sl] = dgate.astype(db_ref.dtype)
 
 
 def grads(q, k, v, g, b, w, c, gamma, h, dh, vn, dvn, do, A, *, scale, C, cfg, dt: Dtypes, interpret):
-  """(dq, dk, dg, db, dv, dw, per-chunk dgamma partials [B, H, N, K] or None), in the inputs' dtypes."""
+  """(dq, dk, dg, db, dv, dw, per-chunk dgamma partials [B, H, N, K] or None), in the inputs' dtypes.
+
+  Grid (B, H, N, K / BK): every key-side gradient is per channel given dX, dAqk and dL, so each
+  program takes one key block (and recomputes those three from V-sized inputs); the first key block
+  also writes dv and dw."""
   B, Tp, H, K = q.shape
   V, N = v.shape[-1], Tp // C
-  t = tiles(C, B, H)
+  BK = min(cfg.block_k, K)
   sd = jax.ShapeDtypeStruct
   carve, has_beta = c is not None, w.ndim == 3
-  wspec = t["tok1"] if has_beta else t["tok"](V)
-  in_specs = ([t["tok"](K)] * 4 + [wspec, t["tok"](V)] + ([t["vec"](K), t["head"](K)] if carve else [])
-              + [t["state"](K, V)] * 2 + [t["tok"](V)] * 3 + [t["tok"](C)])
+  tokk = pl.BlockSpec((None, C, None, BK), lambda b_, h_, n, j: (b_, n, h_, j))
+  tok = lambda D: pl.BlockSpec((None, C, None, D), lambda b_, h_, n, j: (b_, n, h_, 0))
+  wspec = pl.BlockSpec((None, C, None), lambda b_, h_, n, j: (b_, n, h_)) if has_beta else tok(V)
+  veck = pl.BlockSpec((None, None, None, BK), lambda b_, h_, n, j: (b_, h_, n, j))
+  statek = pl.BlockSpec((None, None, None, BK, V), lambda b_, h_, n, j: (b_, h_, n, j, 0))
+  in_specs = ([tokk] * 4 + [wspec, tok(V)]
+              + ([veck, pl.BlockSpec((None, BK), lambda b_, h_, n, j: (h_, j))] if carve else [])
+              + [statek] * 2 + [tok(V)] * 3 + [tok(C)])
   args = ([q, k, g, b, w, v] + ([c, jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))] if carve else [])
           + [h, dh, vn, dvn, do, A])
-  out_specs = [t["tok"](K)] * 4 + [t["tok"](V), wspec] + ([t["vec"](K)] if carve else [])
+  out_specs = [tokk] * 4 + [tok(V), wspec] + ([veck] if carve else [])
   out_shape = ([sd(x.shape, x.dtype) for x in (q, k, g, b, v, w)]
                + ([sd((B, H, N, K), dt.cdt)] if carve else []))
   outs = pl.pallas_call(
-      functools.partial(_grad_kernel, carve=carve, has_beta=has_beta, scale=scale, dt=dt), grid=(B, H, N),
+      functools.partial(_grad_kernel, carve=carve, has_beta=has_beta, scale=scale, dt=dt),
+      grid=(B, H, N, K // BK),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=params(cfg.grad_num_warps, cfg.num_stages), interpret=interpret,
       name="gated_delta_bwd_grads")(*args)

@@ -20,6 +20,11 @@ class TuningConfig:
     state_block_v: value-axis tile of the sequential state passes of the gamma-free forward and of
       every backward (None = all of V): more programs for small batches. CARVE's forward state pass
       always keeps the whole state in one program (its content signal is a row norm over V).
+    block_k: key-axis block of the per-channel math (decay factors, gates) in the chunk-parallel
+      kernels; the gradient kernel also runs one program per key block. A power of two >= 16 (the
+      whole of K when larger). Smaller blocks need fewer registers (offline compile at K=V=128,
+      8 warps: the gradient kernel spills 1.8 KB per thread at 64, 0.3 KB at 32).
+    carve_block_k: the same for CARVE's sequential forward state pass.
     num_warps: Triton warps of the chunk-parallel preparation and output kernels.
     grad_num_warps: warps of the chunk-parallel gradient kernel (the largest live set).
     state_num_warps: warps of the gamma-free state passes (forward and backward).
@@ -27,9 +32,11 @@ class TuningConfig:
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64
-  num_warps: int = 4
+  block_k: int = 32
+  carve_block_k: int = 64
+  num_warps: int = 8
   grad_num_warps: int = 8
-  state_num_warps: int = 4
+  state_num_warps: int = 8
   carve_num_warps: int = 8
   num_stages: int = 1
 
@@ -37,6 +44,10 @@ class TuningConfig:
     x = self.state_block_v
     if x is not None and (not isinstance(x, int) or x < 16 or not _pow2(x)):
       raise ValueError(f"TuningConfig: `state_block_v` must be None or a power of two >= 16, got {x!r}")
+    for name in ("block_k", "carve_block_k"):
+      x = getattr(self, name)
+      if not isinstance(x, int) or x < 16 or not _pow2(x):
+        raise ValueError(f"TuningConfig: `{name}` must be a power of two >= 16, got {x!r}")
     for name in ("num_warps", "grad_num_warps", "state_num_warps", "carve_num_warps"):
       x = getattr(self, name)
       if not isinstance(x, int) or x not in (1, 2, 4, 8, 16):

@@ -82,26 +82,31 @@ def write_gate(w_ref, has_beta, cdt):
   return w_ref[...].astype(cdt)[:, None] if has_beta else w_ref[...].astype(cdt)
 
 
-def wy(k, G, bk, dec: Decay, dt: Dtypes):
-  """(A = (I + L)^{-1} [C, C], b k e^G [C, K]) of one chunk."""
-  _, strict = lower_masks(k.shape[0])
-  (L,) = dec.pairs([bk], k, dt.dot)
-  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
-  return A, bk * jnp.exp(G)
-
-
 # ---- 1. chunk-parallel preparation (gamma-free families) ----
 
-def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, *, has_beta, dt):
+def kblocks(K, block_k):
+  """Static slices of the key axis: per-channel math (decay, gates) is done block by block, which keeps
+  the [C, BK] float32 temporaries of the exact decay in registers."""
+  BK = min(block_k, K)
+  return [slice(i, i + BK) for i in range(0, K, BK)]
+
+
+def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, *, has_beta, dt, ks):
   cdt = dt.cdt
-  k = k_ref[...].astype(cdt)
-  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
-  dec = Decay(G)
-  A, bke = wy(k, G, b_ref[...].astype(cdt) * k, dec, dt)
-  W_ref[...] = mm(A, bke, dt.inv).astype(W_ref.dtype)
+  _, strict = lower_masks(k_ref.shape[0])
+  L = 0.0
+  for sl in ks:
+    k = k_ref[:, sl].astype(cdt)
+    (Lp,) = Decay(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)).pairs([b_ref[:, sl].astype(cdt) * k], k, dt.dot)
+    L = L + Lp
+  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-  kd_ref[...] = (k * jnp.exp(dec.GC[None, :] - G)).astype(kd_ref.dtype)
-  gc_ref[...] = dec.GC.astype(gc_ref.dtype)
+  for sl in ks:
+    k, g = k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
+    G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+    W_ref[:, sl] = mm(A, b_ref[:, sl].astype(cdt) * k * jnp.exp(G), dt.inv).astype(W_ref.dtype)
+    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
+    gc_ref[sl] = GC.astype(gc_ref.dtype)
 
 
 def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
@@ -112,7 +117,7 @@ def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   t = tiles(C, B, H)
   sd = jax.ShapeDtypeStruct
   return pl.pallas_call(
-      functools.partial(_prep_kernel, has_beta=has_beta, dt=dt), grid=(B, H, N),
+      functools.partial(_prep_kernel, has_beta=has_beta, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["tok1"] if has_beta else t["tok"](V), t["tok"](V)],
       out_specs=[t["tok"](K), t["tok"](V), t["tok"](K), t["vec"](K)],
       out_shape=[sd((B, Tp, H, K), dt.store), sd((B, Tp, H, V), dt.store), sd((B, Tp, H, K), dt.store),
@@ -150,29 +155,40 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
 
 
 def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h_ref, vn_ref, c_ref, sf_ref,
-                        *, C, N, cb, dt):
+                        *, C, N, cb, dt, ks):
   cdt = dt.cdt
+  _, strict = lower_masks(C)
 
   def body(n, carry):
-    S, cvec = carry
+    Ss, cs = carry                                  # state and content signal, by key block
     rows = pl.ds(n * C, C)
-    h_ref[n] = S.astype(h_ref.dtype)
-    cvec = jnp.where(lax.rem(n * C, cb) == 0, content_signal(S), cvec)
-    c_ref[n] = cvec.astype(c_ref.dtype)
-    k = k_ref[rows, :].astype(cdt)
-    G = jnp.cumsum(g_ref[rows, :].astype(cdt), axis=0)
-    dec = Decay(G)
-    gate = jax.nn.sigmoid(l_ref[rows, :].astype(cdt) + (gam_ref[...].astype(cdt) * cvec)[None, :])
-    A, bke = wy(k, G, gate * k, dec, dt)
-    X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt) - mm(bke, S, dt.dot)
+    new_block = lax.rem(n * C, cb) == 0
+    cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
+    L, X, parts = 0.0, beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt), []
+    for sl, S, c in zip(ks, Ss, cs):
+      h_ref[n, sl, :] = S.astype(h_ref.dtype)
+      c_ref[n, sl] = c.astype(c_ref.dtype)
+      k = k_ref[rows, sl].astype(cdt)
+      G = jnp.cumsum(g_ref[rows, sl].astype(cdt), axis=0)
+      bk = jax.nn.sigmoid(l_ref[rows, sl].astype(cdt) + (gam_ref[sl].astype(cdt) * c)[None, :]) * k
+      (Lp,) = Decay(G).pairs([bk], k, dt.dot)
+      L = L + Lp
+      X = X - mm(bk * jnp.exp(G), S, dt.dot)
+    A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
     vn = mm(A, X, dt.inv)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
-    S = jnp.exp(dec.GC)[:, None] * S + mm(k * jnp.exp(dec.GC[None, :] - G), vn, dt.dot, trans_a=True)
-    return S, cvec
+    for sl, S in zip(ks, Ss):
+      g = g_ref[rows, sl].astype(cdt)
+      G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+      kd = k_ref[rows, sl].astype(cdt) * jnp.exp(GC[None, :] - G)
+      parts.append(jnp.exp(GC)[:, None] * S + mm(kd, vn, dt.dot, trans_a=True))
+    return tuple(parts), cs
 
-  K = k_ref.shape[-1]
-  S, _ = lax.fori_loop(0, N, body, (s0_ref[...].astype(cdt), jnp.zeros((K,), cdt)))
-  sf_ref[...] = S.astype(sf_ref.dtype)
+  S0 = tuple(s0_ref[sl, :].astype(cdt) for sl in ks)
+  c0 = tuple(jnp.zeros((sl.stop - sl.start,), cdt) for sl in ks)
+  Ss, _ = lax.fori_loop(0, N, body, (S0, c0))
+  for sl, S in zip(ks, Ss):
+    sf_ref[sl, :] = S.astype(sf_ref.dtype)
 
 
 def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
@@ -183,7 +199,7 @@ def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConf
   sd = jax.ShapeDtypeStruct
   gam = jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))
   return pl.pallas_call(
-      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt), grid=(B, H, 1),
+      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt, ks=kblocks(K, cfg.carve_block_k)), grid=(B, H, 1),
       in_specs=[s["tok"](K), s["tok"](K), s["tok"](K), s["tok1"], s["tokv"](V), s["head"](K), s["state"](K, V)],
       out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["state"](K, V)],
       out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, N, K), dt.cdt),
@@ -194,13 +210,17 @@ def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConf
 
 # ---- 3. chunk-parallel output ----
 
-def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, dt):
+def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, dt, ks):
   cdt = dt.cdt
-  q, k = q_ref[...].astype(cdt), k_ref[...].astype(cdt)
-  G = jnp.cumsum(g_ref[...].astype(cdt), axis=0)
-  lower, _ = lower_masks(q.shape[0])
-  (Aqk,) = Decay(G).pairs([q], k, dt.dot)
-  o = mm(q * jnp.exp(G), h_ref[...], dt.dot) + mm(jnp.where(lower, Aqk, 0.0), vn_ref[...], dt.dot)
+  lower, _ = lower_masks(q_ref.shape[0])
+  Aqk = o = 0.0
+  for sl in ks:
+    q, k = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt)
+    G = jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)
+    (Ap,) = Decay(G).pairs([q], k, dt.dot)
+    Aqk = Aqk + Ap
+    o = o + mm(q * jnp.exp(G), h_ref[sl, :], dt.dot)
+  o = o + mm(jnp.where(lower, Aqk, 0.0), vn_ref[...], dt.dot)
   o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
@@ -210,7 +230,7 @@ def output(q, k, g, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret
   V, N = vn.shape[-1], Tp // C
   t = tiles(C, B, H)
   return pl.pallas_call(
-      functools.partial(_output_kernel, scale=scale, dt=dt), grid=(B, H, N),
+      functools.partial(_output_kernel, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["state"](K, V), t["tok"](V)],
       out_specs=t["tok"](V), out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,

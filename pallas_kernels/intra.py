@@ -7,16 +7,18 @@ log decay G = cumsum(g) are [C, K]; the pairwise matrices are [C, C]:
     Aqk_rc = sum_i q_r[i] k_c[i] exp(G_r[i] - G_c[i])      (r >= c)
     L_rc   = sum_i bk_r[i] k_c[i] exp(G_r[i] - G_c[i])     (r >  c)
 
-Exact decay without overflow (`decay_parts`): exp(G_r - G_c) is never formed per pair. Rows are split
-in groups of 16 (`DECAY_GROUP`), and each matrix is a sum of C/16 full-tile matmuls (C rows: wgmma
-on Hopper), each with one row factor and one column factor:
+Exact decay without overflow (`Decay`): exp(G_r - G_c) is never formed per pair. Rows are split in
+groups of 16 (`DECAY_GROUP`), and each matrix is a sum of 1 + log2(C/16) full-tile matmuls (C rows:
+wgmma on Hopper), each with one row factor, one column factor and a mask:
   - the diagonal part: every row relative to the mid value m of its own group, factors clamped at
     e^80 and the product kept only inside the group's 16 x 16 block (exact unless a channel decays
     by more than e^-160 within 16 tokens);
-  - off-diagonal part j (columns in group j, rows in later groups): reference Gend_j = G at the last
-    row of group j; the column factor exp(Gend_j - G_c) is zero outside group j, the row factor
-    exp(G_r - Gend_j) = exp(G_r - Gprev_r) exp(Gprev_r - Gend_j) is zero in groups <= j. Both <= 1.
-The references cancel in every product, so gradients treat them as constants.
+  - level l (blocks of s = 16 * 2^l rows, in sibling pairs): rows of each odd block against the
+    columns of the even block before it, relative to G at that even block's last row, so the row
+    factor exp(G_r - G_ref) and the column factor exp(G_ref - G_c) are both <= 1 (zero outside the
+    odd / even blocks; the mask drops the products of different pairs).
+Every pair of 16-row groups (row group > column group) falls in exactly one level. The references
+cancel in every product, so gradients treat them as constants.
 
 (I + L)^{-1} (`block_unit_lower_inv`): the 16 x 16 diagonal blocks by the doubling product
 (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, then merged: (I + L)^{-1} = sum_m (-D L_o)^m D.
@@ -108,50 +110,52 @@ def block_unit_lower_inv(L, dt, group=DECAY_GROUP):
 class Decay:
   """The factors of exp(G_r - G_c) for one chunk, G [C, K] (see the module docstring).
 
-  `parts()` yields (row factor, column factor, diagonal?) for each of the C/16 parts; a diagonal
-  part's products are valid only on its 16 x 16 blocks (`self.same`).
+  `parts()` yields (row factor, column factor, mask) for 1 + log2(C/16) parts; a part's products
+  are kept where its [C, C] mask holds (mask None: everywhere, the factors are zero elsewhere).
   """
 
   def __init__(self, G):
     C, K = G.shape
     self.G, self.C, self.ng = G, C, C // DECAY_GROUP
-    rows = iota(C, 1, 0)
-    self.rg = rows // DECAY_GROUP                                     # row group [C, 1]
+    self.rows = iota(C, 1, 0)
     self.Gend = [row_of(G, DECAY_GROUP * (h + 1) - 1) for h in range(self.ng)]
     self.Gprev = [jnp.zeros_like(self.Gend[0])] + self.Gend[:-1]
     self.GC = self.Gend[-1]
-    self.same = iota(C, C, 0) // DECAY_GROUP == iota(C, C, 1) // DECAY_GROUP
 
-  def _per_row(self, vecs):
-    """[C, K] tensor whose rows in group h are vecs[h] [K]."""
+  def _per_row(self, size, vecs):
+    """[C, K] tensor whose rows in block m of `size` rows are vecs[m] [K]."""
     out = jnp.zeros_like(self.G)
-    for h, v in enumerate(vecs):
-      out = jnp.where(self.rg == h, v[None, :], out)
+    for m, v in enumerate(vecs):
+      out = jnp.where(self.rows // size == m, v[None, :], out)
     return out
 
   def parts(self):
-    G = self.G
-    M = self._per_row([0.5 * (p + e) for p, e in zip(self.Gprev, self.Gend)])
-    yield jnp.exp(jnp.minimum(G - M, _CLAMP)), jnp.exp(jnp.minimum(M - G, _CLAMP)), True
-    if self.ng == 1:
-      return
-    e_in = jnp.exp(jnp.minimum(G - self._per_row(self.Gprev), 0.0))   # e^{G_r - Gprev(r)} <= 1
-    e_out = jnp.exp(jnp.minimum(self._per_row(self.Gend) - G, 0.0))   # e^{Gend(c) - G_c} <= 1
-    for j in range(self.ng - 1):
-      link = self._per_row([jnp.exp(jnp.minimum(self.Gprev[h] - self.Gend[j], 0.0)) if h > j
-                            else jnp.zeros_like(self.GC) for h in range(self.ng)])
-      yield e_in * link, jnp.where(self.rg == j, e_out, 0.0), False
+    """Diagonal part: the 16 x 16 blocks, each relative to its group's mid value (clamped at e^80).
+    Level l (block size s = 16 * 2^l): rows in the odd block of each pair of sibling blocks against
+    columns in the even one, relative to G at the even block's last row (both factors <= 1)."""
+    G, C, gs = self.G, self.C, DECAY_GROUP
+    r, c = iota(C, C, 0), iota(C, C, 1)
+    M = self._per_row(gs, [0.5 * (p + e) for p, e in zip(self.Gprev, self.Gend)])
+    yield jnp.exp(jnp.minimum(G - M, _CLAMP)), jnp.exp(jnp.minimum(M - G, _CLAMP)), r // gs == c // gs
+    s = gs
+    while s < C:
+      ref = self._per_row(2 * s, [self.Gend[(2 * m + 1) * s // gs - 1] for m in range(C // (2 * s))])
+      odd = (self.rows // s) % 2 == 1
+      rf = jnp.where(odd, jnp.exp(jnp.minimum(G - ref, 0.0)), 0.0)
+      cf = jnp.where(odd, 0.0, jnp.exp(jnp.minimum(ref - G, 0.0)))
+      yield rf, cf, (None if 2 * s == C else (r // (2 * s) == c // (2 * s)))
+      s *= 2
 
   def pairs(self, As, b, dt):
     """[M(a, b) for a in As], M_rc = sum_i a_r[i] b_c[i] exp(G_r[i] - G_c[i]) [C, C], valid for
     row group > column group and inside the 16 x 16 diagonal blocks (callers mask to lower or
     strictly lower). The factors of each part are shared by all of As."""
     outs = [0.0] * len(As)
-    for rf, cf, diag in self.parts():
+    for rf, cf, mask in self.parts():
       bc = b * cf
       for n, a in enumerate(As):
         p = mm(a * rf, bc, dt, trans_b=True)
-        outs[n] = outs[n] + (jnp.where(self.same, p, 0.0) if diag else p)
+        outs[n] = outs[n] + (p if mask is None else jnp.where(mask, p, 0.0))
     return outs
 
   def pair_grads(self, terms, b, dt):
@@ -161,10 +165,10 @@ class Decay:
     """
     das = [0.0] * len(terms)
     db = 0.0
-    for rf, cf, diag in self.parts():
+    for rf, cf, mask in self.parts():
       bc = b * cf
       for n, (a, dM) in enumerate(terms):
-        dMp = jnp.where(self.same, dM, 0.0) if diag else dM
+        dMp = dM if mask is None else jnp.where(mask, dM, 0.0)
         das[n] = das[n] + mm(dMp, bc, dt) * rf
         db = db + mm(dMp, a * rf, dt, trans_a=True) * cf
     dG = -b * db
