@@ -93,12 +93,12 @@ def ops(x):
     if gamma:
       return lambda a: pallas_gated_delta(*a, **kw)[0].astype(jnp.bfloat16), carve_args
     return lambda a: pallas_gated_delta(*gated(a), None, **kw)[0], nocontent_args
-  variants = {
-      "pallas_carve_bk64": direct(TuningConfig(block_k=64)),
-      "pallas_carve_cbk32": direct(TuningConfig(carve_block_k=32)),
-      "pallas_carve_cw4": direct(TuningConfig(carve_num_warps=4)),
-      "pallas_carve_nw4": direct(TuningConfig(num_warps=4)),
-      "pallas_carve_sw4": direct(TuningConfig(state_num_warps=4)),
+  variants = {  # one knob changed from the default TuningConfig each
+      "pallas_carve_bk128": direct(TuningConfig(block_k=128)),
+      "pallas_carve_gbk64": direct(TuningConfig(grad_block_k=64)),
+      "pallas_carve_cbk64": direct(TuningConfig(carve_block_k=64)),
+      "pallas_carve_nw8": direct(TuningConfig(num_warps=8)),
+      "pallas_carve_sw8": direct(TuningConfig(state_num_warps=8)),
       "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
       "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
   }

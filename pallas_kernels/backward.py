@@ -177,7 +177,7 @@ def grads(q, k, v, g, b, w, c, gamma, h, dh, vn, dvn, do, A, *, scale, C, cfg, d
   also writes dv and dw."""
   B, Tp, H, K = q.shape
   V, N = v.shape[-1], Tp // C
-  BK = min(cfg.block_k, K)
+  BK = min(cfg.grad_block_k, K)
   sd = jax.ShapeDtypeStruct
   carve, has_beta = c is not None, w.ndim == 3
   tokk = pl.BlockSpec((None, C, None, BK), lambda b_, h_, n, j: (b_, n, h_, j))

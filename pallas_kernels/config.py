@@ -16,27 +16,36 @@ def _pow2(x: int) -> bool:
 class TuningConfig:
   """Launch parameters of the kernels (`forward.py`, `backward.py`).
 
+  Defaults, from the H200 runs in experiments/results/bench_kernel.md (B=8 T=2048 H=16 K=V=128 bf16):
+  the chunk-parallel kernels take the end-to-end best (`pallas_carve_nw4`: key blocks of 32, 4 warps,
+  the gradient kernel one program per key block at 8 warps); the sequential passes take the best
+  per-kernel times (CARVE's state pass over the whole key axis at 8 warps: 3.0-3.2 ms against 4.2 ms
+  with key blocks of 64; the gamma-free state passes at 4 warps).
+
   Attributes:
     state_block_v: value-axis tile of the sequential state passes of the gamma-free forward and of
       every backward (None = all of V): more programs for small batches. CARVE's forward state pass
       always keeps the whole state in one program (its content signal is a row norm over V).
     block_k: key-axis block of the per-channel math (decay factors, gates) in the chunk-parallel
-      kernels; the gradient kernel also runs one program per key block. A power of two >= 16 (the
-      whole of K when larger). Smaller blocks need fewer registers (offline compile at K=V=128,
-      8 warps: the gradient kernel spills 1.8 KB per thread at 64, 0.3 KB at 32).
+      preparation and output kernels; a power of two >= 16 (the whole of K when larger). Smaller
+      blocks need fewer registers per thread.
+    grad_block_k: the same for the gradient kernel, which runs one program per key block (offline
+      compile at K=V=128, 8 warps: it spills 1.8 KB per thread at 64, 0.3 KB at 32; 32 measured
+      2.2x faster than one program per chunk).
     carve_block_k: the same for CARVE's sequential forward state pass.
     num_warps: Triton warps of the chunk-parallel preparation and output kernels.
-    grad_num_warps: warps of the chunk-parallel gradient kernel (the largest live set).
+    grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64
   block_k: int = 32
-  carve_block_k: int = 64
-  num_warps: int = 8
+  grad_block_k: int = 32
+  carve_block_k: int = 128
+  num_warps: int = 4
   grad_num_warps: int = 8
-  state_num_warps: int = 8
+  state_num_warps: int = 4
   carve_num_warps: int = 8
   num_stages: int = 1
 
@@ -44,7 +53,7 @@ class TuningConfig:
     x = self.state_block_v
     if x is not None and (not isinstance(x, int) or x < 16 or not _pow2(x)):
       raise ValueError(f"TuningConfig: `state_block_v` must be None or a power of two >= 16, got {x!r}")
-    for name in ("block_k", "carve_block_k"):
+    for name in ("block_k", "grad_block_k", "carve_block_k"):
       x = getattr(self, name)
       if not isinstance(x, int) or x < 16 or not _pow2(x):
         raise ValueError(f"TuningConfig: `{name}` must be a power of two >= 16, got {x!r}")

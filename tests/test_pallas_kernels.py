@@ -109,8 +109,8 @@ def test_key_blocks_match_whole_key_axis():
     def loss(args, config):
       o, S = pallas_gated_delta(*args, **kw, config=config)
       return jnp.sum(jnp.sin(o)) + jnp.sum(S**2)
-    (l1, g1) = jax.value_and_grad(loss)(args, TuningConfig(block_k=16, carve_block_k=16))
-    (l2, g2) = jax.value_and_grad(loss)(args, TuningConfig(block_k=32, carve_block_k=32))
+    (l1, g1) = jax.value_and_grad(loss)(args, TuningConfig(block_k=16, grad_block_k=16, carve_block_k=16))
+    (l2, g2) = jax.value_and_grad(loss)(args, TuningConfig(block_k=32, grad_block_k=32, carve_block_k=32))
     assert abs(float(l1 - l2)) <= 1e-5 * abs(float(l2))
     assert rel_err(g1, g2) < 1e-5
 
@@ -139,7 +139,7 @@ def test_content_grad_full_is_refused():
 
 @pytest.mark.parametrize("field, value", [("state_block_v", 8), ("state_block_v", 48), ("num_warps", 3),
                                           ("grad_num_warps", 0), ("carve_num_warps", 6), ("num_stages", 0),
-                                          ("block_k", 8), ("carve_block_k", 48)])
+                                          ("block_k", 8), ("grad_block_k", 12), ("carve_block_k", 48)])
 def test_tuning_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
     TuningConfig(**{field: value})
