@@ -78,11 +78,9 @@ def params(num_warps, num_stages):
 
 
 def write_gate(w_ref, has_beta, cdt):
-  """[C, 1] beta or [C, V] w of a chunk-tile ref (rows sliced by `rows` when given)."""
+  """[C, 1] beta or [C, V] w of a chunk-tile ref."""
   return w_ref[...].astype(cdt)[:, None] if has_beta else w_ref[...].astype(cdt)
 
-
-# ---- 1. chunk-parallel preparation (gamma-free families) ----
 
 def kblocks(K, block_k):
   """Static slices of the key axis: per-channel math (decay, gates) is done block by block, which keeps
@@ -90,6 +88,8 @@ def kblocks(K, block_k):
   BK = min(block_k, K)
   return [slice(i, i + BK) for i in range(0, K, BK)]
 
+
+# ---- 1. chunk-parallel preparation (gamma-free families) ----
 
 def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, *, has_beta, dt, ks):
   cdt = dt.cdt
