@@ -12,6 +12,7 @@ loss and the accuracy to the positions that carry an answer (synthetic tasks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,12 @@ from flax import nnx
 
 from carve_jax.configs import ModelConfig
 from carve_jax.model import LM, param_count
+
+import faulthandler as _faulthandler
+import signal as _signal
+
+# A run stopped by `timeout` (SIGTERM) prints where every thread was: the log then says what ran long.
+_faulthandler.register(_signal.SIGTERM, all_threads=True, chain=True)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
@@ -180,7 +187,9 @@ def masked_loss(model, batch: dict, rng=None) -> jax.Array:
 
 @dataclasses.dataclass
 class TrainResult:
-  """What `train_model` returns. history: [{"step", "loss"[, "val_loss"]}]; params: final nnx.State."""
+  """What `train_model` returns. history: [{"step", "loss"[, "val_loss"]}]; params: final nnx.State.
+  compile_s: seconds XLA took to compile the step (0 when this process had it already), compile_wait_s:
+  seconds this call waited for it, gpu_wait_s: seconds waited for `gpu_turn`."""
   cfg: ModelConfig
   params: object
   graphdef: object
@@ -194,6 +203,9 @@ class TrainResult:
   tokens_per_s: float
   step_memory_bytes: int | None
   peak_memory_bytes: int | None
+  compile_wait_s: float = 0.0
+  gpu_wait_s: float = 0.0
+  final: object = None
 
   def model(self) -> LM:
     return nnx.merge(self.graphdef, self.params, self.rest)
@@ -208,35 +220,169 @@ def compiled_memory(compiled) -> int | None:
     return None
 
 
-def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int, seed: int, lr: float = 3e-3,
-                warmup: int | None = None, weight_decay: float = 0.1, eval_fn: Callable | None = None,
-                eval_every: int = 0, log_every: int = 10, verbose: bool = True) -> TrainResult:
-  """Trains `LM(cfg)` from seed `seed` for `steps` AdamW steps on `batch_fn(step)`.
+# -- compile once per process, train one process at a time ---------------------------------------
+#
+# Compilation, not training, ate the earlier GPU calls. So: a model's training step is lowered and
+# compiled once per process (seeds reuse the executable: the step takes the whole state as input);
+# `precompile` starts compiles in background threads (XLA releases the GIL while it compiles), so the
+# next models compile while this one trains; and when several experiment processes share one GPU
+# (CARVE_GPU_LOCK=<file>), each timed training loop holds an exclusive file lock, so tokens/s are
+# measured with the GPU to itself while the other processes compile on the CPU.
 
-  eval_fn(model) -> float is called every `eval_every` steps and at the end (its time is not
-  counted as training time). Throughput counts the steps after the first (the first compiles).
-  """
+_COMPILED: dict = {}  # step key -> (step_fn, Future of (compiled executable, compile seconds))
+_CLAIMED: set = set()  # keys whose compile time a TrainResult already reports
+_POOL = None
+
+
+def _pool():
+  global _POOL
+  if _POOL is None:
+    import concurrent.futures
+    _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=int(os.environ.get("CARVE_COMPILE_THREADS", "6")))
+  return _POOL
+
+
+def _step_key(cfg, batch, steps, lr, warmup, weight_decay):
+  shapes = tuple(sorted((k, tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in batch.items()))
+  return (cfg, shapes, steps, lr, warmup, weight_decay)
+
+
+def _setup(cfg, *, steps, seed, lr, warmup, weight_decay):
   from carve_jax.train import distributed as dist
   from carve_jax.train.config import OptimConfig
   from carve_jax.train.optim import make_optimizer
-  from carve_jax.train.step import init_state, make_train_step
+  from carve_jax.train.step import init_state
 
   mesh = dist.make_mesh()
   model = LM(cfg, rngs=nnx.Rngs(seed))
   counts = param_count(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  warmup = max(1, steps // 10) if warmup is None else warmup
   optimizer = make_optimizer(OptimConfig(lr=lr, warmup_steps=warmup, weight_decay=weight_decay), steps)
   state = dist.replicate(mesh, init_state(params, optimizer, seed))
-  del model, params
+  return mesh, graphdef, rest, optimizer, state, counts
+
+
+def _timed_compile(lowered, label: str = ""):
+  t = time.time()
+  compiled = lowered.compile()
+  if label:
+    print(f"  [compiled {label} in {time.time() - t:.1f}s]", flush=True)
+  return compiled, time.time() - t
+
+
+def precompile(cfg: ModelConfig, example_batch: dict, *, steps: int, lr: float = 3e-3, warmup: int | None = None,
+               weight_decay: float = 0.1, background: bool = True):
+  """Lowers the training step of `LM(cfg)` for batches shaped like `example_batch` (in this thread)
+  and compiles it (in a background thread when `background`). `train_model` with the same
+  (cfg, batch shapes, steps, lr, warmup, weight_decay) then reuses the executable."""
+  from carve_jax.train import distributed as dist
+  from carve_jax.train.step import make_train_step
+
+  warmup = max(1, steps // 10) if warmup is None else warmup
+  key = _step_key(cfg, example_batch, steps, lr, warmup, weight_decay)
+  if key in _COMPILED:
+    return _COMPILED[key]
+  mesh, graphdef, rest, optimizer, state, _ = _setup(cfg, steps=steps, seed=0, lr=lr, warmup=warmup,
+                                                     weight_decay=weight_decay)
   step_fn = make_train_step(graphdef, rest, optimizer, mesh, loss_fn=masked_loss)
-  first = batch_fn(0)
-  tokens_per_step = int(np.prod(first["inputs"].shape))
+  t = time.time()
+  lowered = step_fn.lower(state, dist.global_batch(mesh, example_batch))
+  del state
+  label = f"{cfg.mixer} G={cfg.content_block} d={cfg.d_model}x{cfg.n_layers}"
+  print(f"  [lowered {label} in {time.time() - t:.1f}s]", flush=True)
+  if background:
+    fut = _pool().submit(_timed_compile, lowered, label)
+  else:
+    import concurrent.futures
+    fut = concurrent.futures.Future()
+    fut.set_result(_timed_compile(lowered, label))
+  _COMPILED[key] = (step_fn, fut)
+  return _COMPILED[key]
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def gpu_turn():
+  """Exclusive use of the GPU among the processes that share CARVE_GPU_LOCK (a file path); yields
+  the seconds waited. A process with a higher CARVE_GPU_PRIORITY (int, default 0) that is waiting
+  goes first. Without CARVE_GPU_LOCK: no lock, waits 0 s."""
+  path = os.environ.get("CARVE_GPU_LOCK")
+  if not path:
+    yield 0.0
+    return
+  import fcntl
+  import glob
+
+  prio = int(os.environ.get("CARVE_GPU_PRIORITY", "0"))
+  marker = f"{path}.wait.{prio}.{os.getpid()}"
+  Path(marker).touch()
   t0 = time.time()
-  compiled = step_fn.lower(state, dist.global_batch(mesh, first)).compile()
+  f = open(path, "a")
+  try:
+    while True:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      higher = []
+      for m in glob.glob(path + ".wait.*"):
+        _, p, pid = m.rsplit(".", 2)
+        if int(p) > prio and _pid_alive(int(pid)):
+          higher.append(m)
+      if not higher:
+        break
+      fcntl.flock(f, fcntl.LOCK_UN)
+      time.sleep(0.05)
+    os.remove(marker)
+    yield time.time() - t0
+  finally:
+    if os.path.exists(marker):
+      os.remove(marker)
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int, seed: int, lr: float = 3e-3,
+                warmup: int | None = None, weight_decay: float = 0.1, eval_fn: Callable | None = None,
+                eval_every: int = 0, log_every: int = 10, verbose: bool = True,
+                final_fn: Callable | None = None, warm_fn: Callable | None = None) -> TrainResult:
+  """Trains `LM(cfg)` from seed `seed` for `steps` AdamW steps on `batch_fn(step)`.
+
+  eval_fn(model) -> float is called every `eval_every` steps and at the end (its time is not
+  counted as training time). final_fn(model) -> anything is called once on the trained model, its
+  result kept in `TrainResult.final`. Both run inside `gpu_turn()`, with the timed steps; before
+  it, the step is compiled (or taken from `precompile`) and warm_fn(model) (default: eval_fn) runs
+  once on the initial model so that the evaluation functions compile outside the turn too.
+  Throughput counts the steps after the first.
+  """
+  from carve_jax.train import distributed as dist
+
+  warmup = max(1, steps // 10) if warmup is None else warmup
+  first = batch_fn(0)
+  t0 = time.time()
+  step_fn, fut = precompile(cfg, first, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                            background=False)
+  compiled, compile_s = fut.result()
+  compile_wait_s = time.time() - t0
+  key = _step_key(cfg, first, steps, lr, warmup, weight_decay)
+  if key in _CLAIMED:
+    compile_s = 0.0
+  _CLAIMED.add(key)
+  mesh, graphdef, rest, optimizer, state, counts = _setup(cfg, steps=steps, seed=seed, lr=lr, warmup=warmup,
+                                                          weight_decay=weight_decay)
   mem = compiled_memory(compiled)
+  tokens_per_step = int(np.prod(first["inputs"].shape))
+  warm = warm_fn if warm_fn is not None else eval_fn
+  if warm is not None:
+    warm(nnx.merge(graphdef, state.params, rest))
   history, pending = [], []
-  train_s, compile_s = 0.0, None
+  train_s = 0.0
 
   def evaluate(step):
     nonlocal t_mark
@@ -247,34 +393,37 @@ def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int
       print(f"  step {step:5d}  val {val:.4f}", flush=True)
     t_mark = time.time()
 
-  t_mark = time.time()
-  for i in range(steps):
-    batch = first if i == 0 else batch_fn(i)
-    state, metrics = compiled(state, dist.global_batch(mesh, batch))
-    if i == 0:
-      jax.block_until_ready(state.step)
-      compile_s = time.time() - t0
-      t_mark = time.time()
-    pending.append((i + 1, metrics["loss"]))
-    if (i + 1) % log_every == 0 or i + 1 == steps:
-      for s, loss in pending:
-        history.append({"step": s, "loss": float(loss)})
-      pending.clear()
-      if i > 0:
-        train_s += time.time() - t_mark
-      t_mark = time.time()
-    if eval_fn is not None and eval_every and (i + 1) % eval_every == 0 and i + 1 != steps:
-      if i > 0:
+  final = None
+  with gpu_turn() as waited:
+    t_mark = time.time()
+    for i in range(steps):
+      batch = first if i == 0 else batch_fn(i)
+      state, metrics = compiled(state, dist.global_batch(mesh, batch))
+      if i == 0:
         jax.block_until_ready(state.step)
-        train_s += time.time() - t_mark
-      evaluate(i + 1)
-  jax.block_until_ready(state.step)
-  if eval_fn is not None:
-    evaluate(steps)
+        t_mark = time.time()
+      pending.append((i + 1, metrics["loss"]))
+      if (i + 1) % log_every == 0 or i + 1 == steps:
+        for s, loss in pending:
+          history.append({"step": s, "loss": float(loss)})
+        pending.clear()
+        if i > 0:
+          train_s += time.time() - t_mark
+        t_mark = time.time()
+      if eval_fn is not None and eval_every and (i + 1) % eval_every == 0 and i + 1 != steps:
+        if i > 0:
+          jax.block_until_ready(state.step)
+          train_s += time.time() - t_mark
+        evaluate(i + 1)
+    jax.block_until_ready(state.step)
+    if eval_fn is not None:
+      evaluate(steps)
+    if final_fn is not None:
+      final = final_fn(nnx.merge(graphdef, state.params, rest))
   timed = steps - 1
   return TrainResult(cfg=cfg, params=state.params, graphdef=graphdef, rest=rest, history=history,
                      params_count=counts, tokens_per_step=tokens_per_step, steps=steps, train_s=train_s,
-                     compile_s=compile_s or 0.0,
+                     compile_s=compile_s, compile_wait_s=compile_wait_s, gpu_wait_s=waited, final=final,
                      tokens_per_s=tokens_per_step * timed / train_s if train_s > 0 and timed > 0 else float("nan"),
                      step_memory_bytes=mem, peak_memory_bytes=dist.peak_memory_bytes())
 

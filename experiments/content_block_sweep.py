@@ -108,28 +108,53 @@ def model_inputs(model, tokens: np.ndarray) -> dict:
   return inp
 
 
-def train_sweep(args, impl: str, Gs: list[int]) -> tuple[list[dict], object]:
-  """CARVE LMs with content_block G (same seed, data, steps): val loss and tokens/s."""
+def train_sweep(args, impl: str, Gs: list[int], on_row=None) -> tuple[list[dict], object]:
+  """CARVE LMs with content_block G (same data and steps; seeds 0..train_seeds-1): val loss and tokens/s.
+  Every G's first seed comes first, then the extra seeds. on_row(rows) is called after each run."""
   train, src = C.load_stream(args.tokens_dir, "train")
   val, _ = C.load_stream(args.tokens_dir, "val")
   eval_fn = C.make_loss_eval(C.fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size,
                                              n_batches=args.eval_batches))
+
+  def config(G):
+    return ModelConfig(mixer="carve", vocab_size=256, d_model=args.d_model, n_layers=args.n_layers,
+                       n_heads=args.n_heads, content_block=G, chunk_size=min(G, 64), mlp_multiple=64,
+                       max_seq_len=args.seq_len, compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+
+  for G in Gs:  # every G's step compiles in a background thread from the start
+    C.precompile(config(G), C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)(0),
+                 steps=args.steps, lr=args.lr)
   out, keep = [], None
-  for G in Gs:
-    cfg = ModelConfig(mixer="carve", vocab_size=256, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, content_block=G, chunk_size=min(G, 64), mlp_multiple=64,
-                      max_seq_len=args.seq_len, compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
-    print(f"[content_block_sweep] train G={G}", flush=True)
-    r = C.train_model(cfg, C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0),
-                      steps=args.steps, seed=0, lr=args.lr, eval_fn=eval_fn, eval_every=0)
-    val_loss = [h["val_loss"] for h in r.history if "val_loss" in h][-1]
-    gamma = [np.asarray(b.mixer.gamma[...]).tolist() for b in r.model().blocks]
-    out.append({"G": G, "chunk_size": min(G, 64), "val_loss": val_loss, "tokens_per_s": r.tokens_per_s,
-                "compile_s": r.compile_s, "step_memory_bytes": r.step_memory_bytes, "gamma": gamma, "data": src})
-    print(f"  val {val_loss:.4f}  {r.tokens_per_s:,.0f} tok/s  gamma[0] {np.round(gamma[0], 3)}", flush=True)
-    if G == 64 or keep is None:
-      keep = (G, r.model())
+  for seed in range(args.train_seeds):
+    for G in Gs:
+      print(f"[content_block_sweep] train G={G} seed {seed}", flush=True)
+      r = C.train_model(config(G), C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=seed),
+                        steps=args.steps, seed=seed, lr=args.lr, eval_fn=eval_fn, eval_every=0)
+      val_loss = [h["val_loss"] for h in r.history if "val_loss" in h][-1]
+      gamma = [np.asarray(b.mixer.gamma[...]).tolist() for b in r.model().blocks]
+      out.append({"G": G, "seed": seed, "impl": impl, "chunk_size": min(G, 64), "val_loss": val_loss,
+                  "tokens_per_s": r.tokens_per_s, "train_s": r.train_s, "compile_s": r.compile_s,
+                  "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
+                  "step_memory_bytes": r.step_memory_bytes, "gamma": gamma, "data": src})
+      print(f"  val {val_loss:.4f}  {r.tokens_per_s:,.0f} tok/s  compile {r.compile_s:.1f}s  "
+            f"gamma[0] {np.round(gamma[0], 3)}", flush=True)
+      if (G == 64 and seed == 0) or keep is None:
+        keep = (G, r.model())
+      if on_row is not None:
+        on_row(out)
   return out, (*keep, val)
+
+
+def summarize_train(rows: list[dict]) -> list[dict]:
+  """Per G: seeds, mean and std of val loss, mean tokens/s (over the runs of that G)."""
+  out = []
+  for G in dict.fromkeys(r["G"] for r in rows):
+    rs = [r for r in rows if r["G"] == G]
+    m, sd = C.mean_std(r["val_loss"] for r in rs)
+    out.append({"G": G, "seeds": len(rs), "val_loss_mean": m, "val_loss_std": sd,
+                "tokens_per_s_mean": float(np.mean([r["tokens_per_s"] for r in rs])),
+                "compile_s": max(r["compile_s"] for r in rs), "gamma_layer1_seed0": rs[0]["gamma"][0]})
+  return out
 
 
 def main(argv=None) -> dict:
@@ -143,6 +168,7 @@ def main(argv=None) -> dict:
   p.add_argument("--seeds", type=int, default=2)
   p.add_argument("--train", action="store_true", help="also train CARVE LMs at each G in --train_Gs")
   p.add_argument("--train_Gs", default="16,32,64,128")
+  p.add_argument("--train_seeds", type=int, default=1, help="seeds per G of the trained LMs")
   p.add_argument("--tokens_dir", default=None)
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch_size", type=int, default=32)
@@ -156,7 +182,7 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.tiny:
     args.Gs, args.T, args.B, args.H, args.K, args.seeds = "2,4,8,16,32", 128, 1, 2, 16, 1
-    args.train_Gs, args.steps, args.batch_size, args.seq_len = "16,32", 4, 4, 64
+    args.train_Gs, args.steps, args.batch_size, args.seq_len, args.train_seeds = "16,32", 4, 4, 64, 1
     args.d_model, args.n_layers, args.n_heads, args.eval_batches = 32, 1, 2, 1
   C.enable_compile_cache()
   Gs = [int(x) for x in args.Gs.split(",")]
@@ -170,9 +196,11 @@ def main(argv=None) -> dict:
   trained = []
   if args.train:
     impl = C.pick_impl(args.impl, args.tiny)
-    trained, (G_kept, model, val) = train_sweep(args, impl, [int(x) for x in args.train_Gs.split(",")])
+    trained, (G_kept, model, val) = train_sweep(args, impl, [int(x) for x in args.train_Gs.split(",")],
+                                                on_row=lambda rows: _write(args, Gs, sources, rows))
     _write(args, Gs, sources, trained)  # the trained rows survive a timeout of the sweeps below
     toks = np.stack([val[i * args.T:(i + 1) * args.T] for i in range(args.B)]).astype(np.int32)
+    # No gpu_turn here: these token-by-token scans are mostly compile time (CPU) and tiny kernels.
     inp = model_inputs(model, toks)
     sources[f"trained G={G_kept} LM layer 1, learned gamma"] = sweep(inp, Gs)
     sources[f"trained G={G_kept} LM layer 1, gamma = 1"] = sweep({**inp, "gamma": jnp.ones_like(inp["gamma"])}, Gs)
@@ -184,7 +212,7 @@ def main(argv=None) -> dict:
 def _write(args, Gs, sources, trained) -> dict:
   payload = {"experiment": "content_block_sweep", "tiny": args.tiny, "paper_exponent": C.PAPER["perturbation_exponent"],
              "shape": {"B": args.B, "T": args.T, "H": args.H, "K": args.K, "seeds": args.seeds}, "Gs": Gs,
-             "perturbation": sources, "train": trained,
+             "perturbation": sources, "train": trained, "train_summary": summarize_train(trained) if trained else [],
              "train_shape": ({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                               "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
                              if args.train else None)}
@@ -220,10 +248,17 @@ def _markdown(args, sources, trained) -> str:
     md += f"**{name}**\n\n" + C.md_table(["G", "gate delta", "signal gap rho", "output eps"],
                                          [[r["G"], r["gate"], r["signal"], r["output"]] for r in s["rows"]]) + "\n\n"
   if trained:
-    md += ("Quality and throughput of CARVE LMs against G (same seed, data and steps; kernel chunk = min(G, 64)):\n\n"
-           + C.md_table(["G", "val loss (nats/byte)", "tokens/s", "compile s", "gamma layer 1 (learned)"],
-                        [[t["G"], t["val_loss"], f"{t['tokens_per_s']:,.0f}", t["compile_s"],
-                          " ".join(f"{x:+.3f}" for x in t["gamma"][0])] for t in trained]) + "\n")
+    impl = trained[0].get("impl", "?")
+    ts = (f"d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len} bytes")
+    md += (f"Quality and throughput of CARVE LMs against G ({ts}; same data and steps for every G; seeds "
+           f"0..{max(t['seed'] for t in trained)}; chunk = min(G, 64); impl={impl}):\n\n"
+           + C.md_table(["G", "seeds", "val loss (nats/byte) mean ± std", "tokens/s", "compile s",
+                         "gamma layer 1 (learned, seed 0)"],
+                        [[t["G"], t["seeds"], f"{t['val_loss_mean']:.4f} ± {t['val_loss_std']:.4f}",
+                          f"{t['tokens_per_s_mean']:,.0f}", t["compile_s"],
+                          " ".join(f"{x:+.3f}" for x in t["gamma_layer1_seed0"])] for t in summarize_train(trained)])
+           + "\n")
   else:
     md += "Quality/throughput against G: not run in this invocation (needs --train; GPU).\n"
   return md
@@ -248,11 +283,13 @@ def _figure(sources, trained):
   ax[0].legend(fontsize=7)
   if trained:
     ax2 = ax[2]
-    G = [t["G"] for t in trained]
-    ax2.plot(G, [t["val_loss"] for t in trained], "o-", color="C0")
+    summ = summarize_train(trained)
+    G = [t["G"] for t in summ]
+    ax2.errorbar(G, [t["val_loss_mean"] for t in summ], yerr=[t["val_loss_std"] for t in summ], fmt="o-", color="C0",
+                 capsize=3)
     ax2.set(xscale="log", xlabel="content block G", ylabel="val loss", title="CARVE LM vs G")
     t2 = ax2.twinx()
-    t2.plot(G, [t["tokens_per_s"] for t in trained], "s--", color="C1")
+    t2.plot(G, [t["tokens_per_s_mean"] for t in summ], "s--", color="C1")
     t2.set_ylabel("tokens/s", color="C1")
   fig.tight_layout()
   return fig

@@ -62,21 +62,30 @@ def main(argv=None) -> dict:
     P = train_pairs[int(rng.integers(len(train_pairs)))]
     return mqar_batch(rng, batch_size=args.batch_size, seq_len=args.train_len, num_pairs=P, vocab_size=args.vocab_size)
 
+  def config(mixer):
+    cb = 64 if args.train_len >= 64 else 16
+    return ModelConfig(mixer=mixer, vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
+                       n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32,
+                       max_seq_len=max(T for T, _ in grid), compute_dtype="bfloat16" if C.on_gpu() else "float32",
+                       impl=impl)
+
+  def accuracy(model):
+    return {k: C.masked_accuracy(model, b) for k, b in eval_sets.items()}
+
   runs = []
   name = "mqar" + args.tag
-  for mixer in args.mixers.split(","):
-    cb = 64 if args.train_len >= 64 else 16
-    cfg = ModelConfig(mixer=mixer, vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32,
-                      max_seq_len=max(T for T, _ in grid), compute_dtype="bfloat16" if C.on_gpu() else "float32",
-                      impl=impl)
+  mixers = args.mixers.split(",")
+  for mixer in mixers:  # every mixer's step compiles in a background thread from the start
+    C.precompile(config(mixer), batch_fn(0), steps=args.steps, lr=args.lr)
+  for mixer in mixers:
     print(f"[mqar] {mixer}", flush=True)
-    r = C.train_model(cfg, batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20)
-    model = r.model()
-    acc = {k: C.masked_accuracy(model, b) for k, b in eval_sets.items()}
+    r = C.train_model(config(mixer), batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20,
+                      final_fn=accuracy, warm_fn=accuracy)
+    acc = r.final
     print("  " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
     runs.append({"mixer": mixer, "params": r.params_count, "accuracy": acc, "tokens_per_s": r.tokens_per_s,
-                 "compile_s": r.compile_s, "final_train_loss": r.history[-1]["loss"],
+                 "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
+                 "train_s": r.train_s, "final_train_loss": r.history[-1]["loss"],
                  "train_curve": [(h["step"], h["loss"]) for h in r.history if "loss" in h]})
     _write(name, args, impl, grid, runs)
   return _write(name, args, impl, grid, runs)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from carve_jax.configs import ModelConfig  # noqa: E402
 from experiments import common as C  # noqa: E402
-from experiments.tasks.needle import TASKS, VOCAB_SIZE, needle_batch  # noqa: E402
+from experiments.tasks.needle import TASKS, TRAIN_TASKS, VOCAB_SIZE, needle_batch  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -34,6 +34,10 @@ def main(argv=None) -> dict:
   p.add_argument("--eval_lens", default="1024,2048,4096,8192")
   p.add_argument("--n_needles", type=int, default=4)
   p.add_argument("--width", type=int, default=2, help="tokens per key and per value")
+  p.add_argument("--train_tasks", default=",".join(TASKS),
+                 help=f"training mixture, from {TRAIN_TASKS} (multiquery: denser supervision, training only)")
+  p.add_argument("--train_needles", type=int, default=None,
+                 help="needles per training row of multikey/multivalue/multiquery (default: --n_needles)")
   p.add_argument("--steps", type=int, default=400)
   p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--d_model", type=int, default=128)
@@ -44,7 +48,7 @@ def main(argv=None) -> dict:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   if args.tiny:
-    args.train_len, args.eval_lens, args.n_needles, args.width = 64, "64,128", 2, 1
+    args.train_len, args.eval_lens, args.n_needles, args.width, args.train_needles = 64, "64,128", 2, 1, None
     args.steps, args.batch_size, args.d_model, args.n_layers, args.eval_rows = 10, 8, 32, 1, 8
   C.enable_compile_cache()
   impl = C.pick_impl(args.impl, args.tiny)
@@ -56,27 +60,40 @@ def main(argv=None) -> dict:
                                        seq_len=T, tasks=(task,), stream=val, **kw)
                for i, task in enumerate(TASKS) for T in lens}
 
+  train_tasks = tuple(args.train_tasks.split(","))
+  train_kw = dict(n_needles=args.train_needles or args.n_needles, width=args.width)
+
   def batch_fn(step: int) -> dict:
     return needle_batch(np.random.default_rng([args.seed, step]), batch_size=args.batch_size, seq_len=args.train_len,
-                        stream=train, **kw)
+                        tasks=train_tasks, stream=train, **train_kw)
 
-  runs = []
-  name = "needle" + args.tag
-  for mixer in args.mixers.split(","):
+  def config(mixer):
     cb = 64 if args.train_len >= 64 else 16
-    cfg = ModelConfig(mixer=mixer, vocab_size=VOCAB_SIZE, d_model=args.d_model, n_layers=args.n_layers,
-                      n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32, max_seq_len=max(lens),
-                      compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
-    print(f"[needle] {mixer}", flush=True)
-    r = C.train_model(cfg, batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20)
-    model = r.model()
+    return ModelConfig(mixer=mixer, vocab_size=VOCAB_SIZE, d_model=args.d_model, n_layers=args.n_layers,
+                       n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32, max_seq_len=max(lens),
+                       compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+
+  def accuracy(model):
     acc = {}
     for (task, T), b in eval_sets.items():
       bs = [{k: v[i:i + 8] for k, v in b.items()} for i in range(0, args.eval_rows, 8)] if T >= 4096 else [b]
       acc[f"{task}@{T}"] = C.masked_accuracy(model, bs, per_row=True)
+    return acc
+
+  runs = []
+  name = "needle" + args.tag
+  mixers = args.mixers.split(",")
+  for mixer in mixers:  # every mixer's step compiles in a background thread from the start
+    C.precompile(config(mixer), batch_fn(0), steps=args.steps, lr=args.lr)
+  for mixer in mixers:
+    print(f"[needle] {mixer}", flush=True)
+    r = C.train_model(config(mixer), batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20,
+                      final_fn=accuracy, warm_fn=accuracy)
+    acc = r.final
     print("  " + "  ".join(f"{k}={v:.2f}" for k, v in acc.items()), flush=True)
     runs.append({"mixer": mixer, "params": r.params_count, "accuracy": acc, "tokens_per_s": r.tokens_per_s,
-                 "compile_s": r.compile_s, "final_train_loss": r.history[-1]["loss"]})
+                 "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
+                 "train_s": r.train_s, "final_train_loss": r.history[-1]["loss"]})
     _write(name, args, impl, src, lens, runs)
   return _write(name, args, impl, src, lens, runs)
 
@@ -84,15 +101,17 @@ def main(argv=None) -> dict:
 def _write(name, args, impl, src, lens, runs) -> dict:
   payload = {"experiment": "needle", "tiny": args.tiny, "impl": impl, "haystack": src,
              "task": {"train_len": args.train_len, "eval_lens": lens, "n_needles": args.n_needles, "width": args.width,
-                      "eval_rows": args.eval_rows, "tasks": list(TASKS)},
+                      "eval_rows": args.eval_rows, "tasks": list(TASKS), "train_tasks": args.train_tasks.split(","),
+                      "train_needles": args.train_needles or args.n_needles},
              "model": {"d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads},
              "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "runs": runs}
   cols = [f"{t}@{T}" for t in TASKS for T in lens]
   rows = [[r["mixer"], r["params"]["total"]] + [r["accuracy"][c] for c in cols] for r in runs]
   md = (f"Needle probes; one model per mixer (d_model {args.d_model}, {args.n_layers} layers, seed {args.seed}) "
         f"trained {args.steps} steps x {args.batch_size} rows of {args.train_len} tokens on a uniform mixture of "
-        f"the three tasks ({args.n_needles} needles for multi-key/multi-value, keys and values of {args.width} "
-        f"tokens); haystack: {src}. Exact-match accuracy over {args.eval_rows} held-out rows per cell "
+        f"{{{args.train_tasks}}} ({args.train_needles or args.n_needles} needles per training row of the many-needle "
+        f"tasks), probed with {args.n_needles} needles for multi-key/multi-value; keys and values of {args.width} "
+        f"tokens; haystack: {src}. Exact-match accuracy over {args.eval_rows} held-out rows per cell "
         f"(validation text as haystack). impl={impl}.\n\n" + C.md_table(["mixer", "params"] + cols, rows))
   plt = C.plt()
   fig, axs = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=True)

@@ -70,6 +70,24 @@ def test_needle_answer_is_retrievable(task):
     assert hay.min() >= 1  # 0 never appears in the haystack
 
 
+def test_needle_multiquery_training_rows():
+  """The training-only task: every needle's key queried once, each answer masked where it is predicted."""
+  T, n, w = 300, 4, 2
+  b = nd.needle_batch(np.random.default_rng(2), batch_size=5, seq_len=T, tasks=("multiquery",), n_needles=n, width=w)
+  x, y, m = b["inputs"], b["targets"], b["mask"]
+  for r in range(5):
+    seq = np.concatenate([x[r], y[r, -1:]])
+    starts = np.flatnonzero(seq == nd.NEEDLE)
+    bound = {tuple(seq[s + 1:s + 1 + w]): tuple(seq[s + 2 + w:s + 2 + 2 * w]) for s in starts}
+    qs = np.flatnonzero(seq == nd.QUERY)
+    assert len(starts) == len(qs) == n and len(bound) == n
+    asked = [tuple(seq[q + 1:q + 1 + w]) for q in qs]
+    assert sorted(asked) == sorted(bound)  # every key asked once
+    expected = [t for k in asked for t in bound[k]]
+    assert y[r][m[r] > 0].tolist() == expected and int(m[r].sum()) == n * w
+    assert qs[-1] + 2 + 2 * w == T + 1  # the last answer ends the row
+
+
 def test_needle_validates():
   with pytest.raises(ValueError, match="task"):
     nd.needle_row(np.random.default_rng(0), "bogus", 64)
@@ -101,3 +119,55 @@ def test_lm_windows():
   assert [x["inputs"][0, 0] for x in v] == [0, 20, 40]
   with pytest.raises(ValueError, match="need"):
     fixed_batches(stream, seq_len=100, batch_size=5, n_batches=3)
+
+
+def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
+  """Processes sharing CARVE_GPU_LOCK hold the GPU one at a time; a waiting higher priority goes first."""
+  import subprocess
+  import textwrap
+  import time
+
+  lock, log, go = tmp_path / "gpu.lock", tmp_path / "order.txt", tmp_path / "go"
+  script = textwrap.dedent(f"""
+      import os, sys, time
+      sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+      from experiments.common import gpu_turn
+      with gpu_turn() as waited:
+          with open({str(log)!r}, "a") as f:
+              f.write(sys.argv[1] + " in\\n")
+          while sys.argv[1] == "holder" and not os.path.exists({str(go)!r}):
+              time.sleep(0.01)
+          with open({str(log)!r}, "a") as f:
+              f.write(sys.argv[1] + " out\\n")
+  """)
+
+  def start(name, prio):
+    return subprocess.Popen([sys.executable, "-c", script, name],
+                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"})
+
+  def wait_for(cond):
+    deadline = time.time() + 60
+    while not cond():
+      assert time.time() < deadline
+      time.sleep(0.02)
+
+  procs = [start("holder", 0)]
+  wait_for(lambda: log.exists() and "holder in" in log.read_text())
+  procs.append(start("low", 0))
+  wait_for(lambda: len(list(tmp_path.glob("gpu.lock.wait.0.*"))) == 1)
+  procs.append(start("high", 5))
+  wait_for(lambda: len(list(tmp_path.glob("gpu.lock.wait.5.*"))) == 1)
+  go.touch()
+  for p in procs:
+    assert p.wait(timeout=60) == 0
+  lines = log.read_text().split()
+  events = [" ".join(lines[i:i + 2]) for i in range(0, len(lines), 2)]
+  assert events == ["holder in", "holder out", "high in", "high out", "low in", "low out"]
+  assert not list(tmp_path.glob("gpu.lock.wait.*"))  # markers cleaned up
+
+
+def test_gpu_turn_without_lock_is_a_no_op(monkeypatch):
+  from experiments.common import gpu_turn
+  monkeypatch.delenv("CARVE_GPU_LOCK", raising=False)
+  with gpu_turn() as waited:
+    assert waited == 0.0

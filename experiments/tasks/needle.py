@@ -12,6 +12,9 @@ Tasks (`TASKS`):
   multikey:    `n_needles` needles with distinct keys; one is queried; the answer is its value.
   multivalue:  `n_needles` needles with the SAME key and distinct values; the answer is all values
                in the order they appear.
+Training-only task (`TRAIN_TASKS`), denser supervision for models trained from scratch on the probes:
+  multiquery:  `n_needles` needles with distinct keys, then every key queried once, in random order,
+               each query followed by its answer: QUERY k SEP v QUERY k' SEP v' ... at the end.
 `mask` marks the input positions whose next-token targets are the answer tokens; a row is correct
 when every masked position is predicted (teacher-forced argmax, which equals greedy decoding when
 all of them are right).
@@ -26,6 +29,7 @@ KEY_RANGE = (260, 386)
 VALUE_RANGE = (386, 512)
 VOCAB_SIZE = 512
 TASKS = ("single", "multikey", "multivalue")
+TRAIN_TASKS = TASKS + ("multiquery",)
 
 
 def _code(rng, lo_hi, width, n, distinct):
@@ -45,20 +49,24 @@ def _code(rng, lo_hi, width, n, distinct):
 def needle_row(rng: np.random.Generator, task: str, seq_len: int, *, stream: np.ndarray | None = None,
                n_needles: int = 4, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
   """One row: (seq int64 [seq_len + 1], mask float32 [seq_len]) with inputs = seq[:-1], targets = seq[1:]."""
-  if task not in TASKS:
-    raise ValueError(f"needle_row: argument `task` must be one of {TASKS}, got {task!r}")
+  if task not in TRAIN_TASKS:
+    raise ValueError(f"needle_row: argument `task` must be one of {TRAIN_TASKS}, got {task!r}")
   n = 1 if task == "single" else n_needles
   if task == "multivalue":
     keys = _code(rng, KEY_RANGE, width, 1, True) * n
     vals = _code(rng, VALUE_RANGE, width, n, True)
-    asked, answer = keys[0], [t for v in vals for t in v]
+    queries = [(keys[0], [t for v in vals for t in v])]
   else:
     keys = _code(rng, KEY_RANGE, width, n, True)
     vals = _code(rng, VALUE_RANGE, width, n, False)
-    j = int(rng.integers(n))
-    asked, answer = keys[j], list(vals[j])
+    asked = rng.permutation(n) if task == "multiquery" else [int(rng.integers(n))]
+    queries = [(keys[j], list(vals[j])) for j in asked]
   needles = [[NEEDLE, *k, SEP, *v] for k, v in zip(keys, vals)]
-  query = [QUERY, *asked, SEP, *answer]
+  query, answer_at = [], []
+  for k, answer in queries:
+    query += [QUERY, *k, SEP]
+    answer_at += range(len(query), len(query) + len(answer))
+    query += answer
   hay_len = seq_len + 1 - len(query) - sum(len(x) for x in needles)
   if hay_len < 1:
     raise ValueError(f"needle_row: argument `seq_len`={seq_len} is too short for {n} needles and the query")
@@ -76,7 +84,8 @@ def needle_row(rng: np.random.Generator, task: str, seq_len: int, *, stream: np.
   parts += [hay[prev:], np.asarray(query, np.int64)]
   seq = np.concatenate(parts)
   mask = np.zeros(seq_len, np.float32)
-  mask[seq_len - len(answer):] = 1.0
+  start = seq_len + 1 - len(query)  # the query block's first position in seq
+  mask[[start + a - 1 for a in answer_at]] = 1.0  # input position i predicts seq[i + 1]
   return seq, mask
 
 
