@@ -310,11 +310,24 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _wait_marker() -> str | None:
+  path = os.environ.get("CARVE_GPU_LOCK")
+  return f"{path}.wait.{int(os.environ.get('CARVE_GPU_PRIORITY', '0'))}.{os.getpid()}" if path else None
+
+
+def announce_gpu_turn() -> None:
+  """Marks this process as about to ask for `gpu_turn` (its step is compiled; it is only setting up),
+  so that lower priorities do not take the GPU in that gap. `gpu_turn` clears the mark."""
+  marker = _wait_marker()
+  if marker:
+    Path(marker).touch()
+
+
 @contextlib.contextmanager
 def gpu_turn():
   """Exclusive use of the GPU among the processes that share CARVE_GPU_LOCK (a file path); yields
   the seconds waited. A process with a higher CARVE_GPU_PRIORITY (int, default 0) that is waiting
-  goes first. Without CARVE_GPU_LOCK: no lock, waits 0 s."""
+  (or has called `announce_gpu_turn`) goes first. Without CARVE_GPU_LOCK: no lock, waits 0 s."""
   path = os.environ.get("CARVE_GPU_LOCK")
   if not path:
     yield 0.0
@@ -323,7 +336,7 @@ def gpu_turn():
   import glob
 
   prio = int(os.environ.get("CARVE_GPU_PRIORITY", "0"))
-  marker = f"{path}.wait.{prio}.{os.getpid()}"
+  marker = _wait_marker()
   Path(marker).touch()
   t0 = time.time()
   f = open(path, "a")
@@ -374,6 +387,7 @@ def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int
   if key in _CLAIMED:
     compile_s = 0.0
   _CLAIMED.add(key)
+  announce_gpu_turn()  # compiled: from here on a lower priority should not start a run ahead of this one
   mesh, graphdef, rest, optimizer, state, counts = _setup(cfg, steps=steps, seed=seed, lr=lr, warmup=warmup,
                                                           weight_decay=weight_decay)
   mem = compiled_memory(compiled)

@@ -166,6 +166,43 @@ def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
   assert not list(tmp_path.glob("gpu.lock.wait.*"))  # markers cleaned up
 
 
+def test_announced_higher_priority_goes_before_a_waiting_lower_one(tmp_path):
+  """A process that has announced its next run (still setting up) keeps lower priorities waiting."""
+  import subprocess
+  import textwrap
+  import time
+
+  lock, log, go = tmp_path / "gpu.lock", tmp_path / "order.txt", tmp_path / "go"
+  script = textwrap.dedent(f"""
+      import os, sys, time
+      sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+      from experiments.common import announce_gpu_turn, gpu_turn
+      if sys.argv[1] == "high":
+          announce_gpu_turn()
+          while not os.path.exists({str(go)!r}):
+              time.sleep(0.01)
+          time.sleep(0.3)  # still setting up after the go
+      with gpu_turn():
+          with open({str(log)!r}, "a") as f:
+              f.write(sys.argv[1] + "\\n")
+  """)
+
+  def start(name, prio):
+    return subprocess.Popen([sys.executable, "-c", script, name],
+                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"})
+
+  high = start("high", 3)
+  deadline = time.time() + 60
+  while not list(tmp_path.glob("gpu.lock.wait.3.*")):
+    assert time.time() < deadline
+    time.sleep(0.02)
+  low = start("low", 0)
+  time.sleep(0.5)
+  go.touch()
+  assert high.wait(timeout=60) == 0 and low.wait(timeout=60) == 0
+  assert log.read_text().split() == ["high", "low"]
+
+
 def test_gpu_turn_without_lock_is_a_no_op(monkeypatch):
   from experiments.common import gpu_turn
   monkeypatch.delenv("CARVE_GPU_LOCK", raising=False)
