@@ -179,7 +179,11 @@ def main(argv=None) -> dict:
   p.add_argument("--lr", type=float, default=2e-3)
   p.add_argument("--eval_batches", type=int, default=8)
   p.add_argument("--no_random", action="store_true", help="skip the random-input sweeps (run them on a CPU)")
+  p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot of an existing results file")
   args = p.parse_args(argv)
+  if args.replot:
+    print(replot(args.replot))
+    return {}
   if args.tiny:
     args.Gs, args.T, args.B, args.H, args.K, args.seeds = "2,4,8,16,32", 128, 1, 2, 16, 1
     args.train_Gs, args.steps, args.batch_size, args.seq_len, args.train_seeds = "16,32", 4, 4, 64, 1
@@ -265,34 +269,50 @@ def _markdown(args, sources, trained) -> str:
 
 
 def _figure(sources, trained):
+  """Gate and output perturbation against G (when there are perturbation sweeps) and the trained LMs'
+  validation loss and tokens/s against G (when there are trained runs)."""
   plt = C.plt()
-  n = 3 if trained else 2
-  fig, ax = plt.subplots(1, n, figsize=(5 * n, 3.8))
-  for i, (name, s) in enumerate(sources.items()):
-    G = [r["G"] for r in s["rows"]]
-    ax[0].loglog(G, [r["gate"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
-    ax[1].loglog(G, [r["output"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
-  for a in ax[:2]:
-    G = np.array([16, 128], float)
-    ys = [float(np.interp(16, l.get_xdata(), l.get_ydata())) for l in a.get_lines()]
-    if ys:
-      a.loglog(G, min(ys) * (G / 16) ** -0.5, "k--", lw=1, label="paper: G^-1/2 (slope)")
-    a.set_xlabel("content block G")
-  ax[0].set(ylabel="mean |b_block - b_token|", title="gate perturbation")
-  ax[1].set(ylabel="||o_G - o_1|| / ||o_1||", title="output perturbation")
-  ax[0].legend(fontsize=7)
+  n = (2 if sources else 0) + (1 if trained else 0)
+  fig, ax = plt.subplots(1, max(n, 1), figsize=(5 * max(n, 1), 3.8), squeeze=False)
+  ax = list(ax[0])
+  if sources:
+    for i, (name, s) in enumerate(sources.items()):
+      G = [r["G"] for r in s["rows"]]
+      ax[0].loglog(G, [r["gate"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
+      ax[1].loglog(G, [r["output"] for r in s["rows"]], "o-", color=f"C{i}", label=name)
+    for a in ax[:2]:
+      G = np.array([16, 128], float)
+      ys = [float(np.interp(16, l.get_xdata(), l.get_ydata())) for l in a.get_lines()]
+      if ys:
+        a.loglog(G, min(ys) * (G / 16) ** -0.5, "k--", lw=1, label="paper: G^-1/2 (slope)")
+      a.set_xlabel("content block G")
+    ax[0].set(ylabel="mean |b_block - b_token|", title="gate perturbation")
+    ax[1].set(ylabel="||o_G - o_1|| / ||o_1||", title="output perturbation")
+    ax[0].legend(fontsize=7)
   if trained:
-    ax2 = ax[2]
+    ax2 = ax[-1]
     summ = summarize_train(trained)
     G = [t["G"] for t in summ]
     ax2.errorbar(G, [t["val_loss_mean"] for t in summ], yerr=[t["val_loss_std"] for t in summ], fmt="o-", color="C0",
                  capsize=3)
-    ax2.set(xscale="log", xlabel="content block G", ylabel="val loss", title="CARVE LM vs G")
+    ax2.set(xscale="log", xlabel="content block G", ylabel="val loss (nats/byte)",
+            title=f"CARVE LM vs G ({', '.join(f'G={g}' for g in G)} trained)")
     t2 = ax2.twinx()
     t2.plot(G, [t["tokens_per_s_mean"] for t in summ], "s--", color="C1")
     t2.set_ylabel("tokens/s", color="C1")
   fig.tight_layout()
   return fig
+
+
+def replot(json_path: str) -> str:
+  """Redraws <name>.png from a results file <name>.json of this script (same numbers, current figure code)."""
+  import json
+  payload = json.loads(Path(json_path).read_text())
+  fig = _figure(payload["perturbation"], payload["train"])
+  out = str(Path(json_path).with_suffix(".png"))
+  fig.savefig(out, dpi=110, bbox_inches="tight")
+  C.plt().close(fig)
+  return out
 
 
 if __name__ == "__main__":
