@@ -238,9 +238,13 @@ def _fit_line(s: dict) -> str:
 
 
 def _markdown(args, sources, trained) -> str:
-  md = (f"Gate perturbation of the block-level content signal against content block G (B={args.B}, T={args.T}, "
-        f"H={args.H}, K=V={args.K}; random inputs averaged over {args.seeds} seeds). Fitted exponent p of "
-        f"metric ∝ G^p; the paper reports p = -1/2 for L up to 128.\n\n")
+  if any(k.startswith("random") for k in sources):
+    what = (f"B={args.B}, T={args.T}, H={args.H}, K=V={args.K}; random inputs averaged over {args.seeds} seeds"
+            + ("; and the first layer's inputs of a trained LM" if args.train else ""))
+  else:
+    what = f"the first layer's inputs of the trained LM on {args.B} x {args.T} validation bytes; no random inputs"
+  md = (f"Gate perturbation of the block-level content signal against content block G ({what}). Fitted "
+        f"exponent p of metric ∝ G^p; the paper reports p = -1/2 for L up to 128.\n\n")
   rows = []
   for name, s in sources.items():
     for metric in ("gate", "signal", "output"):
