@@ -442,6 +442,28 @@ def train_model(cfg: ModelConfig, batch_fn: Callable[[int], dict], *, steps: int
                      step_memory_bytes=mem, peak_memory_bytes=dist.peak_memory_bytes())
 
 
+def train_task_models(task: str, mixers: list[str], config: Callable[[str], ModelConfig],
+                      batch_fn: Callable[[int], dict], *, steps: int, seed: int, lr: float,
+                      accuracy: Callable, on_run: Callable[[list[dict]], object], digits: int = 3) -> list[dict]:
+  """Train one model per mixer on a synthetic task (every step compiles in the background first) and
+  return one record each: params, final accuracy dict, throughput, timings, loss curve. on_run(runs)
+  is called after each model (partial results survive a time limit)."""
+  for mixer in mixers:
+    precompile(config(mixer), batch_fn(0), steps=steps, lr=lr)
+  runs = []
+  for mixer in mixers:
+    print(f"[{task}] {mixer}", flush=True)
+    r = train_model(config(mixer), batch_fn, steps=steps, seed=seed, lr=lr, log_every=20, final_fn=accuracy,
+                    warm_fn=accuracy)
+    print("  " + "  ".join(f"{k}={v:.{digits}f}" for k, v in r.final.items()), flush=True)
+    runs.append({"mixer": mixer, "params": r.params_count, "accuracy": r.final, "tokens_per_s": r.tokens_per_s,
+                 "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
+                 "train_s": r.train_s, "final_train_loss": r.history[-1]["loss"],
+                 "train_curve": [(h["step"], h["loss"]) for h in r.history if "loss" in h]})
+    on_run(runs)
+  return runs
+
+
 def make_loss_eval(batches: list[dict]) -> Callable:
   """eval_fn(model) -> mean masked loss over fixed batches (one jitted forward per shape)."""
   fwd = nnx.jit(lambda m, b: masked_loss(m, b))

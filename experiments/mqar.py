@@ -72,22 +72,9 @@ def main(argv=None) -> dict:
   def accuracy(model):
     return {k: C.masked_accuracy(model, b) for k, b in eval_sets.items()}
 
-  runs = []
   name = "mqar" + args.tag
-  mixers = args.mixers.split(",")
-  for mixer in mixers:  # every mixer's step compiles in a background thread from the start
-    C.precompile(config(mixer), batch_fn(0), steps=args.steps, lr=args.lr)
-  for mixer in mixers:
-    print(f"[mqar] {mixer}", flush=True)
-    r = C.train_model(config(mixer), batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20,
-                      final_fn=accuracy, warm_fn=accuracy)
-    acc = r.final
-    print("  " + "  ".join(f"{k}={v:.3f}" for k, v in acc.items()), flush=True)
-    runs.append({"mixer": mixer, "params": r.params_count, "accuracy": acc, "tokens_per_s": r.tokens_per_s,
-                 "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
-                 "train_s": r.train_s, "final_train_loss": r.history[-1]["loss"],
-                 "train_curve": [(h["step"], h["loss"]) for h in r.history if "loss" in h]})
-    _write(name, args, impl, grid, runs)
+  runs = C.train_task_models("mqar", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
+                             lr=args.lr, accuracy=accuracy, on_run=lambda runs: _write(name, args, impl, grid, runs))
   return _write(name, args, impl, grid, runs)
 
 

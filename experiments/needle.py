@@ -80,21 +80,10 @@ def main(argv=None) -> dict:
       acc[f"{task}@{T}"] = C.masked_accuracy(model, bs, per_row=True)
     return acc
 
-  runs = []
   name = "needle" + args.tag
-  mixers = args.mixers.split(",")
-  for mixer in mixers:  # every mixer's step compiles in a background thread from the start
-    C.precompile(config(mixer), batch_fn(0), steps=args.steps, lr=args.lr)
-  for mixer in mixers:
-    print(f"[needle] {mixer}", flush=True)
-    r = C.train_model(config(mixer), batch_fn, steps=args.steps, seed=args.seed, lr=args.lr, log_every=20,
-                      final_fn=accuracy, warm_fn=accuracy)
-    acc = r.final
-    print("  " + "  ".join(f"{k}={v:.2f}" for k, v in acc.items()), flush=True)
-    runs.append({"mixer": mixer, "params": r.params_count, "accuracy": acc, "tokens_per_s": r.tokens_per_s,
-                 "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
-                 "train_s": r.train_s, "final_train_loss": r.history[-1]["loss"]})
-    _write(name, args, impl, src, lens, runs)
+  runs = C.train_task_models("needle", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
+                             lr=args.lr, accuracy=accuracy, digits=2,
+                             on_run=lambda runs: _write(name, args, impl, src, lens, runs))
   return _write(name, args, impl, src, lens, runs)
 
 
