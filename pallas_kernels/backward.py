@@ -71,6 +71,8 @@ def _bprep_kernel(*refs, carve, scale, dt, ks):
 
 
 def bprep(q, k, g, b, c, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
+  """(W, q e^G, Kd [B, Tp, H, K] in dt.store; G_C [B, H, N, K]; A [B, Tp, H, C]; dV_loc [B, Tp, H, V]).
+  c: CARVE's saved content signal [B, H, N, K] (b then holds the erase logits), or None."""
   B, Tp, H, K = q.shape
   V, N = do.shape[-1], Tp // C
   t = tiles(C, B, H)
