@@ -60,7 +60,7 @@ def _bprep_kernel(*refs, carve, scale, dt, ks):
   A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   dvl_ref[...] = (scale * mm(jnp.where(lower, Aqk, 0.0), do_ref[...], dt.dot, trans_a=True)).astype(dvl_ref.dtype)
-  for sl in ks:
+  for sl in ks:  # reloaded and recomputed rather than kept from the first loop: fewer live registers
     q, k, g = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
     G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
     eG = jnp.exp(G)
@@ -75,7 +75,7 @@ def bprep(q, k, g, b, c, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
   c: CARVE's saved content signal [B, H, N, K] (b then holds the erase logits), or None."""
   B, Tp, H, K = q.shape
   V, N = do.shape[-1], Tp // C
-  t = tiles(C, B, H)
+  t = tiles(C)
   sd = jax.ShapeDtypeStruct
   carve = c is not None
   in_specs = [t["tok"](K)] * 4 + ([t["vec"](K), t["head"](K)] if carve else []) + [t["tok"](V)]

@@ -51,7 +51,7 @@ class Dtypes:
       self.cdt = self.store = F32
 
 
-def tiles(C, B, H):
+def tiles(C):
   """BlockSpec factories for chunk-parallel kernels on grid (B, H, N)."""
   return dict(
       tok=lambda D: pl.BlockSpec((None, C, None, D), lambda b, h, n: (b, n, h, 0)),
@@ -101,7 +101,7 @@ def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref
     L = L + Lp
   A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-  for sl in ks:
+  for sl in ks:  # reloaded and recomputed rather than kept from the first loop: fewer live registers
     k, g = k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
     G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
     W_ref[:, sl] = mm(A, b_ref[:, sl].astype(cdt) * k * jnp.exp(G), dt.inv).astype(W_ref.dtype)
@@ -114,7 +114,7 @@ def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   B, Tp, H, K = k.shape
   V, N = v.shape[-1], Tp // C
   has_beta = w.ndim == 3
-  t = tiles(C, B, H)
+  t = tiles(C)
   sd = jax.ShapeDtypeStruct
   return pl.pallas_call(
       functools.partial(_prep_kernel, has_beta=has_beta, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
@@ -177,7 +177,7 @@ def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h
     A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
     vn = mm(A, X, dt.inv)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
-    for sl, S in zip(ks, Ss):
+    for sl, S in zip(ks, Ss):  # k and G reloaded / recomputed, not kept live across the solve
       g = g_ref[rows, sl].astype(cdt)
       G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
       kd = k_ref[rows, sl].astype(cdt) * jnp.exp(GC[None, :] - G)
@@ -228,7 +228,7 @@ def output(q, k, g, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret
   """o [B, Tp, H, V] in q's dtype."""
   B, Tp, H, K = q.shape
   V, N = vn.shape[-1], Tp // C
-  t = tiles(C, B, H)
+  t = tiles(C)
   return pl.pallas_call(
       functools.partial(_output_kernel, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["state"](K, V), t["tok"](V)],

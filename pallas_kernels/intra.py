@@ -115,7 +115,7 @@ class Decay:
   """
 
   def __init__(self, G):
-    C, K = G.shape
+    C = G.shape[0]
     self.G, self.C, self.ng = G, C, C // DECAY_GROUP
     self.rows = iota(C, 1, 0)
     self.Gend = [row_of(G, DECAY_GROUP * (h + 1) - 1) for h in range(self.ng)]
