@@ -223,14 +223,13 @@ def main():
   print(fla_log, flush=True)
   for (name, B, T), r in fla.items():
     results.append(dict(impl=name, B=B, T=T, **r))
-  for si, (B, T) in enumerate(shapes):
+  # every shape's main rows first, then the variants (first shape), then the breakdown: a time-out cuts the extras
+  variants = [v for v in args.variants.split(",") if v]
+  plan = [(B, T, args.impls.split(",")) for B, T in shapes] + ([(*shapes[0], variants)] if variants else [])
+  for B, T, names in plan:
     x = inputs(B, T)
     ffl, fbfl, detail = floors(B, T, bw, rate)
     table = ops(x)
-    if args.breakdown and si == 0:
-      results.append(dict(impl="breakdown", B=B, T=T, kernels_ms=breakdown(x, args.reps)))
-      write(args, results, shapes, bw, rate, dev, quiet=True)
-    names = args.impls.split(",") + ([v for v in args.variants.split(",") if v] if si == 0 else [])
     for name in names:
       fn, a = table[name]
       row = dict(impl=name, B=B, T=T)
@@ -252,6 +251,9 @@ def main():
       results.append(row)
       print(json.dumps(row), flush=True)
       write(args, results, shapes, bw, rate, dev, quiet=True)  # a time-out keeps what was measured
+  if args.breakdown:
+    B, T = shapes[0]
+    results.append(dict(impl="breakdown", B=B, T=T, kernels_ms=breakdown(inputs(B, T), args.reps)))
   write(args, results, shapes, bw, rate, dev)
 
 
