@@ -3,8 +3,8 @@
 # Needs, carried (git-ignored): .whl/ (grain, array_record, portpicker, importlib_resources wheels for
 # Python 3.12; the GPU image has jax, flax, optax, chex, orbax) and .data/exp (byte export:
 # python -m carve_jax.data export --size full --tokenizer byte --max-mb 6 --out .data/exp).
-#   ONLY=lm_compare,content_block_sweep bash experiments/gpu_experiments.sh   # call A (~6 min of GPU)
-#   ONLY=mqar,needle bash experiments/gpu_experiments.sh                      # call B (~6 min of GPU)
+#   ONLY=lm_compare,content_block_sweep BUDGET=470 bash experiments/gpu_experiments.sh  # 297 s on the H200 (call 4)
+#   ONLY=mqar,needle BUDGET=555 bash experiments/gpu_experiments.sh                     # 501 s on the H200 (call 6)
 #   BUDGET=500 bash experiments/gpu_experiments.sh   # all four; seconds until every experiment is stopped
 #   EXTRA=--tiny THREADS=1 JAX_PLATFORMS=cpu PY=.venv/bin/python bash experiments/gpu_experiments.sh  # CPU, tiny sizes
 # then: $OUT/results.tgz (refreshed every 20 s, so a cut call still returns what was written), $OUT/log.txt.
@@ -12,8 +12,11 @@
 # Sizes. The H200 call of 2026-12-01 (experiments/results/gpu_run3_log.txt) measured the XLA chunk form
 # at 146k-197k training tokens/s for every model here, small or not (d 128 x 2 layers MQAR: 146k; d 384
 # x 4 layers LM: 184k-196k): a run's GPU time is its token count / ~170k. The sizes below are set from
-# that: lm_compare 9 runs x 3.3M tokens (~20 s each), the G sweep 8 runs x 3.3M, MQAR and needle
-# 5 runs x 6.5M tokens (~40 s each). All four do not fit one 9-minute call: use the two calls above.
+# that: lm_compare 9 runs x 3.3M tokens (~20 s each), the G sweep 8 runs x 3.3M; MQAR 5 runs x 14.7M
+# tokens (~75 s each at the ~190k tokens/s measured in call 6) and needle 5 runs x 24.6M tokens (~40 s each:
+# it trains at ~600k tokens/s). All four do not fit one 9-minute call: use the two calls above. At these
+# sizes needle (trained at 512 tokens) stays on its loss plateau for every mixer; trained at 128 tokens on a
+# CPU it does not (experiments/results/needle_cpu.md): train the next GPU needle run short.
 # (That call ran all four at once with MQAR at 24.6M tokens a mixer; MQAR's first model held the GPU
 # for 168 s, and needle and most of the rest never got it.)
 #
