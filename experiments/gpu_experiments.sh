@@ -13,8 +13,8 @@
 # at 146k-197k training tokens/s for every model here, small or not (d 128 x 2 layers MQAR: 146k; d 384
 # x 4 layers LM: 184k-196k): a run's GPU time is its token count / ~170k. The sizes below are set from
 # that: lm_compare 9 runs x 3.3M tokens (~20 s each), the G sweep 8 runs x 3.3M; MQAR 5 runs x 14.7M
-# tokens (~75 s each at the ~190k tokens/s measured in call 6) and needle 5 runs x 24.6M tokens (~40 s each:
-# it trains at ~600k tokens/s). All four do not fit one 9-minute call: use the two calls above. At these
+# tokens (up to ~75 s each: 190k-380k tokens/s in call 6) and needle 5 runs x 24.6M tokens (~35 s each:
+# it trains at 670k-1.56M tokens/s). All four do not fit one 9-minute call: use the two calls above. At these
 # sizes needle (trained at 512 tokens) stays on its loss plateau for every mixer; trained at 128 tokens on a
 # CPU it does not (experiments/results/needle_cpu.md): train the next GPU needle run short.
 # (That call ran all four at once with MQAR at 24.6M tokens a mixer; MQAR's first model held the GPU
