@@ -16,7 +16,7 @@
 # tokens (up to ~75 s each: 190k-380k tokens/s in call 6) and needle 5 runs x 24.6M tokens (~35 s each:
 # it trains at 670k-1.56M tokens/s). All four do not fit one 9-minute call: use the two calls above. At these
 # sizes needle (trained at 512 tokens) stays on its loss plateau for every mixer; trained at 128 tokens on a
-# CPU it does not (experiments/results/needle_cpu.md): train the next GPU needle run short.
+# CPU, CARVE and GDN-2 leave it with one seed of three (experiments/results/needle_cpu*.md): train short.
 # (That call ran all four at once with MQAR at 24.6M tokens a mixer; MQAR's first model held the GPU
 # for 168 s, and needle and most of the rest never got it.)
 #
