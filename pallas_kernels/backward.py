@@ -110,7 +110,7 @@ def bstate(qe, W, kd, gc, dvl, do, dsf, *, scale, C, cfg: TuningConfig, dt: Dtyp
   """(dh [B, H, N, K, V] = dS_out per chunk, dV_new [B, Tp, H, V] float32, dS_0 [B, H, K, V])."""
   B, Tp, H, K = qe.shape
   V, N = do.shape[-1], Tp // C
-  BV = V if cfg.state_block_v is None else min(cfg.state_block_v, V)
+  BV = cfg.value_tile(V)
   s = seq_specs(Tp, N)
   sd = jax.ShapeDtypeStruct
   return pl.pallas_call(

@@ -65,6 +65,10 @@ class TuningConfig:
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"TuningConfig: `num_stages` must be a positive int, got {self.num_stages!r}")
 
+  def value_tile(self, V: int) -> int:
+    """Value-axis tile of the state passes that tile V (`state_block_v`, at most V; all of V for None)."""
+    return V if self.state_block_v is None else min(self.state_block_v, V)
+
   @staticmethod
   def check_shapes(*, chunk_size: int, K: int, V: int) -> None:
     """Raises ValueError when the chunk or head sizes cannot be tiled by the kernels."""

@@ -142,7 +142,7 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
   """(h [B, H, N, K, V], V_new [B, Tp, H, V], S_final [B, H, K, V]) from the prepared W, U, Kd, G_C."""
   B, Tp, H, K = W.shape
   V, N = U.shape[-1], Tp // C
-  BV = V if cfg.state_block_v is None else min(cfg.state_block_v, V)
+  BV = cfg.value_tile(V)
   s = seq_specs(Tp, N)
   sd = jax.ShapeDtypeStruct
   return pl.pallas_call(
