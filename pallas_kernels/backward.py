@@ -9,7 +9,9 @@ cotangents dO and dS_out of the state leaving it (and W, A, Aqk, Kd of `forward.
     dX     = A^T dV_new,  d(w v) = dX,  d(b k e^G) = -dX S_in^T
     dL     = -StrictLower[dX V_new^T],  dAqk = scale Lower[dO V_new^T],  dKd = V_new dS_out^T
 
-1. `_bprep_kernel`, chunk-parallel: W, q e^G, Kd, G_C, A and dV_loc = scale Aqk^T dO.
+1. `_bprep_kernel`, chunk-parallel: dV_loc = scale Aqk^T dO from the forward's Aqk; for CARVE also
+   W = A (b k e^G) from the forward's A and the saved gate (the gamma-free forward keeps its W). The
+   forward also keeps q e^G, Kd and G_C, so nothing of the WY form is recomputed here.
 2. `_bstate_kernel`, sequential in reverse (grid B x H x V/BV; linear in V, so value tiles are
    independent): stores dS_out of every chunk (dh) and dV_new; returns dS_0.
 3. `_grad_kernel`, chunk-parallel: every input gradient of a chunk from S_in = h, dS_out = dh,
@@ -31,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.config import TuningConfig
 from pallas_kernels.forward import Dtypes, kblocks, params, seq_specs, tiles, write_gate
-from pallas_kernels.intra import Decay, block_unit_lower_inv, lower_masks, mm, revcumsum
+from pallas_kernels.intra import Decay, lower_masks, mm, revcumsum
 
 
 def _gate(b_ref, c_ref, gam_ref, sl, cdt):
@@ -44,50 +46,46 @@ def _gate(b_ref, c_ref, gam_ref, sl, cdt):
 
 # ---- 1. chunk-parallel preparation ----
 
-def _bprep_kernel(*refs, carve, scale, dt, ks):
-  it = iter(refs)
-  q_ref, k_ref, g_ref, b_ref = (next(it) for _ in range(4))
-  c_ref, gam_ref = (next(it), next(it)) if carve else (None, None)
-  do_ref, W_ref, qe_ref, kd_ref, gc_ref, A_ref, dvl_ref = (next(it) for _ in range(7))
-  cdt = dt.cdt
-  lower, strict = lower_masks(q_ref.shape[0])
-  L = Aqk = 0.0
+def _bprep_kernel(aqk_ref, do_ref, A_ref, k_ref, g_ref, b_ref, c_ref, gam_ref, dvl_ref, W_ref, *, scale, dt, ks):
+  """dV_loc = scale Aqk^T dO; for CARVE (A_ref given) also W = A (b k e^G) with the saved gate."""
+  dvl_ref[...] = (scale * mm(aqk_ref[...], do_ref[...], dt.dot, trans_a=True)).astype(dvl_ref.dtype)
+  if A_ref is None:
+    return
+  A, cdt = A_ref[...], dt.cdt
   for sl in ks:
-    q, k = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt)
-    dec = Decay(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
-    Lp, Ap = dec.pairs([_gate(b_ref, c_ref, gam_ref, sl, cdt) * k, q], k, dt.dot)
-    L, Aqk = L + Lp, Aqk + Ap
-  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
-  A_ref[...] = A.astype(A_ref.dtype)
-  dvl_ref[...] = (scale * mm(jnp.where(lower, Aqk, 0.0), do_ref[...], dt.dot, trans_a=True)).astype(dvl_ref.dtype)
-  for sl in ks:  # reloaded and recomputed rather than kept from the first loop: fewer live registers
-    q, k, g = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
-    G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
-    eG = jnp.exp(G)
+    k = k_ref[:, sl].astype(cdt)
+    eG = jnp.exp(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
     W_ref[:, sl] = mm(A, _gate(b_ref, c_ref, gam_ref, sl, cdt) * k * eG, dt.inv).astype(W_ref.dtype)
-    qe_ref[:, sl] = (q * eG).astype(qe_ref.dtype)
-    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
-    gc_ref[sl] = GC.astype(gc_ref.dtype)
 
 
-def bprep(q, k, g, b, c, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
-  """(W, q e^G, Kd [B, Tp, H, K] in dt.store; G_C [B, H, N, K]; A [B, Tp, H, C]; dV_loc [B, Tp, H, V]).
-  c: CARVE's saved content signal [B, H, N, K] (b then holds the erase logits), or None."""
-  B, Tp, H, K = q.shape
+def bprep(res, k, g, b, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
+  """(dV_loc [B, Tp, H, V] float32, W [B, Tp, H, K] in dt.store) from the forward's residuals.
+
+  The gamma-free families reuse the forward's W; CARVE forms W = A (b k e^G) here from the saved A
+  and content signal c (b then holds the erase logits)."""
+  B, Tp, H, K = k.shape
   V, N = do.shape[-1], Tp // C
   t = tiles(C)
   sd = jax.ShapeDtypeStruct
-  carve = c is not None
-  in_specs = [t["tok"](K)] * 4 + ([t["vec"](K), t["head"](K)] if carve else []) + [t["tok"](V)]
-  args = [q, k, g, b] + ([c, jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))] if carve else []) + [do]
-  return pl.pallas_call(
-      functools.partial(_bprep_kernel, carve=carve, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
-      in_specs=in_specs,
-      out_specs=[t["tok"](K)] * 3 + [t["vec"](K), t["tok"](C), t["tok"](V)],
-      out_shape=[sd((B, Tp, H, K), dt.store)] * 3 + [sd((B, H, N, K), dt.cdt), sd((B, Tp, H, C), dt.cdt),
-                                                     sd((B, Tp, H, V), dt.cdt)],
+  carve = res.c is not None
+  names = ["aqk_ref", "do_ref"] + (["A_ref", "k_ref", "g_ref", "b_ref", "c_ref", "gam_ref"] if carve else [])
+  in_specs = [t["tok"](C), t["tok"](V)] + ([t["tok"](C)] + [t["tok"](K)] * 3 + [t["vec"](K), t["head"](K)]
+                                            if carve else [])
+  args = [res.aqk, do] + ([res.A, k, g, b, res.c, jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))]
+                          if carve else [])
+  out_specs = [t["tok"](V)] + ([t["tok"](K)] if carve else [])
+  out_shape = [sd((B, Tp, H, V), dt.cdt)] + ([sd((B, Tp, H, K), dt.store)] if carve else [])
+
+  def kernel(*refs):
+    named = dict(zip(names + ["dvl_ref"] + (["W_ref"] if carve else []), refs))
+    return _bprep_kernel(**{n: named.get(n) for n in ("aqk_ref", "do_ref", "A_ref", "k_ref", "g_ref", "b_ref",
+                                                       "c_ref", "gam_ref", "dvl_ref", "W_ref")},
+                         scale=scale, dt=dt, ks=kblocks(K, cfg.block_k))
+  outs = pl.pallas_call(
+      kernel, grid=(B, H, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
       name="gated_delta_bwd_prep")(*args)
+  return (outs[0], outs[1]) if carve else (outs[0], res.W)
 
 
 # ---- 2. sequential reverse state pass ----
@@ -205,15 +203,14 @@ def grads(q, k, v, g, b, w, c, gamma, h, dh, vn, dvn, do, A, *, scale, C, cfg, d
 
 
 def backward(q, k, v, g, b, w, gamma, res, do, dsf, *, scale, chunk_size, cfg: TuningConfig, interpret):
-  """Gradients (dq, dk, dv, dg, db, dw, dgamma or None, dS0) over padded inputs, from the residuals
-  (h, V_new, c) of `forward.forward`. db is d(erase logits) for CARVE; dw is dbeta [B, Tp, H] when w is
-  beta. Input gradients come in the inputs' dtypes; dgamma in gamma's, dS0 in dsf's."""
-  h, vn, c = res
+  """Gradients (dq, dk, dv, dg, db, dw, dgamma or None, dS0) over padded inputs, from the forward's
+  `Residuals`. db is d(erase logits) for CARVE; dw is dbeta [B, Tp, H] when w is beta. Input gradients
+  come in the inputs' dtypes; dgamma in gamma's, dS0 in dsf's."""
   dt = Dtypes(q, interpret)
   kw = dict(scale=scale, C=chunk_size, cfg=cfg, dt=dt, interpret=interpret)
   do = do.astype(q.dtype)
-  W, qe, kd, gc, A, dvl = bprep(q, k, g, b, c, gamma, do, **kw)
-  dh, dvn, ds0 = bstate(qe, W, kd, gc, dvl, do, dsf, **kw)
-  dq, dk, dg, db, dv, dw, dgam = grads(q, k, v, g, b, w, c, gamma, h, dh, vn, dvn, do, A, **kw)
+  dvl, W = bprep(res, k, g, b, gamma, do, **kw)
+  dh, dvn, ds0 = bstate(res.qe, W, res.kd, res.gc, dvl, do, dsf, **kw)
+  dq, dk, dg, db, dv, dw, dgam = grads(q, k, v, g, b, w, res.c, gamma, res.h, dh, res.vn, dvn, do, res.A, **kw)
   dgamma = None if gamma is None else dgam.sum((0, 2, 3)).astype(gamma.dtype)
   return dq, dk, dv, dg, db, dw, dgamma, ds0

@@ -24,6 +24,7 @@ intermediates (h, V_new, W, U, Kd) are in the input dtype for 16-bit inputs, flo
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,7 @@ def kblocks(K, block_k):
 
 # ---- 1. chunk-parallel preparation (gamma-free families) ----
 
-def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, *, has_beta, dt, ks):
+def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, A_ref, *, has_beta, dt, ks):
   cdt = dt.cdt
   _, strict = lower_masks(k_ref.shape[0])
   L = 0.0
@@ -100,6 +101,7 @@ def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref
     (Lp,) = Decay(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)).pairs([b_ref[:, sl].astype(cdt) * k], k, dt.dot)
     L = L + Lp
   A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
+  A_ref[...] = A.astype(A_ref.dtype)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
   for sl in ks:  # reloaded and recomputed rather than kept from the first loop: fewer live registers
     k, g = k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
@@ -110,7 +112,7 @@ def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref
 
 
 def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """W, U, Kd [B, Tp, H, *] (dt.store) and G_C [B, H, N, K] (float32) of every chunk."""
+  """W, U, Kd [B, Tp, H, *] (dt.store), G_C [B, H, N, K] and A = (I + L)^{-1} [B, Tp, H, C] (float32)."""
   B, Tp, H, K = k.shape
   V, N = v.shape[-1], Tp // C
   has_beta = w.ndim == 3
@@ -119,9 +121,9 @@ def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   return pl.pallas_call(
       functools.partial(_prep_kernel, has_beta=has_beta, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["tok1"] if has_beta else t["tok"](V), t["tok"](V)],
-      out_specs=[t["tok"](K), t["tok"](V), t["tok"](K), t["vec"](K)],
+      out_specs=[t["tok"](K), t["tok"](V), t["tok"](K), t["vec"](K), t["tok"](C)],
       out_shape=[sd((B, Tp, H, K), dt.store), sd((B, Tp, H, V), dt.store), sd((B, Tp, H, K), dt.store),
-                 sd((B, H, N, K), dt.cdt)],
+                 sd((B, H, N, K), dt.cdt), sd((B, Tp, H, C), dt.cdt)],
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
       name="gated_delta_prep")(k, g, b, w, v)
 
@@ -154,8 +156,8 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
       name="gated_delta_state")(W, U, kd, gc, S0)
 
 
-def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h_ref, vn_ref, c_ref, sf_ref,
-                        *, C, N, cb, dt, ks):
+def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h_ref, vn_ref, c_ref, A_ref, kd_ref,
+                        gc_ref, sf_ref, *, C, N, cb, dt, ks):
   cdt = dt.cdt
   _, strict = lower_masks(C)
 
@@ -175,12 +177,15 @@ def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h
       L = L + Lp
       X = X - mm(bk * jnp.exp(G), S, dt.dot)
     A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
+    A_ref[rows, :] = A.astype(A_ref.dtype)
     vn = mm(A, X, dt.inv)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     for sl, S in zip(ks, Ss):  # k and G reloaded / recomputed, not kept live across the solve
       g = g_ref[rows, sl].astype(cdt)
       G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
       kd = k_ref[rows, sl].astype(cdt) * jnp.exp(GC[None, :] - G)
+      kd_ref[rows, sl] = kd.astype(kd_ref.dtype)
+      gc_ref[n, sl] = GC.astype(gc_ref.dtype)
       parts.append(jnp.exp(GC)[:, None] * S + mm(kd, vn, dt.dot, trans_a=True))
     return tuple(parts), cs
 
@@ -192,7 +197,8 @@ def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h
 
 
 def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
-  """(h, V_new, c [B, H, N, K] float32, S_final): CARVE's state pass with the gate formed in the loop."""
+  """(h, V_new, c [B, H, N, K], A [B, Tp, H, C], Kd [B, Tp, H, K], G_C [B, H, N, K], S_final): CARVE's state
+  pass with the gate formed in the loop (c, A, G_C float32; h, V_new, Kd in dt.store)."""
   B, Tp, H, K = k.shape
   V, N = v.shape[-1], Tp // C
   s = seq_specs(Tp, N)
@@ -201,8 +207,10 @@ def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConf
   return pl.pallas_call(
       functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt, ks=kblocks(K, cfg.carve_block_k)), grid=(B, H, 1),
       in_specs=[s["tok"](K), s["tok"](K), s["tok"](K), s["tok1"], s["tokv"](V), s["head"](K), s["state"](K, V)],
-      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["state"](K, V)],
+      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["tokv"](C), s["tok"](K), s["vecs"](K),
+                 s["state"](K, V)],
       out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, N, K), dt.cdt),
+                 sd((B, Tp, H, C), dt.cdt), sd((B, Tp, H, K), dt.store), sd((B, H, N, K), dt.cdt),
                  sd((B, H, K, V), S0.dtype)],
       compiler_params=params(cfg.carve_num_warps, cfg.num_stages), interpret=interpret,
       name="carve_state")(k, g, logits, beta, v, gam, S0)
@@ -210,7 +218,7 @@ def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConf
 
 # ---- 3. chunk-parallel output ----
 
-def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, dt, ks):
+def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, aqk_ref, qe_ref, *, scale, dt, ks):
   cdt = dt.cdt
   lower, _ = lower_masks(q_ref.shape[0])
   Aqk = o = 0.0
@@ -219,22 +227,47 @@ def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, *, scale, dt, ks):
     G = jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)
     (Ap,) = Decay(G).pairs([q], k, dt.dot)
     Aqk = Aqk + Ap
-    o = o + mm(q * jnp.exp(G), h_ref[sl, :], dt.dot)
-  o = o + mm(jnp.where(lower, Aqk, 0.0), vn_ref[...], dt.dot)
+    qe = q * jnp.exp(G)
+    qe_ref[:, sl] = qe.astype(qe_ref.dtype)
+    o = o + mm(qe, h_ref[sl, :], dt.dot)
+  Aqk = jnp.where(lower, Aqk, 0.0)
+  aqk_ref[...] = Aqk.astype(aqk_ref.dtype)
+  o = o + mm(Aqk, vn_ref[...], dt.dot)
   o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
 def output(q, k, g, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """o [B, Tp, H, V] in q's dtype."""
+  """(o [B, Tp, H, V] in q's dtype, Aqk [B, Tp, H, C] (lower, unscaled) and q e^G [B, Tp, H, K] in dt.store)."""
   B, Tp, H, K = q.shape
   V, N = vn.shape[-1], Tp // C
   t = tiles(C)
   return pl.pallas_call(
       functools.partial(_output_kernel, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
       in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["state"](K, V), t["tok"](V)],
-      out_specs=t["tok"](V), out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype),
+      out_specs=[t["tok"](V), t["tok"](C), t["tok"](K)],
+      out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype), jax.ShapeDtypeStruct((B, Tp, H, C), dt.store),
+                 jax.ShapeDtypeStruct((B, Tp, H, K), dt.store)],
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
       name="gated_delta_output")(q, k, g, h, vn)
+
+
+class Residuals(NamedTuple):
+  """What the forward keeps for the backward (all per chunk; N = Tp / C).
+
+  h [B, H, N, K, V]: the state entering each chunk; vn [B, Tp, H, V]: V_new; c [B, H, N, K]: CARVE's
+  content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32); aqk [B, Tp, H, C]: the
+  lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and k e^{G_C - G}; gc [B, H, N, K]:
+  G_C; W [B, Tp, H, K]: A (b k e^G) for the gamma-free families (None for CARVE, whose backward
+  forms it from A and the saved gate)."""
+  h: jax.Array
+  vn: jax.Array
+  c: jax.Array | None
+  A: jax.Array
+  aqk: jax.Array
+  qe: jax.Array
+  kd: jax.Array
+  gc: jax.Array
+  W: jax.Array | None
 
 
 def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cfg: TuningConfig, interpret):
@@ -242,16 +275,17 @@ def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cf
 
   q, k, g, b: [B, Tp, H, K]; v: [B, Tp, H, V]; w: [B, Tp, H, V] or beta [B, Tp, H] (when gamma [H] is
   given, b holds erase logits and w is beta). S0: [B, H, K, V] float32 (float64 under x64).
-  Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], residuals (h, V_new, c or None)).
+  Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], `Residuals`).
   """
   dt = Dtypes(q, interpret)
   C = chunk_size
   kw = dict(C=C, cfg=cfg, dt=dt, interpret=interpret)
   if gamma is not None:
-    h, vn, c, S = carve_state_pass(k, g, b, w, v, gamma, S0, cb=content_block, **kw)
+    h, vn, c, A, kd, gc, S = carve_state_pass(k, g, b, w, v, gamma, S0, cb=content_block, **kw)
+    W = None
   else:
-    W, U, kd, gc = prep(k, g, b, w, v, **kw)
+    W, U, kd, gc, A = prep(k, g, b, w, v, **kw)
     h, vn, S = state_pass(W, U, kd, gc, S0, **kw)
     c = None
-  o = output(q, k, g, h, vn, scale=scale, **kw)
-  return o, S, (h, vn, c)
+  o, aqk, qe = output(q, k, g, h, vn, scale=scale, **kw)
+  return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=aqk, qe=qe, kd=kd, gc=gc, W=W)
