@@ -9,6 +9,7 @@ B=8 T=2048 and B=2 T=8192, H=16, K=V=128, bf16 (decay g in float32, as FLA's lay
   pallas_nocontent     the same kernel with gamma=None (erase gate = sigmoid(logits), w = beta); the
                        sigmoid, which a GDN-2 layer runs in XLA, is inside the timed function
   pallas_gdn2          gated_delta(..., impl="pallas") with a full write gate w [B, T, H, V]
+  pallas_kda           kda(..., impl="pallas"): b = w = beta (the kernels take w as the scalar beta)
   xla_chunk_carve      carve(..., impl="chunk") under XLA
   cudnn_attention      jax.nn.dot_product_attention(causal, implementation="cudnn")
   fla_chunk_kda/gdn2   flash-linear-attention 0.6.0 in a separate process (torch; its own script)
@@ -33,7 +34,7 @@ import traceback
 import jax
 import jax.numpy as jnp
 
-from carve_jax.ops import carve, gated_delta
+from carve_jax.ops import carve, gated_delta, kda
 from pallas_kernels import TuningConfig, pallas_gated_delta
 
 H, D = 16, 128
@@ -107,14 +108,16 @@ def ops(x):
       "pallas_nocontent": (lambda a: pallas_gated_delta(*gated(a), None, scale=s, initial_state=S0,
                                                         chunk_size=64)[0], nocontent_args),
       "pallas_gdn2": (lambda a: gated_delta(*gated(a), impl="pallas")[0], base + (x["logits"], x["w"])),
+      "pallas_kda": (lambda a: kda(*a, impl="pallas")[0], base + (x["beta"],)),
       "xla_chunk_carve": (lambda a: carve(*a, impl="chunk")[0], carve_args),
       "cudnn_attention": (lambda a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="cudnn"),
                           (x["q"], x["k"], x["v"])),
   }
 
 
-def breakdown(x, reps):
-  """Median ms of each kernel of the CARVE and content-off paths alone, on realistic intermediates."""
+def kernel_steps(x):
+  """name -> zero-argument function running one kernel of the CARVE / content-off paths on realistic
+  intermediates (each built by running the kernels before it once)."""
   from pallas_kernels import backward as bw_mod, forward as fw_mod  # noqa: PLC0415
   from pallas_kernels.config import DEFAULT as cfg  # noqa: PLC0415
   q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
@@ -127,23 +130,30 @@ def breakdown(x, reps):
   gate = jax.nn.sigmoid(logits.astype(jnp.float32)).astype(q.dtype)
   do = jax.random.normal(jax.random.PRNGKey(5), v.shape, v.dtype)
   dsf = jnp.zeros_like(S0)
-  steps = {
-      "fwd prep (content off)": (lambda: fw_mod.prep(k, g, gate, beta, v, **kw)),
-  }
-  W, U, kd, gc = jax.jit(steps["fwd prep (content off)"])()
+  run = lambda f: jax.jit(f)()
+  steps = {"fwd prep (content off)": lambda: fw_mod.prep(k, g, gate, beta, v, **kw)}
+  W, U, kd, gc, A0 = run(steps["fwd prep (content off)"])
   steps["fwd state (content off)"] = lambda: fw_mod.state_pass(W, U, kd, gc, S0, **kw)
   steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(k, g, logits, beta, v, gamma, S0,
                                                                               cb=64, **kw)
-  h, vn, c, _ = jax.jit(steps["fwd state (CARVE, gate in loop)"])()
+  h, vn, c, A, kdc, gcc, _ = run(steps["fwd state (CARVE, gate in loop)"])
   steps["fwd output"] = lambda: fw_mod.output(q, k, g, h, vn, scale=s, **kw)
-  steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(q, k, g, logits, c, gamma, do, scale=s, **kw)
-  Wb, qe, kdb, gcb, A, dvl = jax.jit(steps["bwd prep (CARVE)"])()
-  steps["bwd state"] = lambda: bw_mod.bstate(qe, Wb, kdb, gcb, dvl, do, dsf, scale=s, **kw)
-  dh, dvn, _ = jax.jit(steps["bwd state"])()
+  _, aqk, qe = run(steps["fwd output"])
+  res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=aqk, qe=qe, kd=kdc, gc=gcc, W=None)
+  steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(res, k, g, logits, gamma, do, scale=s, **kw)
+  dvl, Wb = run(steps["bwd prep (CARVE)"])
+  steps["bwd state"] = lambda: bw_mod.bstate(qe, Wb, kdc, gcc, dvl, do, dsf, scale=s, **kw)
+  dh, dvn, _ = run(steps["bwd state"])
   steps["bwd grads (CARVE)"] = lambda: bw_mod.grads(q, k, v, g, logits, beta, c, gamma, h, dh, vn, dvn, do, A,
                                                      scale=s, **kw)
+  return steps
+
+
+def breakdown(x, reps):
+  """Median ms of each kernel of the CARVE and content-off paths alone, on realistic intermediates."""
+  B, T = x["q"].shape[:2]
   out = {}
-  for name, f in steps.items():
+  for name, f in kernel_steps(x).items():
     try:
       out[name] = timeit(jax.jit(f), reps=reps)
     except Exception as e:  # noqa: BLE001 - record, go on
@@ -204,7 +214,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default="experiments/results/bench_kernel")
   ap.add_argument("--shapes", default="8x2048,2x8192")
-  ap.add_argument("--impls", default="pallas_carve,pallas_nocontent,pallas_gdn2,xla_chunk_carve,cudnn_attention")
+  ap.add_argument("--impls", default="pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,xla_chunk_carve,"
+                  "cudnn_attention")
   ap.add_argument("--variants", default="", help="extra impls, timed at the first shape only")
   ap.add_argument("--fla-bench", default=None)
   ap.add_argument("--fla-seed", default=None)

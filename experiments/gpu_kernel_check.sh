@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One device call on the GPU machine: the GPU-only kernel tests, then the benchmark (FLA in its own
-# process first, then the JAX side). Logs and results land in $OUT (default /tmp/kernel_check).
-# Needs in .peers/ (git-ignored, carried): fla_bench.py, fla_autotune_h100.tgz, fla_core-0.6.0 wheel.
-#   bash experiments/gpu_kernel_check.sh [bench-seconds] [test-seconds] [extra bench args...]
-# TESTS (default: every gpu test) is a pytest -k expression selecting among them.
+# One device call on the GPU machine: the kernel benchmark (FLA in its own process first, then the
+# JAX side), the per-kernel probe, an ncu profile of one launch of each kernel, and the GPU-only
+# kernel tests. Logs and results land in $OUT (default /tmp/kernel_check).
+# Needs in .peers/ (git-ignored, carried): fla_bench.py, fla_autotune_h200.tgz, fla_core-0.6.0 wheel.
+#   STEPS=bench,probe,ncu,tests bash experiments/gpu_kernel_check.sh [bench-s] [test-s] [bench args...]
+# STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
+# pytest -k expression; PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s).
 set -uo pipefail
 OUT=${OUT:-/tmp/kernel_check}
 mkdir -p "$OUT"
@@ -12,12 +14,24 @@ TEST_S=${2:-200}
 shift 2 2>/dev/null || true
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .peers/fla_core-*.whl
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-echo "== gpu tests $(date -u +%T)"
-timeout "$TEST_S" python3 -m pytest -v -s -m gpu tests/test_pallas_kernels.py -p no:cacheprovider -k "${TESTS:-gpu}" \
-  2>&1 | tee "$OUT/gpu_tests.log"
-echo "== bench $(date -u +%T)"
-timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" \
-  --fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h100.tgz --fla-path /tmp/site "$@" \
-  2>&1 | tee "$OUT/bench.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files" | tee -a "$OUT/gpu.txt"
+IFS=, read -ra steps <<< "${STEPS:-bench,tests}"
+for step in "${steps[@]}"; do
+  echo "== $step $(date -u +%T)"
+  case $step in
+    bench) timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" \
+             --fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h200.tgz --fla-path /tmp/site "$@" \
+             2>&1 | tee "$OUT/bench.log" ;;
+    probe) timeout "${PROBE_S:-150}" python3 experiments/kernel_probe.py --out "$OUT/probe.json" 2>&1 \
+             | grep -v -i warn | tee "$OUT/probe.log" ;;
+    ncu) timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
+           --kernel-name regex:'gated_delta|carve_state' --section SpeedOfLight --section Occupancy \
+           --section LaunchStats --section WarpStateStats python3 experiments/kernel_probe.py --once \
+           > "$OUT/ncu.txt" 2>&1; tail -c 3000 "$OUT/ncu.txt" ;;
+    tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu tests/test_pallas_kernels.py -p no:cacheprovider \
+             -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done
 echo "== done $(date -u +%T)"

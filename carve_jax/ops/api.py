@@ -165,13 +165,19 @@ def gdn(q, k, v, g, beta, **kwargs):
   return kda(q, k, v, jnp.broadcast_to(g[..., None], q.shape), beta, **kwargs)
 
 
-def kda(q, k, v, g, beta, **kwargs):
-  """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta)."""
+def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
+        chunk_size: int = 64):
+  """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta).
+
+  The write gate goes to `_run` as beta itself: the kernels take a scalar write gate per token (no
+  [B, T, H, V] broadcast is read), the references broadcast it."""
   fn = "kda"
-  _check_qkv(fn, q, k, v)
+  _check_common(fn, q, k, v, g, initial_state, scale, impl)
   vd.check_float(fn, "beta", beta, q.shape[:3])
-  return gated_delta(q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape),
-                     jnp.broadcast_to(beta[..., None], v.shape), **kwargs)
+  vd.check_positive_int(fn, "chunk_size", chunk_size)
+  return _run(fn, q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape), beta, None, scale=scale,
+              initial_state=initial_state, output_final_state=output_final_state, impl=impl,
+              chunk_size=chunk_size)
 
 
 def _check_qkv(fn, q, k, v):

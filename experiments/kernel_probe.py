@@ -1,0 +1,80 @@
+"""Where the time of the Pallas kernels goes: each kernel alone, and with one stage removed.
+
+    python experiments/kernel_probe.py [--B 8 --T 2048] [--reps 10] [--once] [--out results.json]
+
+Times every kernel of `bench_kernel.kernel_steps` alone (median ms), then again with one stage of
+the in-chunk math replaced by a cheap stand-in, so differences place the time without hardware
+counters (METHOD.md: "time variants that leave one stage out"):
+  noinv      the unit-lower inverse (I + L)^{-1} replaced by I - L (no matmuls)
+  diagdecay  the exact decay reduced to its diagonal part (one masked matmul per pairwise matrix
+             instead of 1 + log2(C/16))
+The stand-ins compute a different function; they are for timing only. `--once` runs each kernel
+exactly once and exits (for `ncu --kernel-name regex:...`, which then profiles one launch each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_kernel import inputs, kernel_steps, timeit  # noqa: E402
+
+from pallas_kernels import forward as fw_mod, intra  # noqa: E402
+
+
+@contextlib.contextmanager
+def patched(variant: str):
+  """Swap one stage of the in-chunk math for a stand-in while kernels are traced."""
+  saved = (fw_mod.block_unit_lower_inv, intra.Decay.parts)
+  if variant == "noinv":
+    eye = lambda L: jnp.where(intra.iota(*L.shape, 0) == intra.iota(*L.shape, 1), 1.0, 0.0).astype(L.dtype)
+    fw_mod.block_unit_lower_inv = lambda L, dt, group=intra.DECAY_GROUP: eye(L) - L
+  elif variant == "diagdecay":
+    full = intra.Decay.parts
+    intra.Decay.parts = lambda self: iter([next(full(self))])
+  try:
+    yield
+  finally:
+    fw_mod.block_unit_lower_inv, intra.Decay.parts = saved
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--B", type=int, default=8)
+  ap.add_argument("--T", type=int, default=2048)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--variants", default="base,noinv,diagdecay")
+  ap.add_argument("--once", action="store_true", help="run each kernel once (for ncu) and exit")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  x = inputs(args.B, args.T)
+  if args.once:
+    for name, f in kernel_steps(x).items():
+      jax.tree.map(lambda a: a.block_until_ready(), jax.jit(f)())
+      print("ran", name, flush=True)
+    return
+  rows = {}
+  for variant in args.variants.split(","):
+    with patched(variant):
+      for name, f in kernel_steps(x).items():
+        if variant != "base" and not name.startswith(("fwd prep", "fwd state (CARVE", "fwd output")):
+          continue
+        try:
+          rows[f"{name} [{variant}]"] = timeit(jax.jit(f), reps=args.reps)
+        except Exception as e:  # noqa: BLE001 - record, go on
+          rows[f"{name} [{variant}]"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(f"probe B={args.B} T={args.T} {name} [{variant}]: {rows[f'{name} [{variant}]']}", flush=True)
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump(dict(B=args.B, T=args.T, device=jax.devices()[0].device_kind, ms=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()
