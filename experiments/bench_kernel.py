@@ -96,6 +96,8 @@ def ops(x):
     return lambda a: pallas_gated_delta(*gated(a), None, **kw)[0], nocontent_args
   variants = {  # one knob changed from the default TuningConfig each
       "pallas_carve_bk128": direct(TuningConfig(block_k=128)),
+      "pallas_carve_bk64": direct(TuningConfig(block_k=64)),
+      "pallas_carve_cw4": direct(TuningConfig(carve_num_warps=4)),
       "pallas_carve_gbk64": direct(TuningConfig(grad_block_k=64)),
       "pallas_carve_cbk64": direct(TuningConfig(carve_block_k=64)),
       "pallas_carve_nw8": direct(TuningConfig(num_warps=8)),
@@ -131,18 +133,19 @@ def kernel_steps(x):
   do = jax.random.normal(jax.random.PRNGKey(5), v.shape, v.dtype)
   dsf = jnp.zeros_like(S0)
   run = lambda f: jax.jit(f)()
-  steps = {"fwd prep (content off)": lambda: fw_mod.prep(k, g, gate, beta, v, **kw)}
-  W, U, kd, gc, A0 = run(steps["fwd prep (content off)"])
-  steps["fwd state (content off)"] = lambda: fw_mod.state_pass(W, U, kd, gc, S0, **kw)
-  steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(k, g, logits, beta, v, gamma, S0,
-                                                                              cb=64, **kw)
-  h, vn, c, A, kdc, gcc, _ = run(steps["fwd state (CARVE, gate in loop)"])
-  steps["fwd output"] = lambda: fw_mod.output(q, k, g, h, vn, scale=s, **kw)
-  _, aqk, qe = run(steps["fwd output"])
-  res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=aqk, qe=qe, kd=kdc, gc=gcc, W=None)
+  steps = {"fwd prep (content off)": lambda: fw_mod.prep(q, k, g, gate, beta, v, **kw)}
+  pre0 = run(steps["fwd prep (content off)"])
+  steps["fwd state (content off)"] = lambda: fw_mod.state_pass(pre0["W"], pre0["U"], pre0["kd"], pre0["gc"], S0, **kw)
+  steps["fwd prep (CARVE)"] = lambda: fw_mod.prep(q, k, g, None, None, None, **kw)
+  pre = run(steps["fwd prep (CARVE)"])
+  steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64,
+                                                                              **kw)
+  h, vn, c, A, _ = run(steps["fwd state (CARVE, gate in loop)"])
+  steps["fwd output"] = lambda: fw_mod.output(pre["qe"], pre["aqk"], h, vn, scale=s, out_dtype=q.dtype, **kw)
+  res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=None)
   steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(res, k, g, logits, gamma, do, scale=s, **kw)
   dvl, Wb = run(steps["bwd prep (CARVE)"])
-  steps["bwd state"] = lambda: bw_mod.bstate(qe, Wb, kdc, gcc, dvl, do, dsf, scale=s, **kw)
+  steps["bwd state"] = lambda: bw_mod.bstate(res.qe, Wb, res.kd, res.gc, dvl, do, dsf, scale=s, **kw)
   dh, dvn, _ = run(steps["bwd state"])
   steps["bwd grads (CARVE)"] = lambda: bw_mod.grads(q, k, v, g, logits, beta, c, gamma, h, dh, vn, dvn, do, A,
                                                      scale=s, **kw)

@@ -64,7 +64,7 @@ def main():
   for variant in args.variants.split(","):
     with patched(variant):
       for name, f in kernel_steps(x).items():
-        if variant != "base" and not name.startswith(("fwd prep", "fwd state (CARVE", "fwd output")):
+        if variant != "base" and not name.startswith(("fwd prep", "fwd state (CARVE")):
           continue
         try:
           rows[f"{name} [{variant}]"] = timeit(jax.jit(f), reps=args.reps)

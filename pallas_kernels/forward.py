@@ -8,13 +8,19 @@ Per chunk of C tokens entering with state S (the math of `carve_jax.ops.chunk.ch
     S_out = e^{G_C} S + (k e^{G_C - G})^T V_new
     O     = scale [(q e^G) S + Aqk V_new]
 
-1. `_prep_kernel`, chunk-parallel (grid B x H x N): W, U, Kd = k e^{G_C - G} and G_C per chunk.
-   Skipped for CARVE, whose erase gate b = sigmoid(logits + gamma_h c_n) depends on the state.
+1. `_prep_kernel`, chunk-parallel (grid B x H x N): everything that does not need the state. All
+   families: Aqk, q e^G, Kd = k e^{G_C - G}, G_C. Gamma-free: L, A, W, U. CARVE, whose erase gate
+   b = sigmoid(logits + gamma_h c_n) depends on the state: the gate-independent factors of L and
+   of b k e^G (k times each decay part's row and column factor, k e^G), so that the state loop
+   multiplies by the gate and runs matmuls, and nothing else.
 2. `_state_kernel`, sequential over chunks (grid B x H x V/BV): stores the state entering every chunk
    (h, the tensor FLA calls h) and V_new; the final state stays float32.
    `_carve_state_kernel` (grid B x H; the content signal c_n = row-RMS(S) needs the whole value
    axis): per chunk it forms c_n, the gate, L, A and V_new = A (beta v - b k e^G S) in the loop.
-3. `_output_kernel`, chunk-parallel: O from h, V_new and Aqk.
+3. `_output_kernel`, chunk-parallel: O = scale [(q e^G) h + Aqk V_new] (two matmuls).
+
+Code size matters as much as arithmetic: per-key-block work runs in rolled loops (`kloop`), the
+inverse's steps too (ncu on the v4 preparation kernel: 59% of issue slots lost to instruction fetch).
 
 Dots: bf16 operands with float32 accumulation for 16-bit inputs; the inverse and products with A
 in TF32 on the GPU (float32 in interpret mode); float32 inputs use TF32x3 on the GPU. Stored
@@ -90,42 +96,109 @@ def kblocks(K, block_k):
   return [slice(i, i + BK) for i in range(0, K, BK)]
 
 
-# ---- 1. chunk-parallel preparation (gamma-free families) ----
+def kloop(K, block_k, body, init):
+  """carry = body(sl, carry) for each key block sl of K (blocks of min(block_k, K)), as a rolled loop.
 
-def _prep_kernel(k_ref, g_ref, b_ref, w_ref, v_ref, W_ref, U_ref, kd_ref, gc_ref, A_ref, *, has_beta, dt, ks):
+  A Python loop would unroll every block into the kernel: the preparation kernel was ~22k SASS
+  instructions and ncu (H200, v5 call 1) showed 59% of its issue slots lost to instruction fetch
+  (instruction-cache misses). The loop keeps one copy of the body."""
+  BK = min(block_k, K)
+  if BK == K:
+    return body(slice(None), init)
+  return lax.fori_loop(0, K // BK, lambda j, c: body(pl.ds(pl.multiple_of(j * BK, BK), BK), c), init)
+
+
+# ---- 1. chunk-parallel preparation ----
+
+def _prep_kernel(q_ref, k_ref, g_ref, b_ref, w_ref, v_ref, aqk_ref, qe_ref, kd_ref, gc_ref, W_ref, U_ref, A_ref,
+                 kr_ref, kc_ref, ke_ref, *, has_beta, dt, block_k):
+  """Everything of a chunk that does not need the state. All families: Aqk (lower, unscaled), q e^G,
+  Kd, G_C. Gamma-free (b_ref given): L -> A, W, U. CARVE (kr_ref given): the gate-independent factors
+  of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G."""
   cdt = dt.cdt
-  _, strict = lower_masks(k_ref.shape[0])
-  L = 0.0
-  for sl in ks:
-    k = k_ref[:, sl].astype(cdt)
-    (Lp,) = Decay(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)).pairs([b_ref[:, sl].astype(cdt) * k], k, dt.dot)
-    L = L + Lp
+  C, K = k_ref.shape
+  lower, strict = lower_masks(C)
+  carve = kr_ref is not None
+
+  def block(sl, carry):
+    Aqk, L = carry
+    q, k = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt)
+    g = g_ref[:, sl].astype(cdt)
+    G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
+    eG = jnp.exp(G)
+    bk = None if carve else b_ref[:, sl].astype(cdt) * k
+    for p, (rf, cf, mask) in enumerate(Decay(G).parts()):
+      kc = k * cf
+      m = (lambda x: x) if mask is None else (lambda x, mask=mask: jnp.where(mask, x, 0.0))
+      Aqk = Aqk + m(mm(q * rf, kc, dt.dot, trans_b=True))
+      if carve:
+        kr_ref[p, :, sl] = (k * rf).astype(kr_ref.dtype)
+        kc_ref[p, :, sl] = kc.astype(kc_ref.dtype)
+      else:
+        L = L + m(mm(bk * rf, kc, dt.dot, trans_b=True))
+    qe_ref[:, sl] = (q * eG).astype(qe_ref.dtype)
+    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
+    gc_ref[sl] = GC.astype(gc_ref.dtype)
+    if carve:
+      ke_ref[:, sl] = (k * eG).astype(ke_ref.dtype)
+    return Aqk, L
+  Aqk, L = kloop(K, block_k, block, (jnp.zeros((C, C), cdt), jnp.zeros((C, C), cdt)))
+  aqk_ref[...] = jnp.where(lower, Aqk, 0.0).astype(aqk_ref.dtype)
+  if carve:
+    return
   A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-  for sl in ks:  # reloaded and recomputed rather than kept from the first loop: fewer live registers
-    k, g = k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
-    G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
-    W_ref[:, sl] = mm(A, b_ref[:, sl].astype(cdt) * k * jnp.exp(G), dt.inv).astype(W_ref.dtype)
-    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
-    gc_ref[sl] = GC.astype(gc_ref.dtype)
+
+  def wblock(sl, carry):  # k and G reloaded and recomputed rather than kept live: fewer registers
+    k = k_ref[:, sl].astype(cdt)
+    eG = jnp.exp(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
+    W_ref[:, sl] = mm(A, b_ref[:, sl].astype(cdt) * k * eG, dt.inv).astype(W_ref.dtype)
+    return carry
+  kloop(K, block_k, wblock, 0)
 
 
-def prep(k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """W, U, Kd [B, Tp, H, *] (dt.store), G_C [B, H, N, K] and A = (I + L)^{-1} [B, Tp, H, C] (float32)."""
+def n_parts(C):
+  """Decay parts of a chunk of C tokens (`intra.Decay`): 1 + log2(C / 16)."""
+  return len(intra.part_masks(C))
+
+
+def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """The chunk-parallel preparation; b = w = v = None for CARVE (whose gate needs the state).
+
+  Returns a dict: aqk [B, Tp, H, C], qe, kd [B, Tp, H, K] (dt.store), gc [B, H, N, K] (float32); gamma-free:
+  W [B, Tp, H, K], U [B, Tp, H, V] (dt.store), A [B, Tp, H, C] (float32); CARVE: kr, kc [P, B, Tp, H, K]
+  (k times the row / column factor of each of the P decay parts) and ke = k e^G [B, Tp, H, K]."""
   B, Tp, H, K = k.shape
-  V, N = v.shape[-1], Tp // C
-  has_beta = w.ndim == 3
+  N, P = Tp // C, n_parts(C)
+  carve = b is None
+  V = None if carve else v.shape[-1]
   t = tiles(C)
   sd = jax.ShapeDtypeStruct
-  return pl.pallas_call(
-      functools.partial(_prep_kernel, has_beta=has_beta, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
-      in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["tok1"] if has_beta else t["tok"](V), t["tok"](V)],
-      out_specs=[t["tok"](K), t["tok"](V), t["tok"](K), t["vec"](K), t["tok"](C)],
-      out_shape=[sd((B, Tp, H, K), dt.store), sd((B, Tp, H, V), dt.store), sd((B, Tp, H, K), dt.store),
-                 sd((B, H, N, K), dt.cdt), sd((B, Tp, H, C), dt.cdt)],
-      compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
-      name="gated_delta_prep")(k, g, b, w, v)
+  tok = lambda D: sd((B, Tp, H, D), dt.store)
+  names = ["q", "k", "g"] + ([] if carve else ["b", "w", "v"])
+  in_specs = [t["tok"](K)] * 3 + ([] if carve else [t["tok"](K), t["tok1"] if w.ndim == 3 else t["tok"](V),
+                                                    t["tok"](V)])
+  outs = {"aqk": (t["tok"](C), tok(C)), "qe": (t["tok"](K), tok(K)), "kd": (t["tok"](K), tok(K)),
+          "gc": (t["vec"](K), sd((B, H, N, K), dt.cdt))}
+  if carve:
+    part = pl.BlockSpec((P, None, C, None, K), lambda b_, h_, n: (0, b_, n, h_, 0))
+    outs |= {"kr": (part, sd((P, B, Tp, H, K), dt.store)), "kc": (part, sd((P, B, Tp, H, K), dt.store)),
+             "ke": (t["tok"](K), tok(K))}
+  else:
+    outs |= {"W": (t["tok"](K), tok(K)), "U": (t["tok"](V), tok(V)), "A": (t["tok"](C), sd((B, Tp, H, C), dt.cdt))}
+
+  def kernel(*refs):
+    r = dict(zip(names + list(outs), refs))
+    return _prep_kernel(*(r.get(n) for n in ("q", "k", "g", "b", "w", "v", "aqk", "qe", "kd", "gc", "W", "U", "A",
+                                             "kr", "kc", "ke")),
+                        has_beta=not carve and w.ndim == 3, dt=dt, block_k=cfg.block_k)
+  res = pl.pallas_call(
+      kernel, grid=(B, H, N), in_specs=in_specs, out_specs=[o[0] for o in outs.values()],
+      out_shape=[o[1] for o in outs.values()], compiler_params=params(cfg.num_warps, cfg.num_stages),
+      interpret=interpret, name="carve_prep" if carve else "gated_delta_prep",
+  )(*([q, k, g] + ([] if carve else [b, w, v])))
+  return dict(zip(outs, res))
 
 
 # ---- 2. sequential state pass ----
@@ -156,38 +229,35 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
       name="gated_delta_state")(W, U, kd, gc, S0)
 
 
-def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h_ref, vn_ref, c_ref, A_ref, kd_ref,
-                        gc_ref, sf_ref, *, C, N, cb, dt, ks):
+def _carve_state_kernel(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref,
+                        h_ref, vn_ref, c_ref, A_ref, sf_ref, *, C, N, cb, dt, ks):
+  """Per chunk: c_n (at a content-block start), gate = sigmoid(logits + gamma c_n),
+  L = sum_p mask_p [(gate * kr_p) kc_p^T], A = (I + L)^{-1}, V_new = A (beta v - (gate * ke) S),
+  S <- e^{G_C} S + Kd^T V_new. Every gate-independent factor comes from `prep` (small loop body)."""
   cdt = dt.cdt
   _, strict = lower_masks(C)
+  masks = intra.part_masks(C)
 
   def body(n, carry):
     Ss, cs = carry                                  # state and content signal, by key block
     rows = pl.ds(n * C, C)
     new_block = lax.rem(n * C, cb) == 0
     cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
-    L, X, parts = 0.0, beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt), []
+    L, X = 0.0, beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt)
     for sl, S, c in zip(ks, Ss, cs):
       h_ref[n, sl, :] = S.astype(h_ref.dtype)
       c_ref[n, sl] = c.astype(c_ref.dtype)
-      k = k_ref[rows, sl].astype(cdt)
-      G = jnp.cumsum(g_ref[rows, sl].astype(cdt), axis=0)
-      bk = jax.nn.sigmoid(l_ref[rows, sl].astype(cdt) + (gam_ref[sl].astype(cdt) * c)[None, :]) * k
-      (Lp,) = Decay(G).pairs([bk], k, dt.dot)
-      L = L + Lp
-      X = X - mm(bk * jnp.exp(G), S, dt.dot)
+      gate = jax.nn.sigmoid(l_ref[rows, sl].astype(cdt) + (gam_ref[sl].astype(cdt) * c)[None, :])
+      for p, mask in enumerate(masks):
+        Lp = mm(gate * kr_ref[p, rows, sl].astype(cdt), kc_ref[p, rows, sl], dt.dot, trans_b=True)
+        L = L + (Lp if mask is None else jnp.where(mask, Lp, 0.0))
+      X = X - mm(gate * ke_ref[rows, sl].astype(cdt), S, dt.dot)
     A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
     A_ref[rows, :] = A.astype(A_ref.dtype)
     vn = mm(A, X, dt.inv)
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
-    for sl, S in zip(ks, Ss):  # k and G reloaded / recomputed, not kept live across the solve
-      g = g_ref[rows, sl].astype(cdt)
-      G, GC = jnp.cumsum(g, axis=0), jnp.sum(g, axis=0)
-      kd = k_ref[rows, sl].astype(cdt) * jnp.exp(GC[None, :] - G)
-      kd_ref[rows, sl] = kd.astype(kd_ref.dtype)
-      gc_ref[n, sl] = GC.astype(gc_ref.dtype)
-      parts.append(jnp.exp(GC)[:, None] * S + mm(kd, vn, dt.dot, trans_a=True))
-    return tuple(parts), cs
+    return tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
+                 for sl, S in zip(ks, Ss)), cs
 
   S0 = tuple(s0_ref[sl, :].astype(cdt) for sl in ks)
   c0 = tuple(jnp.zeros((sl.stop - sl.start,), cdt) for sl in ks)
@@ -196,59 +266,45 @@ def _carve_state_kernel(k_ref, g_ref, l_ref, beta_ref, v_ref, gam_ref, s0_ref, h
     sf_ref[sl, :] = S.astype(sf_ref.dtype)
 
 
-def carve_state_pass(k, g, logits, beta, v, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
-  """(h, V_new, c [B, H, N, K], A [B, Tp, H, C], Kd [B, Tp, H, K], G_C [B, H, N, K], S_final): CARVE's state
-  pass with the gate formed in the loop (c, A, G_C float32; h, V_new, Kd in dt.store)."""
-  B, Tp, H, K = k.shape
-  V, N = v.shape[-1], Tp // C
+def carve_state_pass(logits, beta, v, pre, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
+  """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final): CARVE's state pass,
+  the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and V_new in dt.store."""
+  B, Tp, H, K = logits.shape
+  V, N, P = v.shape[-1], Tp // C, n_parts(C)
   s = seq_specs(Tp, N)
   sd = jax.ShapeDtypeStruct
   gam = jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))
+  parts = pl.BlockSpec((P, None, Tp, None, K), lambda b, h, j: (0, b, 0, h, 0))
   return pl.pallas_call(
-      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt, ks=kblocks(K, cfg.carve_block_k)), grid=(B, H, 1),
-      in_specs=[s["tok"](K), s["tok"](K), s["tok"](K), s["tok1"], s["tokv"](V), s["head"](K), s["state"](K, V)],
-      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["tokv"](C), s["tok"](K), s["vecs"](K),
-                 s["state"](K, V)],
+      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt, ks=kblocks(K, cfg.carve_block_k)),
+      grid=(B, H, 1),
+      in_specs=[s["tok"](K), s["tok1"], s["tokv"](V), parts, parts, s["tok"](K), s["tok"](K), s["vecs"](K),
+                s["head"](K), s["state"](K, V)],
+      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["tokv"](C), s["state"](K, V)],
       out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, N, K), dt.cdt),
-                 sd((B, Tp, H, C), dt.cdt), sd((B, Tp, H, K), dt.store), sd((B, H, N, K), dt.cdt),
-                 sd((B, H, K, V), S0.dtype)],
+                 sd((B, Tp, H, C), dt.cdt), sd((B, H, K, V), S0.dtype)],
       compiler_params=params(cfg.carve_num_warps, cfg.num_stages), interpret=interpret,
-      name="carve_state")(k, g, logits, beta, v, gam, S0)
+      name="carve_state")(logits, beta, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam, S0)
 
 
 # ---- 3. chunk-parallel output ----
 
-def _output_kernel(q_ref, k_ref, g_ref, h_ref, vn_ref, o_ref, aqk_ref, qe_ref, *, scale, dt, ks):
-  cdt = dt.cdt
-  lower, _ = lower_masks(q_ref.shape[0])
-  Aqk = o = 0.0
-  for sl in ks:
-    q, k = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt)
-    G = jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0)
-    (Ap,) = Decay(G).pairs([q], k, dt.dot)
-    Aqk = Aqk + Ap
-    qe = q * jnp.exp(G)
-    qe_ref[:, sl] = qe.astype(qe_ref.dtype)
-    o = o + mm(qe, h_ref[sl, :], dt.dot)
-  Aqk = jnp.where(lower, Aqk, 0.0)
-  aqk_ref[...] = Aqk.astype(aqk_ref.dtype)
-  o = o + mm(Aqk, vn_ref[...], dt.dot)
+def _output_kernel(qe_ref, aqk_ref, h_ref, vn_ref, o_ref, *, scale, dt):
+  o = mm(qe_ref[...], h_ref[...], dt.dot) + mm(aqk_ref[...], vn_ref[...], dt.dot)
   o_ref[...] = (scale * o).astype(o_ref.dtype)
 
 
-def output(q, k, g, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """(o [B, Tp, H, V] in q's dtype, Aqk [B, Tp, H, C] (lower, unscaled) and q e^G [B, Tp, H, K] in dt.store)."""
-  B, Tp, H, K = q.shape
-  V, N = vn.shape[-1], Tp // C
+def output(qe, aqk, h, vn, *, scale, C, cfg: TuningConfig, dt: Dtypes, interpret, out_dtype):
+  """o = scale [(q e^G) S_in + Aqk V_new] [B, Tp, H, V] in out_dtype, from `prep`'s q e^G and Aqk."""
+  B, Tp, H, K = qe.shape
+  V = vn.shape[-1]
   t = tiles(C)
   return pl.pallas_call(
-      functools.partial(_output_kernel, scale=scale, dt=dt, ks=kblocks(K, cfg.block_k)), grid=(B, H, N),
-      in_specs=[t["tok"](K), t["tok"](K), t["tok"](K), t["state"](K, V), t["tok"](V)],
-      out_specs=[t["tok"](V), t["tok"](C), t["tok"](K)],
-      out_shape=[jax.ShapeDtypeStruct((B, Tp, H, V), q.dtype), jax.ShapeDtypeStruct((B, Tp, H, C), dt.store),
-                 jax.ShapeDtypeStruct((B, Tp, H, K), dt.store)],
+      functools.partial(_output_kernel, scale=scale, dt=dt), grid=(B, H, Tp // C),
+      in_specs=[t["tok"](K), t["tok"](C), t["state"](K, V), t["tok"](V)],
+      out_specs=t["tok"](V), out_shape=jax.ShapeDtypeStruct((B, Tp, H, V), out_dtype),
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,
-      name="gated_delta_output")(q, k, g, h, vn)
+      name="gated_delta_output")(qe, aqk, h, vn)
 
 
 class Residuals(NamedTuple):
@@ -278,14 +334,14 @@ def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cf
   Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], `Residuals`).
   """
   dt = Dtypes(q, interpret)
-  C = chunk_size
-  kw = dict(C=C, cfg=cfg, dt=dt, interpret=interpret)
+  kw = dict(C=chunk_size, cfg=cfg, dt=dt, interpret=interpret)
   if gamma is not None:
-    h, vn, c, A, kd, gc, S = carve_state_pass(k, g, b, w, v, gamma, S0, cb=content_block, **kw)
+    pre = prep(q, k, g, None, None, None, **kw)
+    h, vn, c, A, S = carve_state_pass(b, w, v, pre, gamma, S0, cb=content_block, **kw)
     W = None
   else:
-    W, U, kd, gc, A = prep(k, g, b, w, v, **kw)
-    h, vn, S = state_pass(W, U, kd, gc, S0, **kw)
-    c = None
-  o, aqk, qe = output(q, k, g, h, vn, scale=scale, **kw)
-  return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=aqk, qe=qe, kd=kd, gc=gc, W=W)
+    pre = prep(q, k, g, b, w, v, **kw)
+    h, vn, S = state_pass(pre["W"], pre["U"], pre["kd"], pre["gc"], S0, **kw)
+    c, A, W = None, pre["A"], pre["W"]
+  o = output(pre["qe"], pre["aqk"], h, vn, scale=scale, out_dtype=q.dtype, **kw)
+  return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=W)

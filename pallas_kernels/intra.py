@@ -83,12 +83,13 @@ def unit_lower_inv(L, dt, order=None):
   order = n if order is None else order
   P = -L
   A = jnp.where(iota(n, n, 0) == iota(n, n, 1), 1.0, 0.0).astype(L.dtype) + P
-  m = 2
-  while m < order:
+  steps = max(order.bit_length() - 2, 0)  # m = 2, 4, ... < order
+
+  def step(_, PA):  # a rolled loop: one copy of the body in the kernel (instruction-cache bound otherwise)
+    P, A = PA
     P = mm(P, P, dt)
-    A = A + mm(A, P, dt)
-    m *= 2
-  return A
+    return P, A + mm(A, P, dt)
+  return lax.fori_loop(0, steps, step, (P, A))[1] if steps else A
 
 
 def block_unit_lower_inv(L, dt, group=DECAY_GROUP):
@@ -100,11 +101,12 @@ def block_unit_lower_inv(L, dt, group=DECAY_GROUP):
   same = iota(n, n, 0) // group == iota(n, n, 1) // group
   D = unit_lower_inv(jnp.where(same, L, 0.0), dt, order=group)
   P = -mm(D, jnp.where(same, 0.0, L), dt)
-  A = term = D
-  for _ in range(n // group - 1):
+
+  def step(_, TA):
+    term, A = TA
     term = mm(P, term, dt)
-    A = A + term
-  return A
+    return term, A + term
+  return lax.fori_loop(0, n // group - 1, step, (D, D))[1]
 
 
 class Decay:
@@ -134,17 +136,17 @@ class Decay:
     Level l (block size s = 16 * 2^l): rows in the odd block of each pair of sibling blocks against
     columns in the even one, relative to G at the even block's last row (both factors <= 1)."""
     G, C, gs = self.G, self.C, DECAY_GROUP
-    r, c = iota(C, C, 0), iota(C, C, 1)
+    masks = part_masks(C)
     M = self._per_row(gs, [0.5 * (p + e) for p, e in zip(self.Gprev, self.Gend)])
-    yield jnp.exp(jnp.minimum(G - M, _CLAMP)), jnp.exp(jnp.minimum(M - G, _CLAMP)), r // gs == c // gs
-    s = gs
+    yield jnp.exp(jnp.minimum(G - M, _CLAMP)), jnp.exp(jnp.minimum(M - G, _CLAMP)), masks[0]
+    s, level = gs, 1
     while s < C:
       ref = self._per_row(2 * s, [self.Gend[(2 * m + 1) * s // gs - 1] for m in range(C // (2 * s))])
       odd = (self.rows // s) % 2 == 1
       rf = jnp.where(odd, jnp.exp(jnp.minimum(G - ref, 0.0)), 0.0)
       cf = jnp.where(odd, 0.0, jnp.exp(jnp.minimum(ref - G, 0.0)))
-      yield rf, cf, (None if 2 * s == C else (r // (2 * s) == c // (2 * s)))
-      s *= 2
+      yield rf, cf, masks[level]
+      s, level = 2 * s, level + 1
 
   def pairs(self, As, b, dt):
     """[M(a, b) for a in As], M_rc = sum_i a_r[i] b_c[i] exp(G_r[i] - G_c[i]) [C, C], valid for
@@ -175,6 +177,16 @@ class Decay:
     for (a, _), da in zip(terms, das):
       dG = dG + a * da
     return das, db, dG
+
+
+def part_masks(C):
+  """The [C, C] masks of `Decay.parts`, in order (None: the part's factors are zero outside it)."""
+  r, c = iota(C, C, 0), iota(C, C, 1)
+  masks, s = [r // DECAY_GROUP == c // DECAY_GROUP], DECAY_GROUP
+  while s < C:
+    masks.append(None if 2 * s == C else r // (2 * s) == c // (2 * s))
+    s *= 2
+  return masks
 
 
 def lower_masks(C):
