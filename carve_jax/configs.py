@@ -18,6 +18,7 @@ DELTA_MIXERS = ("carve", "gdn2", "kda", "gdn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 IMPLS = ("auto", "recurrent", "chunk", "pallas")
 CONTENT_GRADS = ("stop", "full")
+OUTPUT_GATES = ("lowrank_sigmoid", "full_swish", "full_sigmoid")
 
 Mixer = Literal["carve", "gdn2", "kda", "gdn", "attention"]
 
@@ -42,6 +43,10 @@ class ModelConfig:
     mlp_hidden: SwiGLU hidden width; None means mlp_ratio * d_model * 2/3 rounded up to mlp_multiple
       (flash-linear-attention's GatedMLP rule).
     gate_rank: bottleneck of the low-rank decay (f) and output-gate (g) projections; None = head_dim.
+    output_gate: the delta mixers' output gate z in y = W_o[rmsnorm(o) * act(z)]:
+      "lowrank_sigmoid" z = W_g2 W_g1 x + b_g, act = sigmoid (FLA's KDA / GatedDeltaNet2 gate, the default);
+      "full_swish" / "full_sigmoid" z = W_g x (d x HV, no bias), act = swish / sigmoid (FLA's GatedDeltaNet
+      gate, `output_gate_activation`; needed to import / export an FLA `gated_deltanet` model).
     tie_embeddings: share the embedding matrix with the output head.
     compute_dtype: "float32" or "bfloat16" activations; params stay float32; logits are float32.
     impl: `carve_jax.ops` implementation ("auto" -> Pallas on GPU when available, else "chunk").
@@ -66,6 +71,7 @@ class ModelConfig:
   mlp_ratio: float = 4.0
   mlp_multiple: int = 256
   gate_rank: int | None = None
+  output_gate: str = "lowrank_sigmoid"
   tie_embeddings: bool = False
   compute_dtype: str = "float32"
   impl: str = "auto"
@@ -95,6 +101,8 @@ class ModelConfig:
     if self.mixer == "carve" and self.content_block % self.chunk_size != 0:
       raise _fail("chunk_size", f"a divisor of content_block={self.content_block} (CARVE's content signal is "
                   "taken at content-block boundaries)", self.chunk_size)
+    if self.output_gate not in OUTPUT_GATES:
+      raise _fail("output_gate", f"one of {OUTPUT_GATES}", self.output_gate)
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise _fail("compute_dtype", f"one of {COMPUTE_DTYPES}", self.compute_dtype)
     if self.impl not in IMPLS:

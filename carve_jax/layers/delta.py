@@ -7,6 +7,7 @@ Structure of flash-linear-attention 0.6.0's `GatedDeltaNet2` layer (spec, CARVE.
     g       = -exp(A_log_h) * softplus(f(x) + dt_bias)                   log decay, float32
     o       = delta_rule(q, k, v, g, erase, write)                        `carve_jax.ops`
     y       = W_o [ rmsnorm(o) * sigmoid(W_g2 W_g1 x + b_g) ]             per head, then heads joined
+              (cfg.output_gate "full_swish" / "full_sigmoid": rmsnorm(o) * act(W_g x), FLA's GatedDeltaNet)
 
 with, per variant (H heads, K = V = head_dim, x in R^d):
 
@@ -92,9 +93,12 @@ class DeltaMixer(nnx.Module):
       self.beta_proj = dense(d, H, cfg, rngs=rngs)
     if self.variant == "carve":
       self.gamma = nnx.Param(jnp.zeros((H,), _F32))
-    # Output: sigmoid-gated RMSNorm per head, then projection.
-    self.g_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
-    self.g_proj2 = dense(cfg.rank, HV, cfg, rngs=rngs, bias=True)
+    # Output: gated RMSNorm per head, then projection.
+    if cfg.output_gate == "lowrank_sigmoid":
+      self.g_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
+      self.g_proj2 = dense(cfg.rank, HV, cfg, rngs=rngs, bias=True)
+    else:
+      self.g_proj = dense(d, HV, cfg, rngs=rngs)
     self.o_norm = GatedRMSNorm(V, eps=cfg.norm_eps, dtype=cdt)
     self.o_proj = dense(HV, d, cfg, rngs=rngs)
 
@@ -152,8 +156,12 @@ class DeltaMixer(nnx.Module):
 
   def project_output(self, x, o):
     """The layer output from the recurrence output. x: [B, T, d]; o: [B, T, H, V] -> y: [B, T, d]."""
-    z = self._heads(self.g_proj2(self.g_proj1(x)))
-    y = self.o_norm(o, z)
+    if self.cfg.output_gate == "lowrank_sigmoid":
+      y = self.o_norm(o, self._heads(self.g_proj2(self.g_proj1(x))))
+    else:
+      z = self._heads(self.g_proj(x)).astype(_F32)
+      act = jax.nn.silu(z) if self.cfg.output_gate == "full_swish" else jax.nn.sigmoid(z)
+      y = (self.o_norm.normalize(o) * act).astype(self.o_norm.dtype)
     return self.o_proj(y.reshape(*y.shape[:-2], -1))
 
   # -- entry points ----------------------------------------------------------------------------

@@ -71,7 +71,13 @@ def perplexity(cfg: TrainConfig, model: LM, *, split: str = "val", n_batches: in
 
 
 def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if any(a == "--tasks" or a.startswith("--tasks=") for a in argv):  # lm-evaluation-harness tasks instead
+    from carve_jax.train.lm_eval_adapter import main as tasks_main
+    return tasks_main(argv)
   ap = argparse.ArgumentParser(prog="carve-eval", description=__doc__.splitlines()[0])
+  ap.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks instead of perplexity "
+                  "(carve_jax.train.lm_eval_adapter; `carve-eval --ckpt_dir D --tasks piqa --help` lists its flags)")
   ap.add_argument("--ckpt_dir", required=True, help="a run's checkpoint folder (<out_dir>/checkpoints)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--split", choices=("val", "train"), default="val")

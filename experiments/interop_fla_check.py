@@ -1,0 +1,242 @@
+r"""Do FLA 0.6.0's own model classes compute our exported models' function? (GPU; issue 14.)
+
+For each mixer (GDN-2, KDA, Gated DeltaNet) a carve_jax LM with random weights (every norm weight,
+bias and gate parameter perturbed too, so a misplaced tensor shows) is exported with
+`carve_jax.interop.save_hf`, loaded with flash-linear-attention's `AutoModelForCausalLM` and run on
+the same random tokens. Figures per (mixer, T, FLA dtype), against our float32 logits:
+
+    rel   = ||logits_fla - logits_ours||_F / ||logits_ours||_F,   max_abs,   top-1 agreement
+
+and, as the bf16 yardstick, our own bfloat16-compute model against our float32 one. FLA runs its
+`fused_recurrent` kernels for T <= 64 and `chunk` kernels above (eval mode, no grad). Pass:
+float32 rel < 1e-4; bfloat16 rel < max(3 x our bf16 rel, 1e-2).
+
+FLA 0.6.0 has the GatedDeltaNet2 layer but no GDN-2 model class: the script registers "gdn2" as
+FLA's KDA model with every `attn` replaced by `fla.layers.GatedDeltaNet2` (the layout we export).
+FLA guards `chunk_gated_delta_rule` on Triton < 3.7.1 on Hopper, so Gated DeltaNet is checked at T <= 64.
+
+    python3 experiments/interop_fla_check.py --out $OUT/interop_fla_check.md     # GPU, carry .peers
+    python experiments/interop_fla_check.py --export_only --d_model 64 --n_heads 2 --n_layers 1 --lengths 8
+
+The FLA wheels (flash_linear_attention-0.6.0, fla_core-0.6.0) are taken from --wheels (default
+.peers/) and pip-installed into /tmp/fla_site unless `import fla` already works; the Triton
+autotune seed (--autotune_seed, default .peers/fla_autotune_h200.tgz when present) saves FLA's
+chunk-kernel autotuning at H=16, K=V=128, bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MIXERS = ("gdn2", "kda", "gdn")
+WHEELS = ("flash_linear_attention-0.6.0-*.whl", "fla_core-0.6.0-*.whl")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--models", default="gdn2,kda,gdn", help=f"comma list from {MIXERS}")
+  ap.add_argument("--lengths", default="64,512", help="comma list of sequence lengths T")
+  ap.add_argument("--batch", type=int, default=2)
+  ap.add_argument("--d_model", type=int, default=2048)
+  ap.add_argument("--n_heads", type=int, default=16)
+  ap.add_argument("--n_layers", type=int, default=2)
+  ap.add_argument("--vocab_size", type=int, default=256)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--wheels", default=os.path.join(ROOT, ".peers"), help="folder holding the two FLA wheels")
+  ap.add_argument("--autotune_seed", default=None, help="tgz of Triton *.autotune.json (default: "
+                  ".peers/fla_autotune_h200.tgz if present)")
+  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop_fla_check.md"))
+  ap.add_argument("--export_only", action="store_true", help="export and compute our logits only (CPU check)")
+  a = ap.parse_args(argv)
+  try:
+    a.models = [m for m in a.models.split(",") if m]
+    a.lengths = [int(t) for t in a.lengths.split(",") if t]
+  except ValueError:
+    ap.error(f"--lengths must be a comma list of ints, got {a.lengths!r}")
+  bad = [m for m in a.models if m not in MIXERS]
+  if bad or not a.models:
+    ap.error(f"--models must be a non-empty comma list from {MIXERS}, got {a.models}")
+  if not a.lengths or min(a.lengths) < 1:
+    ap.error(f"--lengths must be positive ints, got {a.lengths}")
+  for name in ("batch", "d_model", "n_heads", "n_layers", "vocab_size"):
+    if getattr(a, name) < 1:
+      ap.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+  if a.d_model % a.n_heads:
+    ap.error(f"--n_heads must divide --d_model={a.d_model}, got {a.n_heads}")
+  if a.autotune_seed is None:
+    seed = os.path.join(a.wheels, "fla_autotune_h200.tgz")
+    a.autotune_seed = seed if os.path.isfile(seed) else ""
+  return a
+
+
+def install_fla(wheels: str) -> str:
+  """Makes `import fla` work: installs the two wheels into /tmp/fla_site if needed; returns fla's path."""
+  try:
+    import fla
+    return os.path.dirname(fla.__file__)
+  except ImportError:
+    pass
+  found = [sorted(glob.glob(os.path.join(wheels, w))) for w in WHEELS]
+  missing = [w for w, f in zip(WHEELS, found) if not f]
+  if missing:
+    raise SystemExit(f"interop_fla_check: --wheels {wheels} lacks {missing} (pip download --no-deps "
+                     "flash-linear-attention==0.6.0 fla-core==0.6.0 -d .peers)")
+  site = "/tmp/fla_site"
+  subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", site,
+                  *[f[-1] for f in found]], check=True)
+  sys.path.insert(0, site)
+  import fla
+  return os.path.dirname(fla.__file__)
+
+
+def seed_autotune(path: str) -> None:
+  if not path:
+    return
+  cache = os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-"))
+  with tarfile.open(path) as tf:
+    for m in tf.getmembers():
+      if m.isfile() and m.name.endswith(".autotune.json"):
+        m.name = os.path.join(*m.name.split("/")[-2:])
+        tf.extract(m, cache)
+
+
+def make_model(mixer: str, a):
+  """A carve_jax LM with random weights, every 1-D parameter perturbed away from its init."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from carve_jax.configs import ModelConfig
+  from carve_jax.model import LM
+  cfg = ModelConfig(mixer=mixer, vocab_size=a.vocab_size, d_model=a.d_model, n_layers=a.n_layers,
+                    n_heads=a.n_heads, output_gate="full_swish" if mixer == "gdn" else "lowrank_sigmoid",
+                    compute_dtype="float32", impl="chunk", max_seq_len=max(2048, max(a.lengths)))
+  model = LM(cfg, rngs=nnx.Rngs(a.seed))
+  rng = np.random.default_rng(a.seed + 1)
+  graphdef, params = nnx.split(model, nnx.Param)
+  def perturb(path, x):
+    name = str(path[-1])
+    if x.ndim != 1 or "A_log" in name or "dt_bias" in name:
+      return x
+    return x + jax.numpy.asarray(rng.normal(0.0, 0.3, x.shape), x.dtype)
+  params = jax.tree_util.tree_map_with_path(perturb, params)
+  return nnx.merge(graphdef, params)
+
+
+def register_gdn2() -> None:
+  """FLA 0.6.0 has no GDN-2 model: "gdn2" = the KDA model with `attn = fla.layers.GatedDeltaNet2`."""
+  from transformers import AutoConfig, AutoModelForCausalLM
+  from fla.layers import GatedDeltaNet2
+  from fla.models import KDAConfig, KDAForCausalLM
+
+  class GDN2Config(KDAConfig):
+    model_type = "gdn2"
+
+  class GDN2ForCausalLM(KDAForCausalLM):
+    config_class = GDN2Config
+
+    def __init__(self, config):
+      super().__init__(config)
+      for i, block in enumerate(self.model.layers):
+        block.attn = GatedDeltaNet2(mode=config.attn_mode, hidden_size=config.hidden_size, expand_v=config.expand_v,
+                                    head_dim=config.head_dim, num_heads=config.num_heads,
+                                    num_v_heads=config.num_v_heads, use_short_conv=config.use_short_conv,
+                                    allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
+                                    norm_eps=config.norm_eps, layer_idx=i)
+
+  AutoConfig.register("gdn2", GDN2Config, exist_ok=True)
+  AutoModelForCausalLM.register(GDN2Config, GDN2ForCausalLM, exist_ok=True)
+
+
+def fla_logits(hf_dir: str, tokens, dtype: str):
+  import torch
+  import fla  # noqa: F401  (registers FLA's classes with transformers)
+  from transformers import AutoModelForCausalLM
+  tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+  try:
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt)
+  except TypeError:
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=tdt)
+  model = model.to("cuda").eval()
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long, device="cuda")).logits
+  return out.float().cpu().numpy()
+
+
+def compare(a, b) -> dict:
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return {"rel": float(np.linalg.norm(a - b) / np.linalg.norm(b)), "max_abs": float(np.max(np.abs(a - b))),
+          "top1": float(np.mean(np.argmax(a, -1) == np.argmax(b, -1)))}
+
+
+def main(argv=None) -> int:
+  a = parse_args(argv)
+  if not a.export_only:
+    seed_autotune(a.autotune_seed)  # before triton is imported
+    fla_dir = install_fla(a.wheels)
+  import jax
+  import numpy as np
+  from carve_jax.interop.fla_layout import from_fla_tensors, to_fla_tensors
+  from carve_jax.interop.hf_folder import save_hf
+  work = tempfile.mkdtemp(prefix="interop-fla-")
+  if not a.export_only:
+    register_gdn2()
+  rows, ok = [], True
+  t_start = time.time()
+  for mixer in a.models:
+    model = make_model(mixer, a)
+    hf_dir = save_hf(model, os.path.join(work, mixer), tokenizer="byte", eos_id=0)
+    bf16 = from_fla_tensors(model.cfg.replace(compute_dtype="bfloat16"), to_fla_tensors(model))
+    for T in a.lengths:
+      if mixer == "gdn" and T > 64 and not a.export_only:
+        rows.append((mixer, T, "-", "skipped: FLA refuses chunk_gated_delta_rule on Hopper with Triton < 3.7.1", None))
+        continue
+      tokens = np.asarray(jax.random.randint(jax.random.key(a.seed + T), (a.batch, T), 0, a.vocab_size), np.int32)
+      ours = np.asarray(model(jax.numpy.asarray(tokens)))
+      yard = compare(np.asarray(bf16(jax.numpy.asarray(tokens))), ours)
+      rows.append((mixer, T, "ours bf16", "yardstick", yard))
+      if a.export_only:
+        continue
+      for dtype in ("bfloat16", "float32") if T <= 64 else ("bfloat16",):
+        t0 = time.time()
+        try:
+          got = compare(fla_logits(hf_dir, tokens, dtype), ours)
+        except Exception as e:  # report, keep going
+          rows.append((mixer, T, f"FLA {dtype}", f"error: {type(e).__name__}: {str(e)[:200]}", None))
+          ok = False
+          continue
+        limit = 1e-4 if dtype == "float32" else max(3 * yard["rel"], 1e-2)
+        passed = got["rel"] < limit
+        ok &= passed
+        rows.append((mixer, T, f"FLA {dtype}", f"{'PASS' if passed else 'FAIL'} (rel < {limit:.1e}), "
+                     f"{time.time() - t0:.1f} s", got))
+  lines = ["# FLA 0.6.0 logits vs carve_jax (experiments/interop_fla_check.py)", "",
+           f"Models: d_model {a.d_model}, {a.n_heads} heads x {a.d_model // a.n_heads}, {a.n_layers} layers, vocab "
+           f"{a.vocab_size}, batch {a.batch}, seed {a.seed}; reference: our float32 logits (impl chunk). "
+           f"{'Export only (FLA not run).' if a.export_only else f'FLA from {fla_dir}.'} "
+           f"Device: {jax.devices()[0].device_kind}. Wall: {time.time() - t_start:.0f} s.", "",
+           "| mixer | T | logits of | rel | max_abs | top-1 agree | verdict |", "|---|---|---|---|---|---|---|"]
+  for mixer, T, who, verdict, m in rows:
+    figs = ("", "", "") if m is None else (f"{m['rel']:.2e}", f"{m['max_abs']:.2e}", f"{m['top1']:.4f}")
+    lines.append(f"| {mixer} | {T} | {who} | {figs[0]} | {figs[1]} | {figs[2]} | {verdict} |")
+  text = "\n".join(lines) + "\n"
+  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+  with open(a.out, "w") as fh:
+    fh.write(text)
+  print(text)
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
