@@ -187,7 +187,13 @@ def main(argv=None) -> int:
     fla_dir = install_fla(a.wheels)
   import jax
   import numpy as np
+  from flax import nnx
   from carve_jax.interop.fla_layout import from_fla_tensors, to_fla_tensors
+  jax.config.update("jax_default_matmul_precision", "highest")  # a float32 reference, no TF32
+
+  def forward(m, tokens):
+    graphdef, state = nnx.split(m)
+    return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.numpy.asarray(tokens)))
   from carve_jax.interop.hf_folder import save_hf
   work = tempfile.mkdtemp(prefix="interop-fla-")
   if not a.export_only:
@@ -203,8 +209,8 @@ def main(argv=None) -> int:
         rows.append((mixer, T, "-", "skipped: FLA refuses chunk_gated_delta_rule on Hopper with Triton < 3.7.1", None))
         continue
       tokens = np.asarray(jax.random.randint(jax.random.key(a.seed + T), (a.batch, T), 0, a.vocab_size), np.int32)
-      ours = np.asarray(model(jax.numpy.asarray(tokens)))
-      yard = compare(np.asarray(bf16(jax.numpy.asarray(tokens))), ours)
+      ours = forward(model, tokens)
+      yard = compare(forward(bf16, tokens), ours)
       rows.append((mixer, T, "ours bf16", "yardstick", yard))
       if a.export_only:
         continue

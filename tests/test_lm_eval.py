@@ -141,11 +141,14 @@ def test_carve_eval_tasks_cli_matches_hand(model, tmp_path, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
   out = tmp_path / "res.json"
-  assert eval_cli.main(["--ckpt_dir", ckpt, "--tasks", "carve_tiny_mc,carve_tiny_gen", "--include_path",
+  assert eval_cli.main(["--ckpt_dir", ckpt, "--tasks", "carve_tiny_mc,carve_tiny_gen,carve_tiny_ppl", "--include_path",
                         str(TASKS), "--batch_size", "4", "--max_length", "64", "--output", str(out)]) == 0
   res = json.loads(out.read_text())["results"]
-  acc, acc_norm, em = [], [], []
+  acc, acc_norm, em, ll, n_bytes = [], [], [], 0.0, 0
   for doc in _docs():
+    text = doc["question"] + " " + doc["choices"][doc["answer"]]  # tiny_ppl's doc_to_target
+    ll += hand_ll(model, [TOK.eos_id], _enc(text))[0]  # one rolling window: every text is < 64 bytes
+    n_bytes += len(text.encode("utf-8"))
     ctx = _enc(doc["question"]) if doc["question"] else [TOK.eos_id]
     lls = np.asarray([hand_ll(model, ctx, _enc(c))[0] for c in doc["choices"]])
     acc.append(int(np.argmax(lls)) == doc["answer"])
@@ -155,6 +158,8 @@ def test_carve_eval_tasks_cli_matches_hand(model, tmp_path, monkeypatch):
   assert res["carve_tiny_mc"]["acc,none"] == pytest.approx(np.mean(acc))
   assert res["carve_tiny_mc"]["acc_norm,none"] == pytest.approx(np.mean(acc_norm))
   assert res["carve_tiny_gen"]["exact_match,none"] == pytest.approx(np.mean(em))
+  assert res["carve_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(-ll / n_bytes / np.log(2), rel=1e-5)
+  assert res["carve_tiny_ppl"]["byte_perplexity,none"] == pytest.approx(np.exp(-ll / n_bytes), rel=1e-5)
 
 
 def test_carve_eval_tasks_bad_input(tmp_path, capsys):
