@@ -164,12 +164,15 @@ def fla_logits(hf_dir: str, tokens, dtype: str):
   from transformers import AutoModelForCausalLM
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
   try:
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt)
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt, output_loading_info=True)
   except TypeError:
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=tdt)
+    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=tdt, output_loading_info=True)
+  bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+  if bad:  # transformers would silently initialise a missing tensor at random
+    raise RuntimeError(f"FLA's {type(model).__name__} does not take our tensors as they are: {bad}")
   model = model.to("cuda").eval()
   with torch.no_grad():
-    out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long, device="cuda")).logits
+    out = model(input_ids=torch.as_tensor(tokens, dtype=torch.long, device="cuda"), use_cache=False).logits
   return out.float().cpu().numpy()
 
 

@@ -8,7 +8,6 @@ decoding by repeated parallel forwards of one row.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
