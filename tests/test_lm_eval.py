@@ -130,6 +130,13 @@ def test_generate_until_batched_equals_row_by_row(model):
                           disable_tqdm=True)
   for p, g in zip(prompts, got):
     assert g == TOK.decode(np.asarray(hand_greedy(model, _enc(p), 7), np.int32)).split("e")[0]
+  # Sampling at a vanishing temperature is greedy; at temperature 1 it differs somewhere.
+  cold = lm.generate_until([Instance("generate_until", {}, (p, {**kw, "do_sample": True, "temperature": 1e-4}), i)
+                            for i, p in enumerate(prompts)], disable_tqdm=True)
+  assert cold == got
+  hot = lm.generate_until([Instance("generate_until", {}, (p, {"max_gen_toks": 7, "do_sample": True}), i)
+                           for i, p in enumerate(prompts)], disable_tqdm=True)
+  assert [h[:len(g)] for h, g in zip(hot, got)] != got
 
 
 def test_carve_eval_tasks_cli_matches_hand(model, tmp_path, monkeypatch):

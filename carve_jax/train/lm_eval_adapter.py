@@ -145,7 +145,8 @@ class CarveLM(TemplateLM):
       until = kw.pop("until", None) or []
       until = [until] if isinstance(until, str) else list(until)
       max_gen = int(kw.pop("max_gen_toks", 256))
-      temp = float(kw.pop("temperature", 0.0)) if kw.pop("do_sample", False) else 0.0
+      do_sample = bool(kw.pop("do_sample", False))
+      temp = float(kw.pop("temperature", 1.0)) if do_sample else 0.0  # do_sample=False is greedy (as in HF)
       ids = self.tok_encode(ctx) or [self.eot_token_id]
       ids = ids[-max(1, self.max_length - max_gen):]
       items.append((i, ids, until, max_gen, temp))
@@ -217,7 +218,7 @@ class CarveLM(TemplateLM):
         gen[r].append(int(tok[r]))
         until = chunk[r][2]
         if (tok[r] == self.eot_token_id or len(gen[r]) >= max_gen[r]
-            or any(s in self.tok_decode(gen[r]) for s in until)):
+            or any(s and s in self.tok_decode(gen[r]) for s in until)):
           done[r] = True
       if all(done):
         break
