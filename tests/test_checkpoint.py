@@ -157,7 +157,8 @@ def test_digest_sees_one_flipped_bit_in_any_leaf():
     a = np.array(x)
     flat = a.reshape(-1).view(np.uint8)
     flat[rng.integers(flat.size)] ^= np.uint8(1 << int(rng.integers(8)))
-    changed, _ = ckmod.state_digest(jax.tree.unflatten(treedef, leaves[:i] + [jnp.asarray(a)] + leaves[i + 1:]))
+    flipped = jax.device_put(a, x.sharding)  # same sharding: one compiled digest program for all
+    changed, _ = ckmod.state_digest(jax.tree.unflatten(treedef, leaves[:i] + [flipped] + leaves[i + 1:]))
     assert [k for k in ref if ref[k] != changed[k]] == [list(ref)[i]]
 
 
@@ -244,3 +245,19 @@ def test_failed_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert again.all_steps() == [1]
     restored, ds, _ = again.restore(abstract_like(state))
   assert _equal(restored, state) and ds == {"pos": 1}
+
+
+def test_only_unfinished_saves_mean_no_checkpoint(tmp_path, monkeypatch):
+  """A run killed between its first checkpoint's data and digest starts over instead of being stuck."""
+  state, _ = _state()
+  monkeypatch.setattr(ckmod, "_write_atomic", lambda *a: (_ for _ in ()).throw(OSError("killed (simulated)")))
+  ck = Checkpointer(tmp_path, every=1)
+  ck.save(1, state)
+  with pytest.raises(CheckpointError, match="killed"):
+    ck.wait()
+  ck.close()
+  monkeypatch.undo()
+  with Checkpointer(tmp_path, every=1, log=lambda m: None) as ck:
+    with pytest.raises(CheckpointNotFoundError, match=r"no finished checkpoint .*steps \[1\] did not finish"):
+      ck.restore(abstract_like(state), quarantine=True)
+    assert ck.all_steps() == [] and os.path.isdir(tmp_path / "1.corrupt")

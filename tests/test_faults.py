@@ -341,3 +341,39 @@ def test_full_disk_during_a_save_keeps_the_last_good_step(tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(_leaves(state), _leaves(s1)))
   COUNTS["corruptions_tried"] += 1
   COUNTS["corruptions_detected"] += 1
+
+
+# ------------------------------------------------------------------------------ reruns and the CLI
+def test_rerun_of_a_finished_run_and_extending_it(tmp_path, reference, capfd):
+  """Run again once finished: nothing is trained, the summary has the logged loss and throughput
+  (not NaN) and the log is unchanged. More --steps on the same out_dir is refused with the way that
+  works, which is the command `carve-train --help` documents."""
+  from carve_jax.train import cli
+  from carve_jax.train.checkpoint import CheckpointMismatchError
+  from carve_jax.train.loop import format_summary, train
+  ref_dir, ref, _ = reference
+  out = tmp_path / "done"
+  shutil.copytree(ref_dir, out)
+  before = (out / "metrics.jsonl").read_text()
+  s = train(_cfg(out))
+  assert s["steps"] == STEPS and s["train_loss"] == ref[STEPS] and np.isfinite(s["tokens_per_s"])
+  assert "nan" not in format_summary(s)
+  assert (out / "metrics.jsonl").read_text() == before
+  assert f"already finished its {STEPS} steps" in capfd.readouterr().out
+  with pytest.raises(CheckpointMismatchError, match=r"steps: checkpoint has 12, this run has 24(.|\n)*"
+                     r"--config <out_dir>/config.json --steps N --out_dir <a new folder>"):
+    train(_cfg(out).replace(steps=2 * STEPS))
+  assert "carve-train --config runs/demo/config.json --steps 600 --out_dir runs/demo-600" in cli.__doc__
+  new = parse_train_args(["--config", str(out / "config.json"), "--steps", "600", "--out_dir", str(tmp_path / "more")])
+  assert new.steps == 600 and new.out_dir == str(tmp_path / "more")
+  assert new.replace(steps=STEPS, out_dir=str(out)) == _cfg(out)  # the saved run's settings otherwise
+
+
+def test_eval_batches_beyond_the_split_are_cut_with_a_message(reference, capfd):
+  from carve_jax.train import eval as ev
+  ref_dir, _, _ = reference
+  assert ev.main(["--ckpt_dir", str(ref_dir / "checkpoints"), "--eval_batches", "100000"]) == 0
+  out, err = capfd.readouterr()
+  used = json.loads(out.strip().splitlines()[-1])["tokens"] // (2 * 16)
+  assert f"--eval_batches 100000 is more than the {used} distinct batches of the val split: using {used}" in err
+  assert 1 <= used < 100000

@@ -78,6 +78,11 @@ def test_cli_overrides_parse():
     (["--batch_size", "6", "--grad_accum", "4"], "TrainConfig: field `grad_accum` must be a divisor of "
                                                  "data.batch_size=6, got 4"),
     (["--corpus", "wiki"], "argument --corpus: invalid choice: 'wiki'"),
+    # issue 16: named flags, and refused before any data is read or downloaded
+    (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json: cannot read it (No such file"),
+    (["--tokens_dir", "/nonexistent/export"], "--tokens_dir /nonexistent/export: no such folder"),
+    (["--tokenizer", "gpt2", "--vocab_size", "256"], "--vocab_size must be >= 50257 for --tokenizer gpt2"),
+    (["--model", "attention", "--seq_len", "512"], "field `seq_len` must be <= model.max_seq_len=256 for attention"),
 ])
 def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
   with pytest.raises(SystemExit) as e:
@@ -87,13 +92,24 @@ def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
 
 
 def test_eval_and_generate_cli_errors(tmp_path, capsys):
+  from carve_jax.train import cli
   from carve_jax.train import eval as ev
-  from carve_jax.train.checkpoint import CheckpointNotFoundError
-  with pytest.raises(CheckpointNotFoundError, match="does not exist"):
-    ev.main(["--ckpt_dir", str(tmp_path / "none")])
+  from carve_jax.train import generate as gen
+  for main, prog in ((ev.main, "carve-eval"), (gen.main, "carve-generate")):
+    assert main(["--ckpt_dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"{prog}: error: checkpoint directory {tmp_path / 'none'} does not exist"
+    assert main(["--ckpt_dir", str(tmp_path), "--restore_step", "3"]) == 1  # --step's alias, named in errors
+    assert "no checkpoint step 3 under" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     ev.main(["--ckpt_dir", str(tmp_path), "--eval_batches", "0"])
   assert "--eval_batches must be >= 1" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    ev.main(["--ckpt_dir", str(tmp_path), "--tokens_dir", str(tmp_path / "nope")])
+  assert f"--tokens_dir {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+  (tmp_path / "file").write_text("")
+  assert cli.main(["--out_dir", str(tmp_path / "file" / "run"), "--no-progress"]) == 1  # not a folder
+  assert f"--out_dir {tmp_path / 'file' / 'run'}: cannot create or write it" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -210,7 +226,7 @@ KILL_SCRIPT = textwrap.dedent("""
   def on_step(step, rec):
     if step == 5:  # die hard once the step-3 checkpoint is on disk (step 4, 5 done, unsaved)
       deadline = time.time() + 60
-      while not os.path.isdir(os.path.join(cfg.checkpoint_dir, "3")) and time.time() < deadline:
+      while not os.path.isfile(os.path.join(cfg.checkpoint_dir, "3", "digest.json")) and time.time() < deadline:
         time.sleep(0.05)
       os.kill(os.getpid(), signal.SIGKILL)
 

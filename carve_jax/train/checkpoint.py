@@ -13,8 +13,10 @@ A checkpoint at step s is the folder `<dir>/<s>/` with three orbax items and one
 Safety (what "nothing good is ever lost or overwritten" rests on):
 - orbax writes each step into a temporary folder and renames it into place only once every item is
   complete; an interrupted save leaves at most a temporary folder, which `all_steps()` ignores. The
-  digest is written (tmp file, fsync, rename) only after that, so a step without a digest is one
-  whose save did not finish: it does not verify. A step that exists is never written again.
+  digest is written (tmp file, fsync, rename) only after that, by a thread that watches the async
+  save (or by `wait()`), so a step without a digest is one whose save did not finish: it does not
+  verify (`CheckpointIncompleteError`; if no step is complete, there is no checkpoint). A step that
+  exists is never written again.
 - A state whose params or optimizer state hold a NaN/Inf is never saved (`save` returns False and
   says so).
 - Keep-last-K is ours, not orbax's: old steps are deleted only after a newer step's digest is on
@@ -39,6 +41,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -64,6 +67,10 @@ class CheckpointNotFoundError(CheckpointError):
 
 class CheckpointCorruptError(CheckpointError):
   """A checkpoint's files cannot be read or don't match what was saved."""
+
+
+class CheckpointIncompleteError(CheckpointCorruptError):
+  """A step has no digest: its save did not finish (the process died between data and digest)."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -162,6 +169,8 @@ class Checkpointer:
     self.step_flag = step_flag
     self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     self._pending: list[tuple[int, dict]] = []  # saves started whose digest is not written yet
+    self._lock = threading.Lock()  # guards _pending / _verified against the digest watcher thread
+    self._watcher: threading.Thread | None = None
     self._main = jax.process_index() == 0
     with _quiet_orbax():  # orbax notes every read-only open, and logs each unreadable metadata file
       opts = ocp.CheckpointManagerOptions(
@@ -183,7 +192,6 @@ class Checkpointer:
     return os.path.isfile(os.path.join(self.directory, str(step), DIGEST))
 
   def should_save(self, step: int) -> bool:
-    self._write_finished_digests(block=False)  # called every step: the digest follows the data promptly
     return self._mgr.should_save(step)
 
   # ------------------------------------------------------------------------------------ save
@@ -210,33 +218,51 @@ class Checkpointer:
     data_json = _to_json(data_state)
     digest = {"format": FORMAT, "step": int(step), "state": sums, "data": json_digest(data_json),
               "meta": json_digest(meta)}
-    try:
-      started = self._mgr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_json),
-          meta=ocp.args.JsonSave(meta)), force=True)
-    except ocp.checkpoint_manager.StepAlreadyExistsError:
-      return False
+    with self._lock:
+      try:
+        started = self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_json),
+            meta=ocp.args.JsonSave(meta)), force=True)
+      except ocp.checkpoint_manager.StepAlreadyExistsError:
+        return False
+      if started:
+        self._pending.append((int(step), digest))
     if started:
-      self._pending.append((int(step), digest))
-      if not self._mgr.is_saving_in_progress():
+      if self._mgr.is_saving_in_progress():  # async: a thread writes the digest as soon as orbax is done
+        self._watcher = threading.Thread(target=self._watch, name="carve-digest", daemon=True)
+        self._watcher.start()
+      else:
         self.wait()
     return started
 
+  def _watch(self) -> None:
+    try:
+      while self._pending:
+        if not self._mgr.is_saving_in_progress():
+          self._write_finished_digests(block=False)
+          return
+        time.sleep(0.005)
+    except Exception:  # noqa: BLE001 - what is still pending is written, or its error raised, by wait()
+      return
+
   def _write_finished_digests(self, block: bool) -> None:
-    """Writes the digest of every finalised pending save (waiting for them if `block`)."""
-    if not self._pending:
-      return
-    if block:
-      self._mgr.wait_until_finished()
-    elif self._mgr.is_saving_in_progress():
-      return
-    else:
-      self.check_for_errors()
-    for step, digest in self._pending:
-      if self._main:
-        _write_atomic(os.path.join(self.directory, str(step), DIGEST), json.dumps(digest))
-      self._verified.add(step)
-    self._pending.clear()
+    """Writes the digest of every finalised pending save (waiting for them if `block`). A save that
+    failed has no step folder: it is left to `wait()`, which raises orbax's error."""
+    with self._lock:
+      if not self._pending:
+        return
+      if block:
+        self._mgr.wait_until_finished()
+      elif self._mgr.is_saving_in_progress():
+        return
+      for step, digest in list(self._pending):
+        folder = os.path.join(self.directory, str(step))
+        if not block and not os.path.isdir(folder):
+          continue
+        if self._main:
+          _write_atomic(os.path.join(folder, DIGEST), json.dumps(digest))
+        self._verified.add(step)
+        self._pending.remove((step, digest))
 
   def _prune(self) -> None:
     """Deletes the steps older than the `keep` newest verified ones (never the newest verified)."""
@@ -259,7 +285,8 @@ class Checkpointer:
     try:
       self._write_finished_digests(block=True)
     except Exception as e:  # orbax re-raises the background thread's error here
-      self._pending.clear()
+      with self._lock:
+        self._pending.clear()
       raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e
     self._prune()
 
@@ -305,8 +332,8 @@ class Checkpointer:
       with open(path) as fh:
         digest = json.load(fh)
     except FileNotFoundError:
-      raise CheckpointCorruptError(f"checkpoint step {step} under {self.directory}: no {DIGEST} (its save "
-                                   "did not finish)") from None
+      raise CheckpointIncompleteError(f"checkpoint step {step} under {self.directory}: no {DIGEST} (its save "
+                                      "did not finish)") from None
     except (OSError, ValueError) as e:
       raise CheckpointCorruptError(f"checkpoint step {step} under {self.directory}: {DIGEST} is unreadable "
                                    f"({type(e).__name__}: {e})") from e
@@ -342,6 +369,12 @@ class Checkpointer:
         for bad, _ in failures:
           self._quarantine(bad)
       return out
+    if all(isinstance(e, CheckpointIncompleteError) for _, e in failures):  # only unfinished saves: none there
+      if quarantine:
+        for bad, _ in failures:
+          self._quarantine(bad)
+      raise CheckpointNotFoundError(f"no finished checkpoint under {self.directory} (the saves of steps "
+                                    f"{[s for s, _ in failures]} did not finish)")
     raise CheckpointCorruptError(f"no checkpoint under {self.directory} verifies (steps {steps}); nothing was "
                                  "deleted. Use a new --out_dir / --ckpt_dir to start over.") from failures[0][1]
 

@@ -330,13 +330,17 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
 
 def check_before_loading(cfg: TrainConfig) -> None:
   """What can be checked before any data is read or downloaded; ValueError naming the flag."""
-  from carve_jax.data.pipeline import EXPORT_META
   from carve_jax.data.tokenizer import ByteTokenizer, GPT2Tokenizer  # class attributes: nothing is loaded
   need = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}[cfg.data.tokenizer]
   if cfg.model.vocab_size < need:
     raise ValueError(f"--vocab_size must be >= {need} for --tokenizer {cfg.data.tokenizer} (its vocabulary), "
                      f"got {cfg.model.vocab_size}")
-  d = cfg.data.tokens_dir
+  check_tokens_dir(cfg.data.tokens_dir)
+
+
+def check_tokens_dir(d: str | None) -> None:
+  """--tokens_dir must be an export folder (python -m carve_jax.data export) if given."""
+  from carve_jax.data.pipeline import EXPORT_META
   if d is not None and not os.path.isfile(os.path.join(d, EXPORT_META)):
     raise ValueError(f"--tokens_dir {d}: " + ("no such folder" if not os.path.isdir(d) else "not an export "
                      f"folder (no {EXPORT_META})") + "; make one with python -m carve_jax.data export")

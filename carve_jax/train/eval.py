@@ -26,7 +26,7 @@ from carve_jax.model import LM
 from carve_jax.train import distributed as dist
 from carve_jax.train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointError,
                                         CheckpointNotFoundError, abstract_like)
-from carve_jax.train.config import TrainConfig, check_before_loading
+from carve_jax.train.config import TrainConfig, check_before_loading, check_tokens_dir
 from carve_jax.train.optim import make_optimizer
 from carve_jax.train.step import init_state
 
@@ -109,6 +109,10 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if args.eval_batches is not None and args.eval_batches < 1:
     ap.error(f"--eval_batches must be >= 1, got {args.eval_batches}")
+  try:
+    check_tokens_dir(args.tokens_dir)
+  except ValueError as e:
+    ap.error(str(e))
   dist.maybe_initialize(args.distributed)
   try:
     cfg, model, step = load_trained(args.ckpt_dir, args.step)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from carve_jax.model import LM, param_count
 from carve_jax.train import distributed as dist
-from carve_jax.train.checkpoint import Checkpointer, abstract_like
+from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
 from carve_jax.train.config import DataConfig, TrainConfig
 from carve_jax.train.metrics import MetricsLogger, format_bytes, read_jsonl, truncate_jsonl
 from carve_jax.train.runlock import RunLock
@@ -109,6 +109,18 @@ def _run_locks(cfg: TrainConfig):
     yield
 
 
+def _restore(ckpt: Checkpointer, abstract, cfg: TrainConfig):
+  """(state, data state, meta) of `--restore_step`, or of the newest step that verifies (a newer one
+  that fails is moved aside); None if the only steps there are saves that did not finish."""
+  try:
+    return ckpt.restore(abstract, cfg.ckpt.restore_step, quarantine=True)
+  except CheckpointNotFoundError as e:
+    if cfg.ckpt.restore_step is not None:
+      raise
+    print(f"{e}: starting from step 0", file=sys.stderr)
+    return None
+
+
 def _eval_reserve_s(last_eval_s: float | None, step_s: float | None, compile_s: float | None,
                     eval_batches: int) -> float:
   """Seconds to keep free under `time_limit_s` for the final evaluation: the last evaluation's
@@ -156,9 +168,11 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   train_iter = batch_iterator(train_tokens, cfg.data, local_bs)
   restore_step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
   start = 0
-  if restore_step is not None:  # the latest verified step, unless --restore_step names one
-    state, data_state, _ = ckpt.restore(abstract_like(state, dist.replicated(mesh)), cfg.ckpt.restore_step,
-                                        quarantine=True)
+  restored = _restore(ckpt, abstract_like(state, dist.replicated(mesh)), cfg) if restore_step is not None else None
+  if restored is None:
+    restore_step = None
+  else:
+    state, data_state, _ = restored
     train_iter.set_state(data_state)
     start = int(state.step)
     if main:
