@@ -377,3 +377,13 @@ def test_eval_batches_beyond_the_split_are_cut_with_a_message(reference, capfd):
   used = json.loads(out.strip().splitlines()[-1])["tokens"] // (2 * 16)
   assert f"--eval_batches 100000 is more than the {used} distinct batches of the val split: using {used}" in err
   assert 1 <= used < 100000
+
+
+def test_time_limit_stops_early_enough_for_the_final_evaluation(tmp_path, reference, monkeypatch):
+  """The loop stops once elapsed time + the final evaluation's estimate passes --time_limit_s: with
+  a limit nothing reaches, an estimate above it stops the run after its first step (checkpointed)."""
+  from carve_jax.train import loop
+  _, ref, _ = reference
+  monkeypatch.setattr(loop, "_eval_reserve_s", lambda *a: 1e9)
+  s = loop.train(_cfg(tmp_path).replace(time_limit_s=1e6))
+  assert s["steps"] == 1 and s["latest_checkpoint"] == 1 and _losses(tmp_path) == {1: ref[1]}

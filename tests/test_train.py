@@ -112,6 +112,32 @@ def test_eval_and_generate_cli_errors(tmp_path, capsys):
   assert f"--out_dir {tmp_path / 'file' / 'run'}: cannot create or write it" in capsys.readouterr().err
 
 
+def test_demo_gpu_without_a_gpu_is_a_usage_error(capsys):
+  from carve_jax import demo
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has a GPU")
+  with pytest.raises(SystemExit) as e:
+    demo.main(["--gpu"])
+  assert e.value.code == 2 and "--gpu needs a CUDA GPU, but JAX sees only cpu devices" in capsys.readouterr().err
+
+
+def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
+  from carve_jax.train.metrics import truncate_jsonl
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in range(1, 6))
+                  + '{"step": 6, "spl')  # a line cut short by a kill
+  assert truncate_jsonl(str(path), 3) == 3
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+  assert truncate_jsonl(str(path), 3) == 0 and truncate_jsonl(str(tmp_path / "absent.jsonl"), 0) == 0
+
+
+def test_time_limit_keeps_room_for_the_final_evaluation():
+  from carve_jax.train.loop import _eval_reserve_s
+  assert _eval_reserve_s(4.0, 0.1, 30.0, 8) == 4.0  # measured: the last evaluation's time
+  assert _eval_reserve_s(None, 0.5, 30.0, 8) == 8 * 0.5 + 15.0  # estimated: batches x step + half the compile
+  assert _eval_reserve_s(None, None, None, 8) == 0.0
+
+
 # ------------------------------------------------------------------------------------ optimizer
 def test_weight_decay_mask_and_schedule():
   from carve_jax.model import abstract_model
