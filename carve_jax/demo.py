@@ -2,7 +2,7 @@
 
     python -m carve_jax.demo                      # CPU, a few minutes: byte-level CARVE LM
     python -m carve_jax.demo --minutes 10         # train longer (stops cleanly, resumable)
-    python -m carve_jax.demo --gpu                # real size on a GPU: 50m preset, bf16, seq 1024
+    python -m carve_jax.demo --gpu                # real size on a GPU: 50m preset (43.7M params), bf16, seq 1024
     python -m carve_jax.demo --gpu --tokens_dir .data/gpu --steps 3000 --batch_size 64
 
 Stages: (1) corpus and tokenizer (`carve_jax.data`: the small "ci" corpus, or the bundled fixture
@@ -69,6 +69,9 @@ def main(argv=None) -> int:
   import os
 
   import jax
+  if known.gpu and jax.default_backend() != "gpu":
+    parser.error(f"--gpu needs a CUDA GPU, but JAX sees only {jax.default_backend()} devices "
+                 f"({jax.devices()[0].device_kind}); run without --gpu for the CPU demo")
   # Reuse compiled programs across the stages and across runs of the demo (the eval and sampling
   # programs otherwise compile twice on a 2-core CPU).
   jax.config.update("jax_compilation_cache_dir",
@@ -106,7 +109,13 @@ def main(argv=None) -> int:
 
   limit = f", stopping after {cfg.time_limit_s / 60:.1f} min" if cfg.time_limit_s else ""
   _stage(3, f"training {cfg.steps} steps{limit} -> {cfg.out_dir}")
-  summary = train(cfg, tokens=tokens)
+  from carve_jax.train.checkpoint import CheckpointError
+  from carve_jax.train.runlock import RunDirError, RunLockedError
+  try:
+    summary = train(cfg, tokens=tokens)
+  except (CheckpointError, RunLockedError, RunDirError) as e:
+    print(f"demo: error: {e}", file=sys.stderr)
+    return 1
 
   _stage(4, "validation perplexity of the saved checkpoint (restored from disk)")
   cfg_ck, model, step = load_trained(cfg.checkpoint_dir)

@@ -78,6 +78,11 @@ def test_cli_overrides_parse():
     (["--batch_size", "6", "--grad_accum", "4"], "TrainConfig: field `grad_accum` must be a divisor of "
                                                  "data.batch_size=6, got 4"),
     (["--corpus", "wiki"], "argument --corpus: invalid choice: 'wiki'"),
+    # issue 16: named flags, and refused before any data is read or downloaded
+    (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json: cannot read it (No such file"),
+    (["--tokens_dir", "/nonexistent/export"], "--tokens_dir /nonexistent/export: no such folder"),
+    (["--tokenizer", "gpt2", "--vocab_size", "256"], "--vocab_size must be >= 50257 for --tokenizer gpt2"),
+    (["--model", "attention", "--seq_len", "512"], "field `seq_len` must be <= model.max_seq_len=256 for attention"),
 ])
 def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
   with pytest.raises(SystemExit) as e:
@@ -87,13 +92,50 @@ def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
 
 
 def test_eval_and_generate_cli_errors(tmp_path, capsys):
+  from carve_jax.train import cli
   from carve_jax.train import eval as ev
-  from carve_jax.train.checkpoint import CheckpointNotFoundError
-  with pytest.raises(CheckpointNotFoundError, match="does not exist"):
-    ev.main(["--ckpt_dir", str(tmp_path / "none")])
+  from carve_jax.train import generate as gen
+  for main, prog in ((ev.main, "carve-eval"), (gen.main, "carve-generate")):
+    assert main(["--ckpt_dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"{prog}: error: checkpoint directory {tmp_path / 'none'} does not exist"
+    assert main(["--ckpt_dir", str(tmp_path), "--restore_step", "3"]) == 1  # --step's alias, named in errors
+    assert "no checkpoint step 3 under" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     ev.main(["--ckpt_dir", str(tmp_path), "--eval_batches", "0"])
   assert "--eval_batches must be >= 1" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    ev.main(["--ckpt_dir", str(tmp_path), "--tokens_dir", str(tmp_path / "nope")])
+  assert f"--tokens_dir {tmp_path / 'nope'}: no such folder" in capsys.readouterr().err
+  (tmp_path / "file").write_text("")
+  assert cli.main(["--out_dir", str(tmp_path / "file" / "run"), "--no-progress"]) == 1  # not a folder
+  assert f"--out_dir {tmp_path / 'file' / 'run'}: cannot create or write it" in capsys.readouterr().err
+
+
+def test_demo_gpu_without_a_gpu_is_a_usage_error(capsys):
+  from carve_jax import demo
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has a GPU")
+  with pytest.raises(SystemExit) as e:
+    demo.main(["--gpu"])
+  assert e.value.code == 2 and "--gpu needs a CUDA GPU, but JAX sees only cpu devices" in capsys.readouterr().err
+
+
+def test_metrics_are_cut_back_to_the_restored_step(tmp_path):
+  from carve_jax.train.metrics import truncate_jsonl
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps({"step": s, "split": "train", "loss": 1.0}) + "\n" for s in range(1, 6))
+                  + '{"step": 6, "spl')  # a line cut short by a kill
+  assert truncate_jsonl(str(path), 3) == 3
+  assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3]
+  assert truncate_jsonl(str(path), 3) == 0 and truncate_jsonl(str(tmp_path / "absent.jsonl"), 0) == 0
+
+
+def test_time_limit_keeps_room_for_the_final_evaluation():
+  from carve_jax.train.loop import _eval_reserve_s
+  assert _eval_reserve_s(4.0, 0.1, 30.0, 8) == 4.0  # measured: the last evaluation's time
+  assert _eval_reserve_s(None, 0.5, 30.0, 8) == 8 * 0.5 + 15.0  # estimated: batches x step + half the compile
+  assert _eval_reserve_s(None, None, None, 8) == 0.0
 
 
 # ------------------------------------------------------------------------------------ optimizer
@@ -210,7 +252,7 @@ KILL_SCRIPT = textwrap.dedent("""
   def on_step(step, rec):
     if step == 5:  # die hard once the step-3 checkpoint is on disk (step 4, 5 done, unsaved)
       deadline = time.time() + 60
-      while not os.path.isdir(os.path.join(cfg.checkpoint_dir, "3")) and time.time() < deadline:
+      while not os.path.isfile(os.path.join(cfg.checkpoint_dir, "3", "digest.json")) and time.time() < deadline:
         time.sleep(0.05)
       os.kill(os.getpid(), signal.SIGKILL)
 

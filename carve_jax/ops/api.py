@@ -68,6 +68,9 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   dt = _compute_dtype(q, k, v, g, b, w, *(() if gamma is None else (gamma,)))
   S0 = jnp.zeros((B, H, K, V), dt) if initial_state is None else initial_state.astype(dt)
   scale = K**-0.5 if scale is None else float(scale)
+  chunk_size = None if chunk_size is None else int(chunk_size)  # NumPy integers are accepted
+  if T == 0:  # nothing to do (the chunked forms would divide by the number of chunks)
+    return jnp.zeros((B, 0, H, V), q.dtype), (S0 if output_final_state else None)
   kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
   impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad)
   if impl == "pallas":

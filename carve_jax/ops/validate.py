@@ -3,6 +3,8 @@ what was expected and what was given. Shapes are static under jit, so these run 
 
 from __future__ import annotations
 
+import math
+from numbers import Integral, Real
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -28,7 +30,8 @@ def check_float(fn: str, name: str, x: Any, shape: Sequence[int | None]) -> None
 
 
 def check_positive_int(fn: str, name: str, x: Any) -> None:
-  if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+  """A Python or NumPy integer > 0 (not a bool)."""
+  if isinstance(x, bool) or not isinstance(x, Integral) or x <= 0:
     raise _fail(fn, name, "a positive int", repr(x))
 
 
@@ -38,8 +41,10 @@ def check_choice(fn: str, name: str, x: Any, choices: Sequence[str]) -> None:
 
 
 def check_scale(fn: str, scale: Any) -> None:
-  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
-    raise _fail(fn, "scale", "None or a positive float", repr(scale))
+  """None, or a finite Python/NumPy real > 0 (not a bool)."""
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
+                            or scale <= 0):
+    raise _fail(fn, "scale", "None or a finite positive float", repr(scale))
 
 
 def check_divides(fn: str, name: str, x: int, of_name: str, of: int) -> None:

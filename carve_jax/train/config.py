@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,6 +140,9 @@ class TrainConfig:
            self.time_limit_s)
     _check(self.data.batch_size % self.grad_accum == 0, c, "grad_accum",
            f"a divisor of data.batch_size={self.data.batch_size}", self.grad_accum)
+    # Attention's RoPE and KV cache are sized for max_seq_len: a model trained longer could not generate.
+    _check(self.model.mixer != "attention" or self.data.seq_len <= self.model.max_seq_len, c, "seq_len",
+           f"<= model.max_seq_len={self.model.max_seq_len} for attention (raise --max_seq_len)", self.data.seq_len)
 
   @property
   def checkpoint_dir(self) -> str:
@@ -200,6 +204,16 @@ def identity_diff(saved: dict, current: dict) -> list[str]:
   return out
 
 
+def mismatch_advice(diff: list[str]) -> str:
+  """What to do about a refused resume (`identity_diff` lines), for the error message."""
+  if any(d.startswith("steps:") for d in diff):
+    return ("`--steps` is part of a run's identity (the learning-rate schedule spans it), so a finished run "
+            "is not extended in place. To train for a different number of steps with the same settings, "
+            "start a new run from the saved config: carve-train --config <out_dir>/config.json --steps N "
+            "--out_dir <a new folder>.")
+  return "Use the same settings to resume, or a new --out_dir (or --ckpt_dir) for a new run."
+
+
 def _norm(x):
   return list(x) if isinstance(x, tuple) else x
 
@@ -241,7 +255,7 @@ def _add_fields(parser, cls, dest_prefix: str, taken: set[str]):
     taken.add(f.name)
     conv, choices, is_bool = _flag_type(hints[f.name])
     dest = f"{dest_prefix}{f.name}"
-    hint = (f"{cls.__name__}.{f.name} (default: the preset's)" if cls is ModelConfig
+    hint = (f"{cls.__name__}.{f.name} (default: the preset's; --preset defaults to tiny)" if cls is ModelConfig
             else f"{cls.__name__}.{f.name} (default {f.default!r})")
     if is_bool:
       group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
@@ -254,9 +268,11 @@ def _add_fields(parser, cls, dest_prefix: str, taken: set[str]):
 def add_train_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
   """Adds `--preset`, `--model`, and one flag per field of every config section."""
   taken: set[str] = {"preset", "model", "config"}
-  parser.add_argument("--config", default=None, help="a TrainConfig JSON file to start from")
+  parser.add_argument("--config", default=None, help="a TrainConfig JSON file to start from (e.g. a run's "
+                      "<out_dir>/config.json; give a new --out_dir to start a new run with its settings)")
   parser.add_argument("--preset", default=None, choices=sorted(model_configs.PRESETS),
-                      help="model preset (carve_jax.configs.PRESETS) the model flags override")
+                      help="model preset (carve_jax.configs.PRESETS) the model flags override; default: "
+                      "the --config file's model, else 'tiny' (d_model 64, 2 layers)")
   mixers = typing.get_args(typing.get_type_hints(ModelConfig).get("mixer"))
   parser.add_argument("--model", dest="model.mixer", default=argparse.SUPPRESS,
                       choices=list(mixers) or None, help="alias of --mixer")
@@ -287,8 +303,13 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
   """
   given = {k: v for k, v in vars(ns).items() if "." in k or k in {f.name for f in dataclasses.fields(TrainConfig)}}
   if getattr(ns, "config", None):
-    with open(ns.config) as fh:
-      base = TrainConfig.from_dict(json.load(fh))
+    try:
+      with open(ns.config) as fh:
+        base = TrainConfig.from_dict(json.load(fh))
+    except OSError as e:
+      raise ValueError(f"--config {ns.config}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--config {ns.config}: not a JSON file ({e})") from None
   base = base or TrainConfig()
   model_over = {k[6:]: v for k, v in given.items() if k.startswith("model.")}
   preset = getattr(ns, "preset", None)
@@ -301,15 +322,35 @@ def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) ->
     model_over["vocab_size"] = get_tokenizer(data.tokenizer).vocab_size
   model = dataclasses.replace(model_base, **model_over)
   top = {k: v for k, v in given.items() if "." not in k}
-  return dataclasses.replace(base, model=model, data=data,
-                             optim=dataclasses.replace(base.optim, **sec["optim"]),
-                             ckpt=dataclasses.replace(base.ckpt, **sec["ckpt"]), **top)
+  cfg = dataclasses.replace(base, model=model, data=data, optim=dataclasses.replace(base.optim, **sec["optim"]),
+                            ckpt=dataclasses.replace(base.ckpt, **sec["ckpt"]), **top)
+  check_before_loading(cfg)
+  return cfg
+
+
+def check_before_loading(cfg: TrainConfig) -> None:
+  """What can be checked before any data is read or downloaded; ValueError naming the flag."""
+  from carve_jax.data.tokenizer import ByteTokenizer, GPT2Tokenizer  # class attributes: nothing is loaded
+  need = {"byte": ByteTokenizer.vocab_size, "gpt2": GPT2Tokenizer.vocab_size}[cfg.data.tokenizer]
+  if cfg.model.vocab_size < need:
+    raise ValueError(f"--vocab_size must be >= {need} for --tokenizer {cfg.data.tokenizer} (its vocabulary), "
+                     f"got {cfg.model.vocab_size}")
+  check_tokens_dir(cfg.data.tokens_dir)
+
+
+def check_tokens_dir(d: str | None) -> None:
+  """--tokens_dir must be an export folder (python -m carve_jax.data export) if given."""
+  from carve_jax.data.pipeline import EXPORT_META
+  if d is not None and not os.path.isfile(os.path.join(d, EXPORT_META)):
+    raise ValueError(f"--tokens_dir {d}: " + ("no such folder" if not os.path.isdir(d) else "not an export "
+                     f"folder (no {EXPORT_META})") + "; make one with python -m carve_jax.data export")
 
 
 def parse_train_args(argv=None, *, prog="carve-train", base: TrainConfig | None = None,
                      description: str | None = None) -> TrainConfig:
   """argv -> TrainConfig; unknown flags and rejected values exit with a usage error (status 2)."""
-  parser = add_train_flags(argparse.ArgumentParser(prog=prog, description=description))
+  parser = add_train_flags(argparse.ArgumentParser(prog=prog, description=description,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
   ns = parser.parse_args(argv)
   try:
     return config_from_args(ns, base)

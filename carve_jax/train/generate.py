@@ -36,7 +36,8 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int = 200, temperat
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="carve-generate", description=__doc__.splitlines()[0])
   ap.add_argument("--ckpt_dir", required=True)
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  ap.add_argument("--step", "--restore_step", dest="step", type=int, default=None,
+                  help="checkpoint step (default: the latest that verifies)")
   ap.add_argument("--prompt", default="The ")
   ap.add_argument("--max_new_tokens", type=int, default=200)
   ap.add_argument("--temperature", type=float, default=0.8)
@@ -52,9 +53,18 @@ def main(argv=None) -> int:
   if args.temperature < 0:
     ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
   from carve_jax.data.tokenizer import get_tokenizer
+  from carve_jax.train.checkpoint import CheckpointError
   from carve_jax.train.eval import load_trained
-  cfg, model, step = load_trained(args.ckpt_dir, args.step, mesh=dist.make_mesh(jax.local_devices()[:1]))
+  try:
+    cfg, model, step = load_trained(args.ckpt_dir, args.step, mesh=dist.make_mesh(jax.local_devices()[:1]))
+  except CheckpointError as e:
+    print(f"carve-generate: error: {e}", file=sys.stderr)
+    return 1
   tok = get_tokenizer(cfg.data.tokenizer)
+  n_prompt = max(len(tok.encode(args.prompt)), 1)
+  if cfg.model.mixer == "attention" and n_prompt + args.max_new_tokens > cfg.model.max_seq_len:
+    ap.error(f"--max_new_tokens {args.max_new_tokens} + the prompt's {n_prompt} tokens exceed this attention "
+             f"model's max_seq_len={cfg.model.max_seq_len} (its RoPE and KV cache are sized for it)")
   texts = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, seed=args.seed, num_samples=args.num_samples)
   if args.json:

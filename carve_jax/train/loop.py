@@ -4,18 +4,25 @@
 
 1. (`cfg.distributed`) `jax.distributed.initialize()`; a 1-D `data` mesh over all devices.
 2. Tokens from `carve_jax.data` (this process's shard), the `LM`, AdamW, the initial `TrainState`.
+0. `<out_dir>/run.lock` (and `<ckpt_dir>/run.lock` if it lies elsewhere) is held for the whole
+   run: a second run on the same folder is refused (`runlock.RunLockedError`).
 3. If `<ckpt_dir>` holds a checkpoint (or `restore_step` names one): restore the state and the
    data iterator's position and go on from there, so a killed run resumed reproduces the losses
-   of an uninterrupted one exactly. A checkpoint of a different configuration is refused.
+   of an uninterrupted one exactly. A checkpoint of a different configuration is refused; a latest
+   step that fails verification is moved aside and the newest one that verifies is used.
+   `metrics.jsonl` is cut back to the restored step, so no step is logged twice. Run again once
+   finished, it trains nothing and reports the logged results.
 4. Each step: the next global batch -> `step.make_train_step` (NaN/Inf steps are skipped and
    counted; `max_consecutive_skips` in a row abort the run, keeping every checkpoint).
    Every `log_every` steps: one JSONL/TensorBoard record per step, tokens/s and peak memory.
    Every `eval_every` steps and at the end: validation loss and perplexity over `eval_batches`
    fixed batches. Every `ckpt_every` steps and at the end: an async checkpoint.
+   `time_limit_s` stops early enough for the final evaluation to fit (see `_eval_reserve_s`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -29,9 +36,10 @@ from tqdm.auto import tqdm
 
 from carve_jax.model import LM, param_count
 from carve_jax.train import distributed as dist
-from carve_jax.train.checkpoint import Checkpointer, abstract_like
+from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
 from carve_jax.train.config import DataConfig, TrainConfig
-from carve_jax.train.metrics import MetricsLogger, format_bytes
+from carve_jax.train.metrics import MetricsLogger, format_bytes, read_jsonl, truncate_jsonl
+from carve_jax.train.runlock import RunLock
 from carve_jax.train.optim import lr_schedule, make_optimizer
 from carve_jax.train.step import LossFn, init_state, lm_loss, make_eval_step, make_train_step
 
@@ -74,15 +82,70 @@ def build_model(cfg: TrainConfig) -> LM:
   return LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
 
-def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
+def train(cfg: TrainConfig, *args, **kwargs) -> dict:
   """Runs (or resumes) `cfg`; returns a summary (losses, perplexity, tokens/s, memory, paths).
 
+  loss_fn: the loss (default `lm_loss`).
   tokens: optional (tokenizer, train tokens, val tokens) instead of loading `cfg.data`.
   on_step: called after every step with (step, host metrics of that step) once they are fetched
     (at log points); tests use it to stop a run abruptly.
+  Raises runlock.RunLockedError if another live run holds `cfg.out_dir` (or its checkpoint dir).
   """
   dist.maybe_initialize(cfg.distributed)
+  with _run_locks(cfg):
+    return _train(cfg, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _run_locks(cfg: TrainConfig):
+  """Process 0 holds the lock of the out_dir, and of the checkpoint dir if it lies outside it."""
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:
+      out = os.path.abspath(cfg.out_dir)
+      stack.enter_context(RunLock(out, flag="--out_dir"))
+      ck = os.path.abspath(cfg.checkpoint_dir)
+      if os.path.commonpath([out, ck]) != out:
+        stack.enter_context(RunLock(ck, flag="--ckpt_dir"))
+    yield
+
+
+def _restore(ckpt: Checkpointer, abstract, cfg: TrainConfig):
+  """(state, data state, meta) of `--restore_step`, or of the newest step that verifies (a newer one
+  that fails is moved aside); None if the only steps there are saves that did not finish."""
+  try:
+    return ckpt.restore(abstract, cfg.ckpt.restore_step, quarantine=True)
+  except CheckpointNotFoundError as e:
+    if cfg.ckpt.restore_step is not None:
+      raise
+    print(f"{e}: starting from step 0", file=sys.stderr)
+    return None
+
+
+def _eval_reserve_s(last_eval_s: float | None, step_s: float | None, compile_s: float | None,
+                    eval_batches: int) -> float:
+  """Seconds to keep free under `time_limit_s` for the final evaluation: the last evaluation's
+  duration, or before any, `eval_batches` training-step times plus half the first step's setup and
+  compile time (the evaluation program still has to compile)."""
+  if last_eval_s is not None:
+    return last_eval_s
+  return eval_batches * (step_s or 0.0) + 0.5 * (compile_s or 0.0)
+
+
+def _logged_results(path: str) -> dict:
+  """{"train_loss", "tokens_per_s"}: the last logged values of a finished run (NaN if absent)."""
+  out = {"train_loss": math.nan, "tokens_per_s": math.nan}
+  if not os.path.exists(path):
+    return out
+  for r in read_jsonl(path):
+    if r["split"] == "train" and isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"]):
+      out["train_loss"] = float(r["loss"])
+    elif r["split"] == "perf" and isinstance(r.get("tokens_per_s"), (int, float)):
+      out["tokens_per_s"] = float(r["tokens_per_s"])
+  return out
+
+
+def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
+           on_step: Callable[[int, dict], None] | None = None) -> dict:
   t_start = time.time()
   mesh = dist.make_mesh()
   local_bs = dist.process_batch_size(cfg.data.batch_size, mesh, cfg.grad_accum)
@@ -105,8 +168,11 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   train_iter = batch_iterator(train_tokens, cfg.data, local_bs)
   restore_step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
   start = 0
-  if restore_step is not None:
-    state, data_state, _ = ckpt.restore(abstract_like(state, dist.replicated(mesh)), restore_step)
+  restored = _restore(ckpt, abstract_like(state, dist.replicated(mesh)), cfg) if restore_step is not None else None
+  if restored is None:
+    restore_step = None
+  else:
+    state, data_state, _ = restored
     train_iter.set_state(data_state)
     start = int(state.step)
     if main:
@@ -115,7 +181,15 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   step_fn = make_train_step(graphdef, rest, optimizer, mesh, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
                             schedule=schedule)
   eval_fn = make_eval_step(graphdef, rest, mesh, loss_fn=loss_fn)
+  if main:
+    truncate_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), start)  # drop steps the restored state has not done
   logger = MetricsLogger(cfg.out_dir)
+  finished = start >= cfg.steps  # run again once done: evaluate, report the logged results, train nothing
+  logged = _logged_results(logger.path) if finished and main else None
+  if logged is not None:
+    print(f"the run under {cfg.out_dir} already finished its {cfg.steps} steps: nothing to train "
+          "(to train for more steps, see carve-train --help)")
+  last_eval_s = None
   if main:
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
       fh.write(cfg.to_json())
@@ -174,12 +248,16 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
         if pending:
           flush(done)
+        t_eval = time.time()
         val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
         logger.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
         if main:
           bar.write(f"step {done}: val loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50.0)):.2f}")
         t_mark = time.time()  # evaluation time is not training time
-      out_of_time = cfg.time_limit_s is not None and time.time() - t_start > cfg.time_limit_s
+        last_eval_s = t_mark - t_eval
+      out_of_time = cfg.time_limit_s is not None and time.time() - t_start + _eval_reserve_s(
+          last_eval_s, timed_s / timed_steps if timed_steps else None, compile_s,
+          cfg.eval_batches) > cfg.time_limit_s
       if ckpt.should_save(done) or done == cfg.steps or out_of_time:
         ckpt.save(done, state, train_iter.get_state(), force=True)
       if out_of_time and done < cfg.steps:
@@ -192,7 +270,10 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
     if pending:
       flush(int(pending[-1][0]))
     val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
-    logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
+    if not finished:
+      logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
+    elif logged is not None:
+      last_train = logged["train_loss"]
     ckpt.wait()
   finally:
     bar.close()
@@ -206,6 +287,8 @@ def train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
         raise
 
   tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
+  if logged is not None:
+    tps = logged["tokens_per_s"]
   return {
       "steps": int(state.step), "resumed_from": start if restore_step is not None else None,
       "train_loss": last_train, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),

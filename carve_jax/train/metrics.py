@@ -76,6 +76,28 @@ def read_jsonl(path: str) -> list[dict]:
     return [json.loads(line) for line in fh if line.strip()]
 
 
+def truncate_jsonl(path: str, max_step: int) -> int:
+  """Drops the records of steps > max_step from a metrics file (atomically); returns how many."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as fh:
+    lines = [line for line in fh if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= max_step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a kill: drop it
+  if len(keep) == len(lines):
+    return 0
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as fh:
+    fh.writelines(keep)
+  os.replace(tmp, path)
+  return len(lines) - len(keep)
+
+
 def format_bytes(n: int | None) -> str:
   if n is None:
     return "n/a"
