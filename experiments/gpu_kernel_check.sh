@@ -5,7 +5,8 @@
 # Needs in .peers/ (git-ignored, carried): fla_bench.py, fla_autotune_h200.tgz, fla_core-0.6.0 wheel.
 #   STEPS=bench,probe,ncu,tests bash experiments/gpu_kernel_check.sh [bench-s] [test-s] [bench args...]
 # STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
-# pytest -k expression; PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s).
+# pytest -k expression; PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
+# leaves the FLA rows out of the benchmark.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernel_check}
 mkdir -p "$OUT"
@@ -20,8 +21,9 @@ IFS=, read -ra steps <<< "${STEPS:-bench,tests}"
 for step in "${steps[@]}"; do
   echo "== $step $(date -u +%T)"
   case $step in
-    bench) timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" \
-             --fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h200.tgz --fla-path /tmp/site "$@" \
+    bench) fla=(--fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h200.tgz --fla-path /tmp/site)
+           [ "${FLA:-1}" = 0 ] && fla=()
+           timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" "${fla[@]}" "$@" \
              2>&1 | tee "$OUT/bench.log" ;;
     probe) timeout "${PROBE_S:-150}" python3 experiments/kernel_probe.py --out "$OUT/probe.json" 2>&1 \
              | grep -v -i warn | tee "$OUT/probe.log" ;;
