@@ -41,7 +41,7 @@ from carve_jax.train.config import DataConfig, TrainConfig
 from carve_jax.train.metrics import MetricsLogger, format_bytes, read_jsonl, truncate_jsonl
 from carve_jax.train.runlock import RunLock
 from carve_jax.train.optim import lr_schedule, make_optimizer
-from carve_jax.train.step import LossFn, init_state, lm_loss, make_eval_step, make_train_step
+from carve_jax.train.step import METRICS, FlatTrainStep, LossFn, init_state, lm_loss, make_eval_step, unpack_metrics
 
 
 class TrainingDivergedError(RuntimeError):
@@ -178,8 +178,10 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
     if main:
       print(f"resumed from {cfg.checkpoint_dir} step {start}")
 
-  step_fn = make_train_step(graphdef, rest, optimizer, mesh, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
-                            schedule=schedule)
+  step_fn = FlatTrainStep(graphdef, rest, optimizer, mesh, state, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
+                          schedule=schedule)
+  leaves = step_fn.flatten(state)
+  del state  # the loop holds the flat leaves; `step_fn.unflatten` where a TrainState is needed
   eval_fn = make_eval_step(graphdef, rest, mesh, loss_fn=loss_fn)
   if main:
     truncate_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), start)  # drop steps the restored state has not done
@@ -196,23 +198,29 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step",
              dynamic_ncols=True)
-  pending: list[tuple[int, dict]] = []
+  pending: list[tuple[int, jax.Array]] = []  # (step, packed metrics still on the device)
   last_train, val_loss, consecutive = math.nan, None, 0
   # Throughput counts steps after the first (which includes compilation), timed between flushes.
   timed_steps, timed_s, t_mark, since_mark, compile_s = 0, 0.0, None, 0, None
+  host_s = 0.0  # host time inside the timed steps' loop bodies (data, transfer, dispatch): see `perf`
+  every = cfg.ckpt.ckpt_every
 
   def flush(step_now: int):
-    nonlocal last_train, consecutive, timed_steps, timed_s, t_mark, since_mark
-    host = jax.device_get([m for _, m in pending])
+    """The one host sync of the hot loop: fetch the pending steps' metrics, log them."""
+    nonlocal last_train, consecutive, timed_steps, timed_s, t_mark, since_mark, host_s
+    host = np.asarray(jax.device_get([m for _, m in pending])).reshape(len(pending), len(METRICS))
     t_now = time.time()
+    timed_now = since_mark
     if t_mark is not None and since_mark:
       timed_steps += since_mark
       timed_s += t_now - t_mark
     t_mark, since_mark = t_now, 0
     losses = []
-    for (s, _), m in zip(pending, host):
-      consecutive = 0 if m["finite"] else consecutive + 1
-      rec = {k: (bool(v) if k == "finite" else int(v) if k == "skipped" else float(v)) for k, v in m.items()}
+    for (s, _), vec in zip(pending, host):
+      rec = unpack_metrics(vec)
+      if schedule is None:
+        del rec["lr"]
+      consecutive = 0 if rec["finite"] else consecutive + 1
       logger.log(s, "train", **rec)
       losses.append(rec["loss"])
       if on_step is not None:
@@ -227,21 +235,34 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
     tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
     mem = dist.peak_memory_bytes()
     logger.log(step_now, "perf", tokens_per_s=tps, peak_device_bytes=mem or 0,
-               host_peak_rss_bytes=dist.host_peak_rss_bytes())
+               host_peak_rss_bytes=dist.host_peak_rss_bytes(),
+               host_ms_per_step=1e3 * host_s / timed_now if timed_now else float("nan"))
+    host_s = 0.0
     bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
 
+  # The hot loop has no host sync but `flush` (every log_every steps): the next batch is read and
+  # sent to the device while the current step runs (one batch ahead), checkpoint decisions are
+  # arithmetic (no orbax query per step), metrics stay on the device until a log point.
+  next_batch = dist.global_batch(mesh, next(train_iter)) if start < cfg.steps else None
   try:
     for step in range(start, cfg.steps):
-      batch = dist.global_batch(mesh, next(train_iter))
-      state, metrics = step_fn(state, batch)
+      t_body = time.perf_counter()
+      leaves, metrics = step_fn(leaves, next_batch)
+      done = step + 1
+      out_of_time = cfg.time_limit_s is not None and time.time() - t_start + _eval_reserve_s(
+          last_eval_s, timed_s / timed_steps if timed_steps else None, compile_s,
+          cfg.eval_batches) > cfg.time_limit_s
+      save_now = done % every == 0 or done == cfg.steps or out_of_time
+      data_state = train_iter.get_state() if save_now else None  # the position after batch `done`
+      next_batch = dist.global_batch(mesh, next(train_iter)) if done < cfg.steps and not out_of_time else None
       if compile_s is None:
-        jax.block_until_ready(state.step)
+        jax.block_until_ready(metrics)
         compile_s = time.time() - t_start
         t_mark = time.time()
       else:
         since_mark += 1
-      pending.append((step + 1, metrics))
-      done = step + 1
+        host_s += time.perf_counter() - t_body
+      pending.append((done, metrics))
       bar.update(1)
       if done % cfg.log_every == 0 or done == cfg.steps:
         flush(done)
@@ -249,17 +270,15 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
         if pending:
           flush(done)
         t_eval = time.time()
-        val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
+        val_loss = evaluate(eval_fn, step_fn.unflatten(leaves).params, mesh, val_tokens, cfg.data, local_bs,
+                            cfg.eval_batches)
         logger.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
         if main:
           bar.write(f"step {done}: val loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50.0)):.2f}")
         t_mark = time.time()  # evaluation time is not training time
         last_eval_s = t_mark - t_eval
-      out_of_time = cfg.time_limit_s is not None and time.time() - t_start + _eval_reserve_s(
-          last_eval_s, timed_s / timed_steps if timed_steps else None, compile_s,
-          cfg.eval_batches) > cfg.time_limit_s
-      if ckpt.should_save(done) or done == cfg.steps or out_of_time:
-        ckpt.save(done, state, train_iter.get_state(), force=True)
+      if save_now:
+        ckpt.save(done, step_fn.unflatten(leaves), data_state, force=True)
       if out_of_time and done < cfg.steps:
         if pending:
           flush(done)
@@ -269,6 +288,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
         break
     if pending:
       flush(int(pending[-1][0]))
+    state = step_fn.unflatten(leaves)
     val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
     if not finished:
       logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
