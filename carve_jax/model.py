@@ -4,10 +4,17 @@ r"""Decoder-only language model over any token mixer of the family, and its deco
     h_l = h_{l-1} + mixer_l(rmsnorm(h_{l-1}));  h_l += mlp_l(rmsnorm(h_l))     (pre-norm blocks)
     logits = head(rmsnorm(h_L))      head = W_out, or embed^T when tie_embeddings
 
+Block stack: `cfg.scan_layers=False` holds one `Block` per layer (`model.blocks[i]`); True holds one
+`Block` whose every parameter has a leading [n_layers] axis (created with `nnx.vmap`) and runs the
+layers with one `lax.scan` (compile time independent of depth). `convert_layout` turns one layout
+into the other; both compute the same function. `cfg.remat_mode` puts each block under
+`jax.checkpoint` with the policy `remat_policy(cfg)`.
+
 Decoding keeps a cache pytree {"pos": int32 [], "layers": [one dict per block]}: for a delta
 mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v and, for CARVE,
 the content vector [B, H, K]; for attention a KV cache [B, max_len, H, K]. "pos" counts the
 tokens seen (CARVE's block position is pos % content_block; attention's write index is pos).
+With scan_layers, "layers" is one such dict whose leaves have a leading [n_layers] axis.
 Decoding token by token reproduces the parallel forward's logits.
 
     model = LM(preset("tiny"), rngs=nnx.Rngs(0))
@@ -24,6 +31,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from carve_jax.configs import ModelConfig
 from carve_jax.layers.attention import Attention
@@ -33,6 +41,31 @@ from carve_jax.layers.mlp import SwiGLU
 from carve_jax.layers.norms import RMSNorm
 
 _F32 = jnp.float32
+
+# Primitives whose outputs "save_mixer_outputs" keeps: the Pallas recurrence kernels (their outputs
+# are the recurrence's outputs and the residuals of its custom_vjp) and cuDNN's fused attention.
+KERNEL_PRIMITIVES = frozenset({"pallas_call", "dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
+MIXER_OUT = "mixer_out"  # `checkpoint_name` of each block's mixer output
+
+
+def _save_mixer_outputs(prim, *_, **params) -> bool:
+  if prim.name in KERNEL_PRIMITIVES:
+    return True
+  return prim.name == "name" and params.get("name") == MIXER_OUT  # jax.ad_checkpoint.checkpoint_name
+
+
+def remat_policy(cfg: ModelConfig):
+  """(rematerialise?, jax.checkpoint policy) of `cfg.remat_mode`:
+
+  "none" -> no jax.checkpoint; "full" -> nothing saved but the block input (policy None);
+  "dots_saveable" -> `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`;
+  "save_mixer_outputs" -> outputs of `KERNEL_PRIMITIVES` and of each block's mixer (`MIXER_OUT`).
+  """
+  mode = cfg.remat_mode
+  if mode == "none":
+    return False, None
+  return True, {"full": None, "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "save_mixer_outputs": _save_mixer_outputs}[mode]
 
 
 class Block(nnx.Module):
@@ -50,7 +83,8 @@ class Block(nnx.Module):
 
   def __call__(self, h: jax.Array) -> jax.Array:
     """h: [B, T, d_model] float32 -> same."""
-    return self._mlp(h + self.mixer(self.mixer_norm(h)).astype(_F32))
+    y = checkpoint_name(self.mixer(self.mixer_norm(h)), MIXER_OUT)
+    return self._mlp(h + y.astype(_F32))
 
   def prefill(self, h, max_len):
     if isinstance(self.mixer, Attention):
@@ -74,12 +108,19 @@ class LM(nnx.Module):
     cdt = compute_dtype(cfg)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cdt, param_dtype=_F32,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    if cfg.scan_layers:
+      self.blocks = _stacked_blocks(cfg, rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cdt)
     self.head = None if cfg.tie_embeddings else dense(cfg.d_model, cfg.vocab_size, cfg, rngs=rngs)
 
   def _embed(self, tokens):
-    return self.embed(tokens).astype(_F32)
+    # Gather from the float32 table, then round: the same values as nnx.Embed's (round the table,
+    # gather), but the backward is a float32 scatter-add (a bfloat16 one adds thousands of
+    # repeated-token rows in bfloat16) and the table is not cast whole every step.
+    table = self.embed.embedding[...]
+    return jnp.take(table, tokens, axis=0).astype(compute_dtype(self.cfg)).astype(_F32)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm and head: h [..., d_model] -> logits [..., vocab] float32."""
@@ -91,9 +132,44 @@ class LM(nnx.Module):
     """tokens: int [B, T] -> logits float32 [B, T, vocab]."""
     _check_tokens("LM", tokens, 2)
     h = self._embed(tokens)
-    for block in self.blocks:
-      h = nnx.remat(Block.__call__)(block, h) if self.cfg.remat else block(h)
+    remat, policy = remat_policy(self.cfg)
+    if self.cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+      body = lambda h, st: (nnx.merge(graphdef, st)(h), None)
+      if remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+      h, _ = jax.lax.scan(body, h, stacked)
+    else:
+      call = nnx.remat(Block.__call__, policy=policy) if remat else Block.__call__
+      for block in self.blocks:
+        h = call(block, h)
     return self.logits(h)
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """One Block whose parameters have a leading [n_layers] axis, layer i initialised from split i."""
+
+  @nnx.split_rngs(splits=cfg.n_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(r):
+    return Block(cfg, rngs=r)
+
+  return make(rngs)
+
+
+def _scan_blocks(model: "LM", fn, h, xs=None):
+  """Runs fn(block_l, h, xs_l) -> (h, y_l) over the layers of either layout; returns (h, ys).
+
+  ys: a list of per-layer outputs (unrolled) or one pytree stacked on a leading axis (scanned).
+  """
+  if model.cfg.scan_layers:
+    graphdef, stacked = nnx.split(model.blocks)
+    return jax.lax.scan(lambda c, a: fn(nnx.merge(graphdef, a[0]), c, a[1]), h, (stacked, xs))
+  ys = []
+  for i, block in enumerate(model.blocks):
+    h, y = fn(block, h, None if xs is None else xs[i])
+    ys.append(y)
+  return h, ys
 
 
 def _check_tokens(fn: str, tokens, ndim: int) -> None:
@@ -121,8 +197,15 @@ def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dic
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f"init_cache: argument `batch_size` must be a positive int, got {batch_size!r}")
   max_len = _max_len(model, max_len)
-  layers = [b.mixer.init_cache(batch_size, max_len) if isinstance(b.mixer, Attention)
-            else b.mixer.init_cache(batch_size) for b in model.blocks]
+  one = lambda b: (b.mixer.init_cache(batch_size, max_len) if isinstance(b.mixer, Attention)
+                   else b.mixer.init_cache(batch_size))
+  if model.cfg.scan_layers:  # every layer's cache is the same zeros: one, repeated on a leading axis
+    graphdef, stacked = nnx.split(model.blocks)
+    layer0 = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], stacked))
+    L = model.cfg.n_layers
+    layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (L, *x.shape)), one(layer0))
+  else:
+    layers = [one(b) for b in model.blocks]
   return dict(pos=jnp.zeros((), jnp.int32), layers=layers)
 
 
@@ -134,10 +217,7 @@ def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tupl
   _check_tokens("prefill", tokens, 2)
   max_len = _max_len(model, max_len)
   h = model._embed(tokens)
-  layers = []
-  for block in model.blocks:
-    h, c = block.prefill(h, max_len)
-    layers.append(c)
+  h, layers = _scan_blocks(model, lambda block, h, _: block.prefill(h, max_len), h)
   return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=layers)
 
 
@@ -150,10 +230,7 @@ def decode_step(model: LM, tokens: jax.Array, cache: dict) -> tuple[jax.Array, d
   _check_tokens("decode_step", tokens, 1)
   pos = cache["pos"]
   h = model._embed(tokens)
-  layers = []
-  for block, c in zip(model.blocks, cache["layers"]):
-    h, c = block.step(h, c, pos)
-    layers.append(c)
+  h, layers = _scan_blocks(model, lambda block, h, c: block.step(h, c, pos), h, cache["layers"])
   return model.logits(h), dict(pos=pos + 1, layers=layers)
 
 
@@ -212,6 +289,42 @@ def generate(model: LM, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Arra
                    temperature=float(temperature), top_k=top_k)
 
 
+# -- layouts --------------------------------------------------------------------------------------
+
+
+def convert_blocks(blocks: dict, n_layers: int, *, scan_layers: bool) -> dict:
+  """A pure dict of the blocks' variables in one layout -> the other.
+
+  unrolled {0: tree, 1: tree, ...} <-> stacked tree (each leaf [n_layers, ...]); a dict already in
+  the requested layout is returned as is.
+  """
+  stacked = not all(isinstance(k, int) for k in blocks)
+  if stacked == scan_layers:
+    return blocks
+  if scan_layers:
+    if sorted(blocks) != list(range(n_layers)):
+      raise ValueError(f"convert_blocks: argument `blocks` must hold layers 0..{n_layers - 1}, got {sorted(blocks)}")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(n_layers)])
+  for x in jax.tree.leaves(blocks):
+    if x.shape[:1] != (n_layers,):
+      raise ValueError(f"convert_blocks: argument `blocks` must have a leading axis of n_layers={n_layers} on "
+                       f"every leaf, got a leaf of shape {x.shape}")
+  return {i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n_layers)}
+
+
+def convert_layout(model: LM, *, scan_layers: bool) -> LM:
+  """The same model (the same parameters, the same function) with `cfg.scan_layers` set as asked:
+  the blocks stacked for a scan, or one module per layer. Nothing is initialised at random."""
+  cfg = model.cfg
+  if cfg.scan_layers == scan_layers:
+    return model
+  graphdef, target = nnx.split(abstract_model(cfg.replace(scan_layers=scan_layers)))
+  state = nnx.to_pure_dict(nnx.state(model))
+  state["blocks"] = convert_blocks(state["blocks"], cfg.n_layers, scan_layers=scan_layers)
+  nnx.replace_by_pure_dict(target, state)
+  return nnx.merge(graphdef, target)
+
+
 # -- parameter counts ----------------------------------------------------------------------------
 
 
@@ -230,10 +343,11 @@ def _kind(keys) -> tuple[str, str]:
   """(module kind, finer name) of a parameter path."""
   if keys[0] != "blocks":
     return ("norm" if keys[0] == "norm" else keys[0]), keys[0]
-  sub = keys[2]  # blocks, i, sub, ...
+  rest = keys[2:] if isinstance(keys[1], int) else keys[1:]  # blocks, [i,] sub, ...  (i absent when stacked)
+  sub = rest[0]
   if sub in ("mixer_norm", "mlp_norm"):
     return "norm", sub
-  return sub, f"{sub}.{keys[3]}"
+  return sub, f"{sub}.{rest[1]}"
 
 
 def param_count(model: LM) -> dict[str, int]:

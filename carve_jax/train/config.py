@@ -179,7 +179,7 @@ RUN_IDENTITY = ("model", "optim", "data.corpus", "data.tokenizer", "data.seq_len
                 "data.data_seed", "steps", "grad_accum", "seed")
 # ...except these, which change how the same function is computed, not what (e.g. resume a GPU
 # run that used the Pallas kernel on a CPU, or switch rematerialisation on to save memory).
-IDENTITY_EXEMPT = ("model.impl", "model.remat")
+IDENTITY_EXEMPT = ("model.impl", "model.remat", "model.remat_policy")
 
 
 def _get(d: dict, dotted: str):
@@ -191,6 +191,7 @@ def _get(d: dict, dotted: str):
 def identity_diff(saved: dict, current: dict) -> list[str]:
   """Human-readable differences between two configs (dicts) in the run-identity fields."""
   out = []
+  saved = _with_defaults(saved)  # a field added after the checkpoint was written has its default there
 
   def walk(prefix, a, b):
     if isinstance(a, dict) and isinstance(b, dict):
@@ -212,6 +213,13 @@ def mismatch_advice(diff: list[str]) -> str:
             "start a new run from the saved config: carve-train --config <out_dir>/config.json --steps N "
             "--out_dir <a new folder>.")
   return "Use the same settings to resume, or a new --out_dir (or --ckpt_dir) for a new run."
+
+
+def _with_defaults(d: dict) -> dict:
+  try:
+    return TrainConfig.from_dict(d).to_dict()
+  except (TypeError, ValueError):  # not a config this version can build: compare it as it is
+    return d
 
 
 def _norm(x):
