@@ -208,3 +208,35 @@ def test_gpu_turn_without_lock_is_a_no_op(monkeypatch):
   monkeypatch.delenv("CARVE_GPU_LOCK", raising=False)
   with gpu_turn() as waited:
     assert waited == 0.0
+
+
+def test_bench_train_plan_and_row_filter():
+  from experiments import bench_train as bt
+  args = bt.argparse.Namespace(compile_scaling=False, mixers="carve,gdn2", tiny=False, sizes="50m,350m",
+                               seq_lens="8192,2048", rows="50m:8192,350m:2048:gdn2", remat_policies="none",
+                               tokens_per_step=32768, no_scan=False)
+  rows = bt.plan(args)
+  assert [(r["size"], r["seq_len"], r["mixer"], r["batch"]) for r in rows] == [
+      ("50m", 8192, "carve", 4), ("50m", 8192, "gdn2", 4), ("350m", 2048, "gdn2", 16)]
+  args.rows, args.seq_lens = "", "3000"
+  with pytest.raises(SystemExit, match="multiple"):
+    bt.plan(args)
+
+
+@pytest.mark.slow
+def test_bench_train_tiny_runs_on_cpu(tmp_path):
+  """`bench_train.py --tiny` end to end: a row with device and loop numbers, results md/json/png."""
+  import json
+  import os
+  import subprocess
+  repo = Path(__file__).resolve().parents[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+  r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_train.py"), "--tiny", "--mixers", "attention",
+                      "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")], capture_output=True,
+                     text=True, timeout=600, env=env)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  rows = json.loads((tmp_path / "bench_train_tiny.json").read_text())["rows"]
+  assert len(rows) == 1 and not rows[0].get("error"), rows
+  row = rows[0]
+  assert row["device_ms"] > 0 and row["loop_tokens_per_s"] > 0 and row["first_step_s"] > 0
+  assert (tmp_path / "bench_train_tiny.md").exists() and (tmp_path / "bench_train_tiny.png").exists()

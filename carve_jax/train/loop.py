@@ -38,7 +38,7 @@ from carve_jax.model import LM, param_count
 from carve_jax.train import distributed as dist
 from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
 from carve_jax.train.config import DataConfig, TrainConfig
-from carve_jax.train.metrics import MetricsLogger, format_bytes, read_jsonl, truncate_jsonl
+from carve_jax.train.metrics import MetricsLogger, format_bytes, mfu, read_jsonl, truncate_jsonl
 from carve_jax.train.runlock import RunLock
 from carve_jax.train.optim import lr_schedule, make_optimizer
 from carve_jax.train.step import METRICS, FlatTrainStep, LossFn, init_state, lm_loss, make_eval_step, unpack_metrics
@@ -313,6 +313,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       "steps": int(state.step), "resumed_from": start if restore_step is not None else None,
       "train_loss": last_train, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
       "skipped_steps": int(state.skipped), "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
+      "mfu": mfu(tps, cfg.model, cfg.data.seq_len, mesh.devices.size),
       "compile_s": compile_s, "wall_s": time.time() - t_start,
       "peak_device_bytes": dist.peak_memory_bytes(), "host_peak_rss_bytes": dist.host_peak_rss_bytes(),
       "devices": mesh.devices.size, "processes": jax.process_count(), "backend": jax.default_backend(),
@@ -330,7 +331,8 @@ def format_summary(s: dict) -> str:
       f"train loss         {s['train_loss']:.4f}",
       f"val loss / ppl     {s['val_loss']:.4f} / {s['val_ppl']:.2f}",
       f"skipped steps      {s['skipped_steps']}",
-      f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s)",
+      f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s); MFU "
+      + (f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (no bf16 peak known for this device)"),
       f"peak memory        device {format_bytes(s['peak_device_bytes'])}, host RSS {format_bytes(s['host_peak_rss_bytes'])}",
       f"first step after   {s['compile_s'] or 0:.1f} s (setup + compile);  wall {s['wall_s']:.1f} s",
       f"checkpoint         {s['checkpoint_dir']} (step {s['latest_checkpoint']})",

@@ -105,3 +105,46 @@ def format_bytes(n: int | None) -> str:
     if n < 1024 or unit == "TiB":
       return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
     n /= 1024
+
+
+# -- model FLOPs utilisation ----------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (FLOP/s, no sparsity) of the devices we run on, by `device_kind` prefix.
+PEAK_BF16_FLOPS = {"NVIDIA H200": 989.4e12, "NVIDIA H100": 989.4e12, "NVIDIA A100": 312e12}
+
+
+def peak_flops(device=None) -> float | None:
+  """The device's dense bf16 peak (PEAK_BF16_FLOPS), None where unknown (CPU)."""
+  import jax
+  kind = getattr(device or jax.devices()[0], "device_kind", "")
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  r"""Model FLOPs of one training token (forward + backward = 3 x forward; rematerialisation not counted):
+
+      forward = 2 * (weights of every matmul: projections, MLP, head; not the embedding gather)
+              + n_layers * mixer(T)
+      mixer(T), attention  = 2 * T * d_model              (causal: T/2 keys, q.k and p.v, 2 FLOPs each)
+      mixer(T), delta rule = n_heads * (6 K V + 2 C (K + V))   (state readout, erase, write per token,
+                             and the intra-chunk q k^T and its product with the values, C = chunk_size)
+  """
+  from carve_jax.model import abstract_model, param_count
+  counts = param_count(abstract_model(cfg))
+  matmul_weights = counts["total"] - counts.get("embed", 0) - counts.get("norm", 0)
+  if cfg.tie_embeddings:
+    matmul_weights += cfg.vocab_size * cfg.d_model
+  H, K = cfg.n_heads, cfg.head_k
+  if cfg.mixer == "attention":
+    mix = 2.0 * seq_len * H * K
+  else:
+    mix = H * (6.0 * K * K + 2.0 * cfg.chunk_size * 2 * K)
+  return 3.0 * (2.0 * matmul_weights + cfg.n_layers * mix)
+
+
+def mfu(tokens_per_s: float, cfg, seq_len: int, n_devices: int = 1, device=None) -> float | None:
+  """Model FLOPs utilisation: tokens/s * train_flops_per_token / (n_devices * peak); None off GPU."""
+  peak = peak_flops(device)
+  if peak is None or not tokens_per_s or tokens_per_s != tokens_per_s:
+    return None
+  return tokens_per_s * train_flops_per_token(cfg, seq_len) / (n_devices * peak)
