@@ -62,7 +62,7 @@ class ModelConfig:
       recomputed; "save_mixer_outputs" the outputs of the mixer kernels (the Pallas recurrence with
       the residuals its backward needs, cuDNN attention) and each mixer's output, while the
       projections, short conv, gates, norms and MLP are recomputed.
-    scan_layers: keep the blocks' parameters stacked ([n_layers, ...] per leaf, `nnx.vmap`) and run
+    scan_layers: keep the blocks' parameters stacked ([n_layers, ...] per leaf; the same initial values as unrolled) and run
       them with one `lax.scan`, so compile time does not grow with depth (maxtext's `scan_layers`).
       Changes the parameter layout (`carve_jax.model.convert_layout` converts a model); the same
       function either way. On in the training presets (20m, 50m, 1.3b).

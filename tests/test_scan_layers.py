@@ -175,3 +175,11 @@ def test_checkpoint_of_the_other_layout_is_refused_by_name(tmp_path):
   del old["model"]["scan_layers"], old["model"]["remat_policy"]
   assert identity_diff(old, cfg.to_dict()) == []
   assert identity_diff(old, other.to_dict()) == ["model.scan_layers: checkpoint has False, this run has True"]
+
+
+def test_both_layouts_start_from_the_same_parameters():
+  cfg = _cfg("carve")
+  scanned = LM(cfg.replace(scan_layers=True), rngs=nnx.Rngs(3))
+  stacked = convert_layout(LM(cfg, rngs=nnx.Rngs(3)), scan_layers=True)
+  for a, b in zip(jax.tree.leaves(nnx.state(scanned)), jax.tree.leaves(nnx.state(stacked))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
