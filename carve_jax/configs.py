@@ -35,6 +35,9 @@ class ModelConfig:
   Fields:
     mixer: token mixer of every block: "carve", "gdn2", "kda", "gdn" (delta-rule family) or
       "attention" (softmax, causal, RoPE).
+    layer_pattern: a hybrid stack: the mixers of consecutive blocks, repeated to n_layers (its length
+      must divide n_layers), e.g. ("carve", "carve", "carve", "attention"); or one name per layer.
+      None: every block uses `mixer`. With scan_layers, the scan runs over the pattern's repeats.
     vocab_size, d_model, n_layers, n_heads: the usual sizes.
     head_dim: K = V per head; None means d_model // n_heads. n_heads * head_dim must equal d_model.
     conv_size: kernel of the short causal depthwise conv on q, k, v (delta mixers).
@@ -69,6 +72,7 @@ class ModelConfig:
   """
 
   mixer: Mixer = "carve"
+  layer_pattern: tuple[str, ...] | None = None
   vocab_size: int = 256
   d_model: int = 256
   n_layers: int = 4
@@ -97,6 +101,17 @@ class ModelConfig:
   def __post_init__(self):
     if self.mixer not in MIXERS:
       raise _fail("mixer", f"one of {MIXERS}", self.mixer)
+    if self.layer_pattern is not None:
+      lp = self.layer_pattern
+      if isinstance(lp, str) or not isinstance(lp, (tuple, list)) or not lp:
+        raise _fail("layer_pattern", "None or a non-empty tuple of mixer names", lp)
+      bad = [m for m in lp if m not in MIXERS]
+      if bad:
+        raise _fail("layer_pattern", f"a tuple of names from {MIXERS} (unknown: {bad})", lp)
+      if isinstance(self.n_layers, int) and self.n_layers > 0 and self.n_layers % len(lp):
+        raise _fail("layer_pattern", f"a pattern whose length divides n_layers={self.n_layers} (it is repeated "
+                    f"to n_layers), length {len(lp)} does not", lp)
+      object.__setattr__(self, "layer_pattern", tuple(lp))
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "conv_size", "content_block", "chunk_size",
                  "mlp_multiple", "max_seq_len"):
       _check_positive_int(name, getattr(self, name))
@@ -111,7 +126,7 @@ class ModelConfig:
                   f"equal d_model)", self.head_dim)
     if self.content_grad not in CONTENT_GRADS:
       raise _fail("content_grad", f"one of {CONTENT_GRADS}", self.content_grad)
-    if self.mixer == "carve" and self.content_block % self.chunk_size != 0:
+    if "carve" in self.mixer_kinds and self.content_block % self.chunk_size != 0:
       raise _fail("chunk_size", f"a divisor of content_block={self.content_block} (CARVE's content signal is "
                   "taken at content-block boundaries)", self.chunk_size)
     if self.output_gate not in OUTPUT_GATES:
@@ -124,7 +139,7 @@ class ModelConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
         raise _fail(name, "a positive number", v)
-    if self.mixer == "attention" and self.head_k % 2 != 0:
+    if "attention" in self.mixer_kinds and self.head_k % 2 != 0:
       raise _fail("head_dim", "even for attention (RoPE rotates channel pairs)", self.head_k)
     if self.remat_policy not in REMAT_POLICIES:
       raise _fail("remat_policy", f"one of {REMAT_POLICIES}", self.remat_policy)
@@ -144,6 +159,25 @@ class ModelConfig:
   def rank(self) -> int:
     """Bottleneck width of the low-rank decay and output-gate projections."""
     return self.head_k if self.gate_rank is None else self.gate_rank
+
+  @property
+  def pattern(self) -> tuple[str, ...]:
+    """The repeating unit of the stack: `layer_pattern`, or (mixer,) for a plain model."""
+    return (self.mixer,) if self.layer_pattern is None else self.layer_pattern
+
+  @property
+  def mixer_kinds(self) -> tuple[str, ...]:
+    """The distinct mixers of the stack, in order of first use."""
+    return tuple(dict.fromkeys(self.pattern))
+
+  @property
+  def layer_mixers(self) -> tuple[str, ...]:
+    """The mixer of each of the n_layers blocks."""
+    return self.pattern * (self.n_layers // len(self.pattern))
+
+  def layer_config(self, mixer: str) -> "ModelConfig":
+    """The config one block of `mixer` is built from (a plain, non-hybrid config)."""
+    return self.replace(mixer=mixer, layer_pattern=None)
 
   @property
   def remat_mode(self) -> str:
@@ -182,6 +216,10 @@ PRESETS: dict[str, ModelConfig] = {
     "1.3b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=24, n_heads=16, head_dim=128,
                         compute_dtype="bfloat16", scan_layers=True),
 }
+# Hybrids: three delta-rule blocks, then one attention block, repeated.
+for _m in ("carve", "gdn2"):
+  for _size in ("50m", "1.3b"):
+    PRESETS[f"{_m}-hybrid-{_size}"] = PRESETS[_size].replace(mixer=_m, layer_pattern=(_m, _m, _m, "attention"))
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -108,10 +108,15 @@ class LM(nnx.Module):
     cdt = compute_dtype(cfg)
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=cdt, param_dtype=_F32,
                            embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
-    if cfg.scan_layers:
-      self.blocks = _stacked_blocks(cfg, rngs)
-    else:
-      self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    layers = [Block(cfg.layer_config(m), rngs=rngs) for m in cfg.layer_mixers]
+    if not cfg.scan_layers:
+      self.blocks = nnx.List(layers)
+    elif len(cfg.pattern) == 1:
+      self.blocks = _stack(layers)
+    else:  # position p of the pattern: layers p, p + P, p + 2P, ... stacked
+      P = len(cfg.pattern)
+      self.blocks = nnx.List([_stack(layers[p::P]) for p in range(P)])
+    del layers
     self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=cdt)
     self.head = None if cfg.tie_embeddings else dense(cfg.d_model, cfg.vocab_size, cfg, rngs=rngs)
 
@@ -133,43 +138,52 @@ class LM(nnx.Module):
     _check_tokens("LM", tokens, 2)
     h = self._embed(tokens)
     remat, policy = remat_policy(self.cfg)
-    if self.cfg.scan_layers:
-      graphdef, stacked = nnx.split(self.blocks)
-      body = lambda h, st: (nnx.merge(graphdef, st)(h), None)
-      if remat:
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-      h, _ = jax.lax.scan(body, h, stacked)
-    else:
-      call = nnx.remat(Block.__call__, policy=policy) if remat else Block.__call__
-      for block in self.blocks:
-        h = call(block, h)
+    call = nnx.remat(Block.__call__, policy=policy, prevent_cse=not self.cfg.scan_layers) if remat else Block.__call__
+    h, _ = _scan_blocks(self, lambda block, h, _: (call(block, h), None), h)
     return self.logits(h)
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
-  """One Block whose parameters have a leading [n_layers] axis: the unrolled model's layers, drawn
-  in the same order from the same `rngs` and stacked, so both layouts start from the same
-  parameters for a seed. (Eager `nnx.vmap` init is the textbook way; it was 2x slower to run.)"""
-  layers = [Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)]
-  graphdef = nnx.graphdef(layers[0])
+def _stack(layers: list[Block]) -> Block:
+  """One Block whose parameters have a leading [len(layers)] axis. The layers are drawn first, in
+  the unrolled order, so both layouts start from the same parameters for a seed (eager `nnx.vmap`
+  init, the textbook way, was 2x slower to run)."""
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in layers])
-  del layers
-  return nnx.merge(graphdef, stacked)
+  return nnx.merge(nnx.graphdef(layers[0]), stacked)
+
+
+def _positions(model: "LM") -> list[Block]:
+  """Scanned layout: the stacked Block of each position of the pattern."""
+  return [model.blocks] if len(model.cfg.pattern) == 1 else list(model.blocks)
 
 
 def _scan_blocks(model: "LM", fn, h, xs=None):
-  """Runs fn(block_l, h, xs_l) -> (h, y_l) over the layers of either layout; returns (h, ys).
+  """Runs fn(block, h, x) -> (h, y) over the layers in order, in either layout; returns (h, ys).
 
-  ys: a list of per-layer outputs (unrolled) or one pytree stacked on a leading axis (scanned).
+  Unrolled: xs and ys are lists, one entry per layer. Scanned: one `lax.scan` over the repeats of
+  the pattern (P positions, each a stacked Block): xs and ys are one pytree stacked on a leading
+  [n_layers / P] axis per position (a list of P of them for a hybrid, the pytree itself when P = 1).
   """
-  if model.cfg.scan_layers:
-    graphdef, stacked = nnx.split(model.blocks)
-    return jax.lax.scan(lambda c, a: fn(nnx.merge(graphdef, a[0]), c, a[1]), h, (stacked, xs))
-  ys = []
-  for i, block in enumerate(model.blocks):
-    h, y = fn(block, h, None if xs is None else xs[i])
-    ys.append(y)
-  return h, ys
+  if not model.cfg.scan_layers:
+    ys = []
+    for i, block in enumerate(model.blocks):
+      h, y = fn(block, h, None if xs is None else xs[i])
+      ys.append(y)
+    return h, ys
+  blocks = _positions(model)
+  P = len(blocks)
+  graphdefs = [nnx.graphdef(b) for b in blocks]
+  states = [nnx.state(b) for b in blocks]
+  xs = [None] * P if xs is None else ([xs] if P == 1 else list(xs))
+
+  def body(h, a):
+    ys = []
+    for gd, st, x in zip(graphdefs, *a):
+      h, y = fn(nnx.merge(gd, st), h, x)
+      ys.append(y)
+    return h, ys
+
+  h, ys = jax.lax.scan(body, h, (states, xs))
+  return h, (ys[0] if P == 1 else ys)
 
 
 def _check_tokens(fn: str, tokens, ndim: int) -> None:
@@ -199,11 +213,14 @@ def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dic
   max_len = _max_len(model, max_len)
   one = lambda b: (b.mixer.init_cache(batch_size, max_len) if isinstance(b.mixer, Attention)
                    else b.mixer.init_cache(batch_size))
-  if model.cfg.scan_layers:  # every layer's cache is the same zeros: one, repeated on a leading axis
-    graphdef, stacked = nnx.split(model.blocks)
-    layer0 = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], stacked))
-    L = model.cfg.n_layers
-    layers = jax.tree.map(lambda x: jnp.broadcast_to(x, (L, *x.shape)), one(layer0))
+  if model.cfg.scan_layers:  # a position's layers start from the same zeros: one cache, repeated
+    layers = []
+    for b in _positions(model):
+      graphdef, stacked = nnx.split(b)
+      R = jax.tree.leaves(stacked)[0].shape[0]
+      first = nnx.merge(graphdef, jax.tree.map(lambda x: x[0], stacked))
+      layers.append(jax.tree.map(lambda x, R=R: jnp.broadcast_to(x, (R, *x.shape)), one(first)))
+    layers = layers[0] if len(layers) == 1 else layers
   else:
     layers = [one(b) for b in model.blocks]
   return dict(pos=jnp.zeros((), jnp.int32), layers=layers)
@@ -281,7 +298,7 @@ def generate(model: LM, prompt: jax.Array, max_new_tokens: int, *, rng: jax.Arra
   if max_new_tokens == 0:
     return jnp.asarray(prompt, jnp.int32)
   max_len = P + max_new_tokens
-  if model.cfg.mixer == "attention" and max_len > model.cfg.max_seq_len:
+  if "attention" in model.cfg.mixer_kinds and max_len > model.cfg.max_seq_len:
     raise ValueError(f"generate: prompt length + max_new_tokens = {max_len} exceeds the attention model's "
                      f"max_seq_len={model.cfg.max_seq_len}")
   graphdef, state = nnx.split(model)
@@ -320,7 +337,15 @@ def convert_layout(model: LM, *, scan_layers: bool) -> LM:
     return model
   graphdef, target = nnx.split(abstract_model(cfg.replace(scan_layers=scan_layers)))
   state = nnx.to_pure_dict(nnx.state(model))
-  state["blocks"] = convert_blocks(state["blocks"], cfg.n_layers, scan_layers=scan_layers)
+  P, L = len(cfg.pattern), cfg.n_layers
+  if P == 1:
+    state["blocks"] = convert_blocks(state["blocks"], L, scan_layers=scan_layers)
+  elif scan_layers:  # layer r * P + p -> position p, repeat r
+    state["blocks"] = {p: convert_blocks({r: state["blocks"][r * P + p] for r in range(L // P)}, L // P,
+                                         scan_layers=True) for p in range(P)}
+  else:
+    per = {p: convert_blocks(state["blocks"][p], L // P, scan_layers=False) for p in range(P)}
+    state["blocks"] = {r * P + p: per[p][r] for r in range(L // P) for p in range(P)}
   nnx.replace_by_pure_dict(target, state)
   return nnx.merge(graphdef, target)
 
@@ -360,6 +385,18 @@ def param_count(model: LM) -> dict[str, int]:
     kind = _kind(keys)[0]
     counts[kind] = counts.get(kind, 0) + n
   counts["total"] = sum(counts.values())
+  return counts
+
+
+def mixer_param_count(model: LM) -> dict[str, int]:
+  """Token-mixer parameters per mixer kind, e.g. {"carve": ..., "attention": ...} of a hybrid."""
+  cfg = model.cfg
+  blocks = list(model.blocks) if not cfg.scan_layers else _positions(model)
+  kinds = list(cfg.layer_mixers) if not cfg.scan_layers else list(cfg.pattern)
+  counts: dict[str, int] = {}
+  for kind, block in zip(kinds, blocks):
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(block.mixer, nnx.Param)))
+    counts[kind] = counts.get(kind, 0) + n
   return counts
 
 

@@ -195,8 +195,9 @@ def worker(spec: dict) -> dict:
 
 def compile_scaling_rows(args) -> list[dict]:
   rows = []
-  for layers in (12, 48):
-    for scan in (False, True):
+  scans = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile_scan]
+  for layers in (int(x) for x in args.compile_layers.split(",")):
+    for scan in scans:
       rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
                        batch=max(1, args.tokens_per_step // args.compile_seq_len), scan_layers=scan, n_layers=layers,
                        remat_policy="none"))
@@ -407,6 +408,8 @@ def main(argv=None) -> int:
   ap.add_argument("--min_row_s", type=float, default=45)
   ap.add_argument("--compile_scaling", action="store_true", help="first-step time at 12 vs 48 layers")
   ap.add_argument("--compile_seq_len", type=int, default=2048)
+  ap.add_argument("--compile_layers", default="12,48")
+  ap.add_argument("--compile_scan", default="both", choices=("both", "on", "off"))
   ap.add_argument("--tokens_dir", default=None, help="byte export for the loop's text (default: the fixture)")
   ap.add_argument("--cache_dir", default="/tmp/bench_train_xla_cache")
   ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "results"))

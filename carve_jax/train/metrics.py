@@ -124,7 +124,7 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   r"""Model FLOPs of one training token (forward + backward = 3 x forward; rematerialisation not counted):
 
       forward = 2 * (weights of every matmul: projections, MLP, head; not the embedding gather)
-              + n_layers * mixer(T)
+              + sum over the layers of mixer(T)   (a hybrid counts each layer's own kind)
       mixer(T), attention  = 2 * T * d_model              (causal: T/2 keys, q.k and p.v, 2 FLOPs each)
       mixer(T), delta rule = n_heads * (6 K V + 2 C (K + V))   (state readout, erase, write per token,
                              and the intra-chunk q k^T and its product with the values, C = chunk_size)
@@ -135,11 +135,9 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
   if cfg.tie_embeddings:
     matmul_weights += cfg.vocab_size * cfg.d_model
   H, K = cfg.n_heads, cfg.head_k
-  if cfg.mixer == "attention":
-    mix = 2.0 * seq_len * H * K
-  else:
-    mix = H * (6.0 * K * K + 2.0 * cfg.chunk_size * 2 * K)
-  return 3.0 * (2.0 * matmul_weights + cfg.n_layers * mix)
+  per_layer = {"attention": 2.0 * seq_len * H * K}
+  mix = sum(per_layer.get(m, H * (6.0 * K * K + 2.0 * cfg.chunk_size * 2 * K)) for m in cfg.layer_mixers)
+  return 3.0 * (2.0 * matmul_weights + mix)
 
 
 def mfu(tokens_per_s: float, cfg, seq_len: int, n_devices: int = 1, device=None) -> float | None:
