@@ -104,7 +104,8 @@ def worker(spec: dict) -> dict:
 
   enable_compile_cache(spec["cache_dir"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  impl = pick_impl(spec["impl"], spec["tiny"])
+  # GPU: impl "auto" goes to the model as is (carve_jax.ops picks Pallas where it supports the call).
+  impl = pick_impl(spec["impl"], True) if spec["tiny"] else spec["impl"]
   T, B = spec["seq_len"], spec["batch"]
   mcfg = model_config(spec["size"], spec["mixer"], T, tiny=spec["tiny"], impl=impl,
                       remat_policy=spec["remat_policy"], scan_layers=spec["scan_layers"], n_layers=spec.get("n_layers"))
@@ -216,7 +217,7 @@ def compile_worker(spec: dict) -> dict:
   from carve_jax.train.optim import make_optimizer
   from carve_jax.train.step import FlatTrainStep, init_state
   from experiments.common import pick_impl
-  impl = pick_impl(spec["impl"], spec["tiny"])
+  impl = pick_impl(spec["impl"], True) if spec["tiny"] else spec["impl"]
   T, B = spec["seq_len"], spec["batch"]
   mcfg = model_config(spec["size"], spec["mixer"], T, tiny=spec["tiny"], impl=impl, scan_layers=spec["scan_layers"],
                       n_layers=spec["n_layers"])
@@ -401,9 +402,9 @@ def main(argv=None) -> int:
   ap.add_argument("--remat_policies", default="none", help="comma-separated; each adds a set of rows")
   ap.add_argument("--no_scan", action="store_true", help="unrolled blocks (scan_layers=False)")
   ap.add_argument("--impl", default="auto", choices=("auto", "chunk", "pallas", "recurrent"))
-  ap.add_argument("--loop_steps", type=int, default=30, help="timed loop steps after the first")
+  ap.add_argument("--loop_steps", type=int, default=20, help="timed loop steps after the first")
   ap.add_argument("--log_every", type=int, default=10)
-  ap.add_argument("--device_reps", type=int, default=10)
+  ap.add_argument("--device_reps", type=int, default=5, help="steps per timed run (3 runs, median)")
   ap.add_argument("--budget_s", type=float, default=450, help="no row starts with less than --min_row_s left")
   ap.add_argument("--min_row_s", type=float, default=45)
   ap.add_argument("--compile_scaling", action="store_true", help="first-step time at 12 vs 48 layers")
