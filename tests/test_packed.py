@@ -1,0 +1,181 @@
+"""Packed documents in the math core: a packed row computes exactly what running each document alone
+and concatenating computes (spec, "Packed documents"), for every family, impl="recurrent" and
+impl="chunk", forward and gradients, in float64 with fixed seeds.
+
+The layout (chunk C = 8, content block G = 16) has a document of length 1, boundaries on a chunk
+edge and mid-chunk, documents longer than a content block whose later blocks begin mid-chunk,
+and T not a multiple of C.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from carve_jax import ops
+from carve_jax.ops import api
+from carve_jax.ops.sample_inputs import FAMILIES, family_inputs, run_family
+from conftest import TOL, rel_err
+
+C, G = 8, 16
+# Row 0 starts at 0, 8 (chunk edge), 9, 10 (length 1 each), 13 (mid-chunk, 19 long: block at 29
+# mid-chunk), 32 (edge), 37 (40 long: blocks at 53 and 69, mid-chunk). Row 1: other cuts.
+LENGTHS = [(8, 1, 1, 3, 19, 5, 40), (30, 2, 45)]
+T = 77
+SEEDS = {"gdn": 11, "kda": 12, "gdn2": 13, "carve": 14}
+
+
+def _segment_ids(lengths_per_row):
+  return jnp.asarray([np.repeat(np.arange(len(ls)), ls) for ls in lengths_per_row], jnp.int32)
+
+
+def _inputs(family, *, initial_state=True, B=2, T=T, H=2, K=8, V=6):
+  return family_inputs(jax.random.PRNGKey(SEEDS[family]), family, B=B, T=T, H=H, K=K, V=V, dtype=jnp.float64,
+                       initial_state=initial_state)
+
+
+def _per_document(family, inputs, lengths_per_row, **kw):
+  """Each document alone (recurrent, unpacked), outputs concatenated; the row's initial state feeds
+  its first document only; the final state is the last document's.
+
+  The documents run as one batch, each padded at its end with k = v = g = 0 tokens (they change
+  neither the state nor any earlier output), so the reference costs one call.
+  """
+  docs, where = [], []
+  for b, lengths in enumerate(lengths_per_row):
+    start = 0
+    for i, L in enumerate(lengths):
+      docs.append((b, start, L, i == 0))
+      start += L
+  Lmax = max(L for _, _, L, _ in docs)
+  batch = {}
+  for n, x in inputs.items():
+    if n in ("gamma", "initial_state"):
+      continue
+    rows = []
+    for b, start, L, _ in docs:
+      piece = x[b, start:start + L]
+      pad = jnp.zeros((Lmax - L,) + piece.shape[1:], x.dtype)
+      rows.append(jnp.concatenate([piece, pad]))
+    batch[n] = jnp.stack(rows)
+  if "gamma" in inputs:
+    batch["gamma"] = inputs["gamma"]
+  if "initial_state" in inputs:
+    S0 = inputs["initial_state"]
+    batch["initial_state"] = jnp.stack([S0[b] if first else jnp.zeros_like(S0[b]) for b, _, _, first in docs])
+  o, S = run_family(family, impl="recurrent", content_block=G, **batch, **kw)
+  outs, states, d = [], [], 0
+  for lengths in lengths_per_row:
+    outs.append(jnp.concatenate([o[d + i, :L] for i, L in enumerate(lengths)]))
+    d += len(lengths)
+    states.append(S[d - 1])
+  return jnp.stack(outs), jnp.stack(states)
+
+
+def _packed(family, inputs, impl, seg, **kw):
+  return run_family(family, impl=impl, chunk_size=C, content_block=G, segment_ids=seg, **inputs, **kw)
+
+
+def _value_and_grads(f, inputs):
+  """(outputs, gradients of a fixed random-like projection of them w.r.t. every input), jitted."""
+  names = sorted(inputs)
+
+  @jax.jit
+  def run(xs):
+    out, vjp = jax.vjp(lambda xs: f(dict(zip(names, xs))), xs)
+    o, S = out
+    cot = (jnp.cos(jnp.arange(o.size, dtype=o.dtype)).reshape(o.shape),
+           jnp.sin(jnp.arange(S.size, dtype=S.dtype)).reshape(S.shape))
+    return out, dict(zip(names, vjp(cot)[0]))
+
+  return run([inputs[n] for n in names])
+
+
+@pytest.mark.parametrize("family,content_grad", [(f, "stop") for f in FAMILIES] + [("carve", "full")])
+def test_packed_equals_documents_alone_float64(x64, family, content_grad):
+  """Forward and the gradients of every input, recurrent and chunk, against the documents alone."""
+  kw = dict(content_grad=content_grad) if family == "carve" else {}
+  inputs = _inputs(family)
+  seg = _segment_ids(LENGTHS)
+  ref, ref_grads = _value_and_grads(lambda x: _per_document(family, x, LENGTHS, **kw), inputs)
+  for impl in ("recurrent", "chunk"):
+    out, grads = _value_and_grads(lambda x: _packed(family, x, impl, seg, **kw), inputs)
+    assert rel_err(out, ref) < TOL[jnp.float64], (family, impl, rel_err(out, ref))
+    for n in grads:
+      assert np.all(np.isfinite(np.asarray(grads[n]))), (family, impl, n)
+      assert rel_err(grads[n], ref_grads[n]) < TOL[jnp.float64], (family, impl, n, rel_err(grads[n], ref_grads[n]))
+
+
+def test_reset_restarts_the_content_block_at_the_zero_state_signal(x64):
+  """A document's first block uses c = sqrt(1e-6): with a huge gamma the packed second document
+  still equals the document run alone from the zero state (not the state the first one left)."""
+  inputs = _inputs("carve", initial_state=False, B=1, T=20)
+  inputs["gamma"] = jnp.full_like(inputs["gamma"], 50.0)
+  seg = _segment_ids([(9, 11)])
+  o, _ = jax.jit(lambda x: _packed("carve", x, "chunk", seg))(inputs)
+  run = jax.jit(lambda x: run_family("carve", impl="recurrent", content_block=G, **x))
+  alone, _ = run({n: (x if n == "gamma" else x[:, 9:]) for n, x in inputs.items()})
+  carried, _ = run(inputs)
+  assert rel_err(o[:, 9:], alone) < TOL[jnp.float64]
+  assert rel_err(carried[:, 9:], alone) > 1e-3  # the test can tell a reset from none
+
+
+def test_one_document_is_the_unpacked_call(x64):
+  inputs = _inputs("carve", T=40)
+  seg = jnp.full((2, 40), 7, jnp.int32)
+  f = jax.jit(lambda x: (run_family("carve", impl="chunk", chunk_size=C, content_block=G, **x),
+                         _packed("carve", x, "chunk", seg)))
+  plain, packed = f(inputs)
+  assert rel_err(packed, plain) < 1e-13
+
+
+def test_cu_seqlens_is_converted_to_segment_ids(x64):
+  lengths = (3, 1, 8, 5)
+  inputs = _inputs("gdn2", B=1, T=17, initial_state=False)
+  cu = jnp.asarray(np.cumsum((0,) + lengths), jnp.int32)
+  np.testing.assert_array_equal(ops.segment_ids_from_cu_seqlens(cu, 17), _segment_ids([lengths]))
+  f = jax.jit(lambda cu, seg: (_packed("gdn2", inputs, "chunk", seg),
+                               run_family("gdn2", impl="chunk", chunk_size=C, cu_seqlens=cu, **inputs)))
+  a, b = f(cu, _segment_ids([lengths]))
+  assert rel_err(a, b) == 0.0
+
+
+def test_segment_helpers():
+  seg = jnp.asarray([[3, 3, 5, 5, 5, 3, 9]], jnp.int32)
+  np.testing.assert_array_equal(ops.document_starts(seg), [[0, 0, 1, 0, 0, 1, 1]])
+  np.testing.assert_array_equal(ops.document_positions(seg), [[0, 1, 0, 1, 2, 0, 0]])
+  np.testing.assert_array_equal(ops.document_numbers(seg), [[0, 0, 1, 1, 1, 2, 3]])
+
+
+def test_bad_segment_arguments_raise():
+  inp = family_inputs(jax.random.PRNGKey(0), "gdn2", B=2, T=10, H=1, K=4, V=4)
+  run = lambda **kw: run_family("gdn2", impl="chunk", chunk_size=4, **inp, **kw)
+  with pytest.raises(ValueError, match="`segment_ids` must be shape"):
+    run(segment_ids=jnp.zeros((2, 9), jnp.int32))
+  with pytest.raises(ValueError, match="`segment_ids` must be an integer array"):
+    run(segment_ids=jnp.zeros((2, 10), jnp.float32))
+  with pytest.raises(ValueError, match="alternatives"):
+    run(segment_ids=jnp.zeros((2, 10), jnp.int32), cu_seqlens=jnp.asarray([0, 10]))
+  with pytest.raises(ValueError, match="batch of 1 row"):
+    run(cu_seqlens=jnp.asarray([0, 10]))
+  one = {n: x[:1] for n, x in inp.items()}
+  with pytest.raises(ValueError, match="strictly increasing offsets from 0 to T=10"):
+    run_family("gdn2", impl="chunk", chunk_size=4, cu_seqlens=jnp.asarray([0, 4, 4, 10]), **one)
+  with pytest.raises(ValueError, match="strictly increasing offsets from 0 to T=10"):
+    run_family("gdn2", impl="chunk", chunk_size=4, cu_seqlens=jnp.asarray([0, 4, 9]), **one)
+
+
+def test_pallas_is_not_given_segment_ids(monkeypatch):
+  """Explicit impl='pallas' refuses segment ids; 'auto' keeps packed calls on the chunk path."""
+  inp = family_inputs(jax.random.PRNGKey(0), "carve", B=1, T=8, H=1, K=16, V=16, dtype=jnp.bfloat16)
+  seg = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="does not take `segment_ids`"):
+    run_family("carve", impl="pallas", chunk_size=8, content_block=8, segment_ids=seg, **inp)
+  monkeypatch.setattr(api, "pallas_available", lambda: True)
+  assert api.resolve_impl("auto", packed=True) == "chunk"
+  assert api.resolve_impl("auto", packed=False) == "pallas"
+  called = []
+  monkeypatch.setattr(api, "chunk_gated_delta", lambda *a, **kw: called.append(kw) or (
+      jnp.zeros((1, 1, 8, 16)), jnp.zeros((1, 1, 16, 16))))
+  run_family("carve", impl="auto", chunk_size=8, content_block=8, segment_ids=seg, **inp)
+  assert called and "segment_ids" in called[0]
