@@ -54,6 +54,8 @@ class ModelConfig:
     init_std: std of the normal init of linear and embedding weights.
     max_seq_len: longest sequence the attention KV cache and RoPE are sized for.
     rope_theta: RoPE base (attention only).
+    attention_window: sliding window of attention layers in tokens (each token sees itself and the
+      W - 1 before it; the decode cache keeps W positions); None = full causal attention.
     remat: rematerialise each block in the backward pass (saves activation memory).
   """
 
@@ -80,6 +82,7 @@ class ModelConfig:
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
   remat: bool = False
+  attention_window: int | None = None
 
   def __post_init__(self):
     if self.mixer not in MIXERS:
@@ -87,7 +90,7 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "conv_size", "content_block", "chunk_size",
                  "mlp_multiple", "max_seq_len"):
       _check_positive_int(name, getattr(self, name))
-    for name in ("head_dim", "mlp_hidden", "gate_rank"):
+    for name in ("head_dim", "mlp_hidden", "gate_rank", "attention_window"):
       if getattr(self, name) is not None:
         _check_positive_int(name, getattr(self, name))
     if self.head_dim is None and self.d_model % self.n_heads != 0:

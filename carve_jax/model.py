@@ -4,11 +4,12 @@ r"""Decoder-only language model over any token mixer of the family, and its deco
     h_l = h_{l-1} + mixer_l(rmsnorm(h_{l-1}));  h_l += mlp_l(rmsnorm(h_l))     (pre-norm blocks)
     logits = head(rmsnorm(h_L))      head = W_out, or embed^T when tie_embeddings
 
-Decoding keeps a cache pytree {"pos": int32 [], "layers": [one dict per block]}: for a delta
-mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v and, for CARVE,
-the content vector [B, H, K]; for attention a KV cache [B, max_len, H, K]. "pos" counts the
-tokens seen (CARVE's block position is pos % content_block; attention's write index is pos).
-Decoding token by token reproduces the parallel forward's logits.
+Decoding keeps a cache pytree {"pos": int32 [], "doc_start": int32 [B], "layers": [one dict per
+block]}: for a delta mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v
+and, for CARVE, the content vector [B, H, K]; for attention a KV ring buffer [B, L, H, K]. "pos"
+counts the tokens seen, "doc_start" where each row's current document began (`decode_step(...,
+new_document=)` moves it; every layer then starts that row afresh). Decoding token by token
+reproduces the parallel forward's logits, packed rows (`model(tokens, segment_ids)`) included.
 
     model = LM(preset("tiny"), rngs=nnx.Rngs(0))
     logits = model(tokens)                          # [B, T] int32 -> [B, T, vocab] float32
@@ -48,9 +49,9 @@ class Block(nnx.Module):
   def _mlp(self, h):
     return h + self.mlp(self.mlp_norm(h)).astype(_F32)
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    """h: [B, T, d_model] float32 -> same."""
-    return self._mlp(h + self.mixer(self.mixer_norm(h)).astype(_F32))
+  def __call__(self, h: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """h: [B, T, d_model] float32 -> same; segment_ids: optional int [B, T] (packed documents)."""
+    return self._mlp(h + self.mixer(self.mixer_norm(h), segment_ids).astype(_F32))
 
   def prefill(self, h, max_len):
     if isinstance(self.mixer, Attention):
@@ -59,8 +60,8 @@ class Block(nnx.Module):
       y, cache = self.mixer.prefill(self.mixer_norm(h))
     return self._mlp(h + y.astype(_F32)), cache
 
-  def step(self, h, cache, pos):
-    y, cache = self.mixer.step(self.mixer_norm(h), cache, pos)
+  def step(self, h, cache, pos, doc_pos=None):
+    y, cache = self.mixer.step(self.mixer_norm(h), cache, pos, doc_pos)
     return self._mlp(h + y.astype(_F32)), cache
 
 
@@ -87,12 +88,17 @@ class LM(nnx.Module):
     out = self.embed.attend(x) if self.head is None else self.head(x)
     return out.astype(_F32)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens: int [B, T] -> logits float32 [B, T, vocab]."""
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens: int [B, T] -> logits float32 [B, T, vocab].
+
+    segment_ids: optional int [B, T], packed documents: a document begins where the id changes
+    and no layer carries anything across it (`carve_jax.ops.segments`).
+    """
     _check_tokens("LM", tokens, 2)
+    _check_segment_ids("LM", segment_ids, tokens.shape)
     h = self._embed(tokens)
     for block in self.blocks:
-      h = nnx.remat(Block.__call__)(block, h) if self.cfg.remat else block(h)
+      h = nnx.remat(Block.__call__)(block, h, segment_ids) if self.cfg.remat else block(h, segment_ids)
     return self.logits(h)
 
 
@@ -103,6 +109,16 @@ def _check_tokens(fn: str, tokens, ndim: int) -> None:
     raise ValueError(f"{fn}: argument `tokens` must be an integer array of shape {expected}, got {what}")
   if ndim == 2 and tokens.shape[1] < 1:
     raise ValueError(f"{fn}: argument `tokens` must hold at least one token per row, got shape {tokens.shape}")
+
+
+def _check_segment_ids(fn: str, segment_ids, shape) -> None:
+  if segment_ids is None:
+    return
+  if (not hasattr(segment_ids, "shape") or tuple(segment_ids.shape) != tuple(shape)
+      or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    what = f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)} of shape {getattr(segment_ids, 'shape', None)}"
+    raise ValueError(f"{fn}: argument `segment_ids` must be None or an integer array of shape {tuple(shape)} "
+                     f"(the tokens' shape), got {what}")
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -123,7 +139,7 @@ def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dic
   max_len = _max_len(model, max_len)
   layers = [b.mixer.init_cache(batch_size, max_len) if isinstance(b.mixer, Attention)
             else b.mixer.init_cache(batch_size) for b in model.blocks]
-  return dict(pos=jnp.zeros((), jnp.int32), layers=layers)
+  return dict(pos=jnp.zeros((), jnp.int32), doc_start=jnp.zeros((batch_size,), jnp.int32), layers=layers)
 
 
 def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tuple[jax.Array, dict]:
@@ -138,23 +154,31 @@ def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tupl
   for block in model.blocks:
     h, c = block.prefill(h, max_len)
     layers.append(c)
-  return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=layers)
+  return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32),
+                               doc_start=jnp.zeros((tokens.shape[0],), jnp.int32), layers=layers)
 
 
-def decode_step(model: LM, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+def decode_step(model: LM, tokens: jax.Array, cache: dict, *, new_document: jax.Array | None = None
+                ) -> tuple[jax.Array, dict]:
   """One token per row at position cache["pos"].
 
-  tokens: int [B] -> (logits float32 [B, vocab], cache advanced by one). Attention caches hold
-  max_len positions; stepping past them is the caller's error (`generate` checks it).
+  tokens: int [B] -> (logits float32 [B, vocab], cache advanced by one). new_document: optional
+  bool [B]; where True the token begins a new document: that row continues as from a fresh cache
+  (what a packed row's segment start does in the parallel forward). Attention caches without a
+  window hold max_len positions; stepping past them is the caller's error (`generate` checks it).
   """
   _check_tokens("decode_step", tokens, 1)
   pos = cache["pos"]
+  doc_start = cache["doc_start"]
+  if new_document is not None:
+    doc_start = jnp.where(jnp.asarray(new_document, bool), pos, doc_start)
+  doc_pos = pos - doc_start
   h = model._embed(tokens)
   layers = []
   for block, c in zip(model.blocks, cache["layers"]):
-    h, c = block.step(h, c, pos)
+    h, c = block.step(h, c, pos, doc_pos)
     layers.append(c)
-  return model.logits(h), dict(pos=pos + 1, layers=layers)
+  return model.logits(h), dict(pos=pos + 1, doc_start=doc_start, layers=layers)
 
 
 def _sample(logits, rng, temperature, top_k):

@@ -179,3 +179,65 @@ def test_pallas_is_not_given_segment_ids(monkeypatch):
       jnp.zeros((1, 1, 8, 16)), jnp.zeros((1, 1, 16, 16))))
   run_family("carve", impl="auto", chunk_size=8, content_block=8, segment_ids=seg, **inp)
   assert called and "segment_ids" in called[0]
+
+
+# -- the model: layers reset at document starts, decoding too ----------------------------------------
+
+from flax import nnx  # noqa: E402
+
+from carve_jax.configs import MIXERS, preset  # noqa: E402
+from carve_jax.model import LM, decode_step, init_cache  # noqa: E402
+from test_model import scramble  # noqa: E402
+
+DOCS = (5, 1, 19, 11)  # T = 36, content block 8: the 19-long document crosses two block boundaries
+_decode = nnx.jit(decode_step)
+
+
+def _model(mixer, **kw):
+  cfg = preset("tiny", mixer=mixer, impl="chunk", content_block=8, chunk_size=8, n_layers=1, **kw)
+  return scramble(LM(cfg, rngs=nnx.Rngs(0)))
+
+
+def _doc_tokens(seed=3):
+  return jnp.asarray(np.random.default_rng(seed).integers(1, 256, (2, sum(DOCS))), jnp.int32)
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_model_packed_row_equals_documents_alone(mixer):
+  """Every layer (conv taps, state, content blocks, attention mask, RoPE) restarts at a start."""
+  model = _model(mixer)
+  tokens = _doc_tokens()
+  seg = jnp.asarray(np.repeat(np.arange(len(DOCS)), DOCS)[None].repeat(2, 0), jnp.int32)
+  run = nnx.jit(lambda m, t, s: m(t, s))
+  packed, mixed = run(model, tokens, seg), run(model, tokens, None)
+  # The documents alone, as one batch: each padded at its end (causal: earlier logits unchanged).
+  bounds = np.cumsum((0,) + DOCS)
+  docs = [np.pad(np.asarray(tokens[b, s:e]), (0, max(DOCS) - (e - s)), constant_values=7)
+          for s, e in zip(bounds[:-1], bounds[1:]) for b in range(2)]
+  out = run(model, jnp.asarray(np.stack(docs)), None)
+  alone = jnp.stack([jnp.concatenate([out[2 * i + b, :L] for i, L in enumerate(DOCS)]) for b in range(2)])
+  assert rel_err(packed, alone) < 1e-5
+  assert rel_err(mixed, alone) > 1e-3  # without segment ids the documents do mix
+
+
+@pytest.mark.parametrize("mixer", ["carve", "gdn", "attention"])
+def test_decode_with_new_documents_matches_packed_forward(mixer):
+  """decode_step(new_document=...) on two rows with different cuts == model(tokens, segment_ids)."""
+  model = _model(mixer)
+  tokens = _doc_tokens()
+  rows = [DOCS, (12, 3, 21)]
+  seg = jnp.asarray([np.repeat(np.arange(len(r)), r) for r in rows], jnp.int32)
+  ref = model(tokens, seg)
+  starts = ops.document_starts(seg)
+  cache = init_cache(model, 2, max_len=tokens.shape[1])
+  outs = []
+  for t in range(tokens.shape[1]):
+    logits, cache = _decode(model, tokens[:, t], cache, new_document=starts[:, t])
+    outs.append(logits)
+  assert rel_err(jnp.stack(outs, 1), ref) < 1e-5
+
+
+def test_model_rejects_bad_segment_ids():
+  model = _model("gdn2")
+  with pytest.raises(ValueError, match="`segment_ids`"):
+    model(_doc_tokens(), jnp.zeros((2, 5), jnp.int32))
