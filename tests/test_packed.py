@@ -241,3 +241,57 @@ def test_model_rejects_bad_segment_ids():
   model = _model("gdn2")
   with pytest.raises(ValueError, match="`segment_ids`"):
     model(_doc_tokens(), jnp.zeros((2, 5), jnp.int32))
+
+
+# -- data and training: windows carry document ids, the loss passes them ------------------------------
+
+import optax  # noqa: E402
+
+from carve_jax.data import make_batches  # noqa: E402
+from carve_jax.train.config import DataConfig, TrainConfig, identity_diff  # noqa: E402
+from carve_jax.train.step import lm_loss  # noqa: E402
+
+
+def test_pipeline_emits_document_ids_that_start_at_each_eos():
+  eos = 0
+  rng = np.random.default_rng(2)
+  stream = rng.integers(1, 50, 4001).astype(np.uint16)
+  stream[rng.choice(4001, 150, replace=False)] = eos
+  stream[[16, 17, 40]] = eos  # adjacent EOS: a document holding only its EOS
+  T = 32
+  batches = make_batches(stream, seq_len=T, batch_size=4, seed=0, shuffle=False, eos_id=eos, num_epochs=1)
+  n = 0
+  for batch in batches:
+    seg = batch["segment_ids"]
+    assert seg.shape == batch["inputs"].shape and seg.dtype == np.int32
+    for row_in, row_seg in zip(batch["inputs"], seg):
+      want = np.cumsum(row_in == eos)  # reference written out: a new id exactly at each EOS input
+      np.testing.assert_array_equal(row_seg, want)
+      starts = np.asarray(ops.document_starts(row_seg[None]))[0]
+      np.testing.assert_array_equal(starts[1:], row_in[1:] == eos)
+    n += 1
+  assert n == (4000 // T) // 4
+  first = next(make_batches(stream, seq_len=T, batch_size=4, seed=0, shuffle=False))
+  assert set(first) == {"inputs", "targets"}  # without eos_id: no document ids
+  with pytest.raises(ValueError, match="eos_id"):
+    make_batches(stream, seq_len=T, batch_size=4, seed=0, eos_id=-1)
+
+
+def test_reset_documents_is_on_by_default_and_part_of_the_run_identity():
+  assert DataConfig().reset_documents is True
+  with pytest.raises(ValueError, match="reset_documents"):
+    DataConfig(reset_documents=1)
+  a, b = TrainConfig(), TrainConfig(data=DataConfig(reset_documents=False))
+  assert any("reset_documents" in d for d in identity_diff(a.to_dict(), b.to_dict()))
+
+
+def test_lm_loss_passes_segment_ids_to_the_model():
+  model = _model("gdn2")
+  tokens = _doc_tokens()
+  seg = jnp.asarray(np.repeat(np.arange(len(DOCS)), DOCS)[None].repeat(2, 0), jnp.int32)
+  targets = jnp.roll(tokens, -1, axis=1)
+  loss = nnx.jit(lm_loss)
+  want = optax.softmax_cross_entropy_with_integer_labels(nnx.jit(lambda m: m(tokens, seg))(model), targets).mean()
+  got = loss(model, {"inputs": tokens, "targets": targets, "segment_ids": seg})
+  plain = loss(model, {"inputs": tokens, "targets": targets})
+  assert float(jnp.abs(got - want)) < 1e-6 and float(jnp.abs(got - plain)) > 1e-4
