@@ -99,3 +99,14 @@ def test_windowed_decode_with_new_documents_matches_packed_forward():
 def test_attention_window_is_validated():
   with pytest.raises(ValueError, match="`attention_window`"):
     ModelConfig(mixer="attention", attention_window=0)
+
+
+@pytest.mark.gpu
+def test_cudnn_sliding_window_matches_xla():
+  """On a GPU, bf16: the cuDNN sliding window (what the layer picks) equals XLA's window mask."""
+  q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(B=2, H=2, K=64))
+  got = causal_attention(q, k, v, window=W)  # cudnn: bf16, head_dim 64
+  want = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=(W - 1, 0), implementation="xla")
+  assert rel_err(got.astype(jnp.float32), want.astype(jnp.float32)) < 1e-2
+  full = causal_attention(q, k, v)
+  assert rel_err(got.astype(jnp.float32), full.astype(jnp.float32)) > 5e-2
