@@ -188,7 +188,7 @@ def gdn(q, k, v, g, beta, **kwargs):
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-        chunk_size: int = 64):
+        chunk_size: int = 64, segment_ids=None, cu_seqlens=None):
   """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta).
 
   The write gate goes to `_run` as beta itself: the kernels take a scalar write gate per token (no
@@ -197,9 +197,10 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
   _check_common(fn, q, k, v, g, initial_state, scale, impl)
   vd.check_float(fn, "beta", beta, q.shape[:3])
   vd.check_positive_int(fn, "chunk_size", chunk_size)
+  segment_ids = _segments(fn, segment_ids, cu_seqlens, *q.shape[:2])
   return _run(fn, q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape), beta, None, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, segment_ids=segment_ids)
 
 
 def _segments(fn, segment_ids, cu_seqlens, B, T):
