@@ -143,7 +143,7 @@ def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dic
 
 
 def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tuple[jax.Array, dict]:
-  """Parallel forward over a prompt that also builds the cache.
+  """Parallel forward over a prompt (one document per row) that also builds the cache.
 
   tokens: int [B, P] -> (logits float32 [B, P, vocab], cache with pos = P).
   """

@@ -172,12 +172,14 @@ def test_pallas_is_not_given_segment_ids(monkeypatch):
   with pytest.raises(ValueError, match="does not take `segment_ids`"):
     run_family("carve", impl="pallas", chunk_size=8, content_block=8, segment_ids=seg, **inp)
   monkeypatch.setattr(api, "pallas_available", lambda: True)
-  assert api.resolve_impl("auto", packed=True) == "chunk"
+  with pytest.warns(UserWarning, match="chunk path"):
+    assert api.resolve_impl("auto", packed=True) == "chunk"
   assert api.resolve_impl("auto", packed=False) == "pallas"
   called = []
   monkeypatch.setattr(api, "chunk_gated_delta", lambda *a, **kw: called.append(kw) or (
       jnp.zeros((1, 1, 8, 16)), jnp.zeros((1, 1, 16, 16))))
-  run_family("carve", impl="auto", chunk_size=8, content_block=8, segment_ids=seg, **inp)
+  with pytest.warns(UserWarning, match="chunk path"):
+    run_family("carve", impl="auto", chunk_size=8, content_block=8, segment_ids=seg, **inp)
   assert called and "segment_ids" in called[0]
 
 

@@ -13,6 +13,7 @@ The Pallas kernels do not take segment ids yet: "auto" then runs "chunk", "palla
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import jax
@@ -47,7 +48,12 @@ def resolve_impl(impl: str, *, K: int | None = None, V: int | None = None, chunk
   """
   if impl != "auto":
     return impl
-  if not pallas_available() or content_grad != "stop" or packed:
+  if not pallas_available() or content_grad != "stop":
+    return "chunk"
+  if packed:
+    warnings.warn("carve_jax.ops: impl='auto' runs calls with segment ids on the XLA chunk path (the Pallas "
+                  "kernels do not take them yet); pass no segment ids (DataConfig.reset_documents=False) "
+                  "to use the kernels", stacklevel=3)
     return "chunk"
   if K is None:
     return "pallas"
