@@ -56,7 +56,8 @@ def lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None) -> jax
   """Mean next-token cross-entropy; batch {"inputs","targets"}: int32 [B, T], and "segment_ids"
   int32 [B, T] when the data packs documents with resets (`DataConfig.reset_documents`)."""
   del rng
-  logits = model(batch["inputs"], batch.get("segment_ids")).astype(jnp.float32)
+  seg = batch.get("segment_ids")
+  logits = (model(batch["inputs"]) if seg is None else model(batch["inputs"], seg)).astype(jnp.float32)
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
