@@ -58,6 +58,8 @@ class ModelConfig:
     init_std: std of the normal init of linear and embedding weights.
     max_seq_len: longest sequence the attention KV cache and RoPE are sized for.
     rope_theta: RoPE base (attention only).
+    attention_window: sliding window of attention layers in tokens (each token sees itself and the
+      W - 1 before it; the decode cache keeps W positions); None = full causal attention.
     remat: the old on/off switch: True is `remat_policy="full"` (kept so old configs and flags work).
     remat_policy: what each block keeps for the backward pass (`carve_jax.model.remat_policy`):
       "none" everything (no rematerialisation); "full" only the block's input, the rest recomputed;
@@ -97,6 +99,7 @@ class ModelConfig:
   remat: bool = False
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention_window: int | None = None
 
   def __post_init__(self):
     if self.mixer not in MIXERS:
@@ -115,7 +118,7 @@ class ModelConfig:
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "conv_size", "content_block", "chunk_size",
                  "mlp_multiple", "max_seq_len"):
       _check_positive_int(name, getattr(self, name))
-    for name in ("head_dim", "mlp_hidden", "gate_rank"):
+    for name in ("head_dim", "mlp_hidden", "gate_rank", "attention_window"):
       if getattr(self, name) is not None:
         _check_positive_int(name, getattr(self, name))
     if self.head_dim is None and self.d_model % self.n_heads != 0:

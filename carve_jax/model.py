@@ -10,12 +10,13 @@ layers with one `lax.scan` (compile time independent of depth). `convert_layout`
 into the other; both compute the same function. `cfg.remat_mode` puts each block under
 `jax.checkpoint` with the policy `remat_policy(cfg)`.
 
-Decoding keeps a cache pytree {"pos": int32 [], "layers": [one dict per block]}: for a delta
-mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v and, for CARVE,
-the content vector [B, H, K]; for attention a KV cache [B, max_len, H, K]. "pos" counts the
-tokens seen (CARVE's block position is pos % content_block; attention's write index is pos).
+Decoding keeps a cache pytree {"pos": int32 [], "doc_start": int32 [B], "layers": [one dict per
+block]}: for a delta mixer the state [B, H, K, V] (float32), the conv tails [B, W-1, H*K] of q, k, v
+and, for CARVE, the content vector [B, H, K]; for attention a KV ring buffer [B, L, H, K]. "pos"
+counts the tokens seen, "doc_start" where each row's current document began (`decode_step(...,
+new_document=)` moves it; every layer then starts that row afresh). Decoding token by token
+reproduces the parallel forward's logits, packed rows (`model(tokens, segment_ids)`) included.
 With scan_layers, "layers" is one such dict whose leaves have a leading [n_layers] axis.
-Decoding token by token reproduces the parallel forward's logits.
 
     model = LM(preset("tiny"), rngs=nnx.Rngs(0))
     logits = model(tokens)                          # [B, T] int32 -> [B, T, vocab] float32
@@ -81,9 +82,9 @@ class Block(nnx.Module):
   def _mlp(self, h):
     return h + self.mlp(self.mlp_norm(h)).astype(_F32)
 
-  def __call__(self, h: jax.Array) -> jax.Array:
-    """h: [B, T, d_model] float32 -> same."""
-    y = checkpoint_name(self.mixer(self.mixer_norm(h)), MIXER_OUT)
+  def __call__(self, h: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """h: [B, T, d_model] float32 -> same; segment_ids: optional int [B, T] (packed documents)."""
+    y = checkpoint_name(self.mixer(self.mixer_norm(h), segment_ids), MIXER_OUT)
     return self._mlp(h + y.astype(_F32))
 
   def prefill(self, h, max_len):
@@ -93,8 +94,8 @@ class Block(nnx.Module):
       y, cache = self.mixer.prefill(self.mixer_norm(h))
     return self._mlp(h + y.astype(_F32)), cache
 
-  def step(self, h, cache, pos):
-    y, cache = self.mixer.step(self.mixer_norm(h), cache, pos)
+  def step(self, h, cache, pos, doc_pos=None):
+    y, cache = self.mixer.step(self.mixer_norm(h), cache, pos, doc_pos)
     return self._mlp(h + y.astype(_F32)), cache
 
 
@@ -133,13 +134,18 @@ class LM(nnx.Module):
     out = self.embed.attend(x) if self.head is None else self.head(x)
     return out.astype(_F32)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens: int [B, T] -> logits float32 [B, T, vocab]."""
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """tokens: int [B, T] -> logits float32 [B, T, vocab].
+
+    segment_ids: optional int [B, T], packed documents: a document begins where the id changes
+    and no layer carries anything across it (`carve_jax.ops.segments`).
+    """
     _check_tokens("LM", tokens, 2)
+    _check_segment_ids("LM", segment_ids, tokens.shape)
     h = self._embed(tokens)
     remat, policy = remat_policy(self.cfg)
     call = nnx.remat(Block.__call__, policy=policy, prevent_cse=not self.cfg.scan_layers) if remat else Block.__call__
-    h, _ = _scan_blocks(self, lambda block, h, _: (call(block, h), None), h)
+    h, _ = _scan_blocks(self, lambda block, h, _: (call(block, h, segment_ids), None), h)
     return self.logits(h)
 
 
@@ -195,6 +201,16 @@ def _check_tokens(fn: str, tokens, ndim: int) -> None:
     raise ValueError(f"{fn}: argument `tokens` must hold at least one token per row, got shape {tokens.shape}")
 
 
+def _check_segment_ids(fn: str, segment_ids, shape) -> None:
+  if segment_ids is None:
+    return
+  if (not hasattr(segment_ids, "shape") or tuple(segment_ids.shape) != tuple(shape)
+      or not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+    what = f"{getattr(segment_ids, 'dtype', type(segment_ids).__name__)} of shape {getattr(segment_ids, 'shape', None)}"
+    raise ValueError(f"{fn}: argument `segment_ids` must be None or an integer array of shape {tuple(shape)} "
+                     f"(the tokens' shape), got {what}")
+
+
 # -- decoding -------------------------------------------------------------------------------------
 
 
@@ -223,11 +239,11 @@ def init_cache(model: LM, batch_size: int, *, max_len: int | None = None) -> dic
     layers = layers[0] if len(layers) == 1 else layers
   else:
     layers = [one(b) for b in model.blocks]
-  return dict(pos=jnp.zeros((), jnp.int32), layers=layers)
+  return dict(pos=jnp.zeros((), jnp.int32), doc_start=jnp.zeros((batch_size,), jnp.int32), layers=layers)
 
 
 def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tuple[jax.Array, dict]:
-  """Parallel forward over a prompt that also builds the cache.
+  """Parallel forward over a prompt (one document per row) that also builds the cache.
 
   tokens: int [B, P] -> (logits float32 [B, P, vocab], cache with pos = P).
   """
@@ -235,20 +251,28 @@ def prefill(model: LM, tokens: jax.Array, *, max_len: int | None = None) -> tupl
   max_len = _max_len(model, max_len)
   h = model._embed(tokens)
   h, layers = _scan_blocks(model, lambda block, h, _: block.prefill(h, max_len), h)
-  return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32), layers=layers)
+  return model.logits(h), dict(pos=jnp.asarray(tokens.shape[1], jnp.int32),
+                               doc_start=jnp.zeros((tokens.shape[0],), jnp.int32), layers=layers)
 
 
-def decode_step(model: LM, tokens: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+def decode_step(model: LM, tokens: jax.Array, cache: dict, *, new_document: jax.Array | None = None
+                ) -> tuple[jax.Array, dict]:
   """One token per row at position cache["pos"].
 
-  tokens: int [B] -> (logits float32 [B, vocab], cache advanced by one). Attention caches hold
-  max_len positions; stepping past them is the caller's error (`generate` checks it).
+  tokens: int [B] -> (logits float32 [B, vocab], cache advanced by one). new_document: optional
+  bool [B]; where True the token begins a new document: that row continues as from a fresh cache
+  (what a packed row's segment start does in the parallel forward). Attention caches without a
+  window hold max_len positions; stepping past them is the caller's error (`generate` checks it).
   """
   _check_tokens("decode_step", tokens, 1)
   pos = cache["pos"]
+  doc_start = cache["doc_start"]
+  if new_document is not None:
+    doc_start = jnp.where(jnp.asarray(new_document, bool), pos, doc_start)
+  doc_pos = pos - doc_start
   h = model._embed(tokens)
-  h, layers = _scan_blocks(model, lambda block, h, c: block.step(h, c, pos), h, cache["layers"])
-  return model.logits(h), dict(pos=pos + 1, layers=layers)
+  h, layers = _scan_blocks(model, lambda block, h, c: block.step(h, c, pos, doc_pos), h, cache["layers"])
+  return model.logits(h), dict(pos=pos + 1, doc_start=doc_start, layers=layers)
 
 
 def _sample(logits, rng, temperature, top_k):

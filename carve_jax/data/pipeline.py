@@ -6,7 +6,11 @@ Stream: the documents of a split, tokenized and joined as doc_1 EOS doc_2 EOS ..
 
 Packing: with L = seq_len, window w covers stream[w*L : w*L + L + 1] (windows share one boundary
 token) and gives inputs = window[:-1], targets = window[1:], both int32 [L]; windows cross document
-boundaries (the EOS between them is a normal target). Of the n = (len - 1) // L windows, the first
+boundaries (the EOS between them is a normal target). Given `eos_id` (the training default,
+`DataConfig.reset_documents`), each window also carries segment_ids = cumsum(inputs == eos_id),
+int32 [L]: a document begins at each EOS of the inputs (the EOS acts as the next document's BOS;
+the last token of a document still predicts it), so the model resets there (`LM(tokens,
+segment_ids)`); the window's first document is whatever part of one it starts in. Of the n = (len - 1) // L windows, the first
 floor(n / shard_count) * shard_count are used.
 
 Order: the window indices are shuffled by `seed` (grain's index shuffle, a fresh permutation each
@@ -115,10 +119,14 @@ def document_index(corpus: Corpus | str | Path, tokenizer: Tokenizer | str, spli
 class _Window:
   tokens: np.ndarray
   seq_len: int
+  eos_id: int | None = None
 
   def __call__(self, w: int) -> dict[str, np.ndarray]:
     x = np.asarray(self.tokens[w * self.seq_len: (w + 1) * self.seq_len + 1], np.int32)
-    return {"inputs": x[:-1], "targets": x[1:]}
+    out = {"inputs": x[:-1], "targets": x[1:]}
+    if self.eos_id is not None:
+      out["segment_ids"] = np.cumsum(out["inputs"] == self.eos_id, dtype=np.int32)
+    return out
 
 
 def num_windows(n_tokens: int, seq_len: int, shard_count: int = 1) -> int:
@@ -128,8 +136,9 @@ def num_windows(n_tokens: int, seq_len: int, shard_count: int = 1) -> int:
 
 def make_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int, shard_index: int = 0,
                  shard_count: int = 1, shuffle: bool = True, num_epochs: int | None = None,
-                 num_threads: int = 2, prefetch: int = 8) -> grain.DatasetIterator:
-  """Iterator of {"inputs": int32 [B, T], "targets": int32 [B, T]} with B = batch_size, T = seq_len.
+                 num_threads: int = 2, prefetch: int = 8, eos_id: int | None = None) -> grain.DatasetIterator:
+  """Iterator of {"inputs": int32 [B, T], "targets": int32 [B, T]} with B = batch_size, T = seq_len,
+  and "segment_ids" int32 [B, T] when `eos_id` is given.
 
   Args:
     tokens: 1-D integer token stream (`load_tokens`).
@@ -141,6 +150,8 @@ def make_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int
     num_epochs: passes over the windows; None repeats forever (epochs reshuffled). A last batch
       with fewer than batch_size windows is dropped.
     num_threads, prefetch: grain read threads and batches prefetched ahead.
+    eos_id: the tokenizer's EOS id: also emit per-token document ids (a new one at each EOS of
+      the inputs, see the module docstring); None emits none (windows mix documents).
   Returns:
     a grain `DatasetIterator`; `get_state()` is a small dict, `set_state(state)` on an iterator made
     with the same arguments continues with exactly the next batch.
@@ -158,6 +169,8 @@ def make_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int
     raise ValueError(f"seed: expected an int in [0, 2**32), got {seed!r}")
   if num_epochs is not None and (not isinstance(num_epochs, (int, np.integer)) or num_epochs < 1):
     raise ValueError(f"num_epochs: expected None or an int >= 1, got {num_epochs!r}")
+  if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
+    raise ValueError(f"eos_id: expected None or an int >= 0, got {eos_id!r}")
   per_shard = num_windows(len(tokens), seq_len, shard_count)
   if per_shard < batch_size:
     raise ValueError(f"tokens: expected at least {batch_size * seq_len * shard_count + 1} tokens for one batch "
@@ -166,7 +179,7 @@ def make_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int
   if shuffle:
     ds = ds.shuffle(seed=int(seed))
   ds = ds[int(shard_index)::int(shard_count)].repeat(num_epochs)
-  ds = ds.map(_Window(tokens, int(seq_len))).batch(int(batch_size), drop_remainder=True)
+  ds = ds.map(_Window(tokens, int(seq_len), None if eos_id is None else int(eos_id))).batch(int(batch_size), drop_remainder=True)
   opts = grain.ReadOptions(num_threads=int(num_threads), prefetch_buffer_size=int(prefetch))
   return iter(ds.to_iter_dataset(opts))
 

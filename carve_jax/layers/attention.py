@@ -5,9 +5,18 @@ r"""Softmax attention baseline: causal multi-head attention with rotary position
 
 The parallel form calls `jax.nn.dot_product_attention` with the cuDNN implementation on a GPU when
 the compute dtype is bf16/fp16 (cuDNN's flash attention has no fp32 path), XLA elsewhere; odd
-lengths are padded by one position for cuDNN. Decoding
-keeps a KV cache of `max_len` positions and masks the unwritten ones.
+lengths are padded by one position for cuDNN.
 RoPE rotates channel pairs (i, i + K/2) by angle pos * theta^(-2i/K) (the GPT-NeoX / Llama layout).
+
+Sliding window (`cfg.attention_window` = W tokens, None = full causal): token t attends to
+s in (t - W, t], through cuDNN's sliding window or XLA's window mask (`local_window_size`).
+Packed documents (`segment_ids` [B, T]): a document mask (no attention across a start) and RoPE
+positions that restart at 0 in each document; `jax.nn.dot_product_attention` takes no segment ids,
+so packed calls run on the XLA path (a [B, 1, T, T] mask).
+
+Decoding keeps a KV ring buffer of L = min(W, max_len) positions (max_len without a window):
+position p lives in slot p % L; a slot is attended to when it holds a position <= pos that
+lies in the row's current document (and, by construction, in the window).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from flax import nnx
 
 from carve_jax.configs import ModelConfig
 from carve_jax.layers.dense import compute_dtype, dense
+from carve_jax.ops.segments import document_numbers, document_positions
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -40,17 +50,27 @@ def attention_implementation(dtype, head_dim: int) -> str:
   return "xla"
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | None = None,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
   """Causal softmax attention, q, k, v: [B, T, H, K] -> [B, T, H, K].
 
+  window: attend to the last `window` tokens (self included) only; None = all earlier tokens.
+  segment_ids: optional int [B, T]; no attention across a document start (XLA path).
   cuDNN's fused kernel rejects odd sequence lengths in training (seen on an H100 with T = 255), so
   an odd T gets one padding position at the end; causality keeps it out of every real row.
   """
   impl = attention_implementation(q.dtype, q.shape[-1])
+  mask = None
+  if segment_ids is not None:
+    d = document_numbers(segment_ids)
+    mask = (d[:, :, None] == d[:, None, :])[:, None]               # [B, 1, T, T]
+    impl = "xla"
+  local = None if window is None else (window - 1, 0)
   T = q.shape[1]
   if impl == "cudnn" and T % 2:
     q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)[:, :T]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
+                                      implementation=impl)[:, :T]
 
 
 class Attention(nnx.Module):
@@ -69,35 +89,56 @@ class Attention(nnx.Module):
     q, k, v = (p(x).reshape(*x.shape[:-1], H, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
     return rope(q, positions, self.cfg.rope_theta), rope(k, positions, self.cfg.rope_theta), v
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Parallel causal form. x: [B, T, d_model] -> [B, T, d_model]."""
-    q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
-    o = causal_attention(q, k, v)
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Parallel causal form. x: [B, T, d_model] -> [B, T, d_model]; segment_ids: optional int
+    [B, T], packed documents (document mask, RoPE positions restart)."""
+    positions = jnp.arange(x.shape[1]) if segment_ids is None else document_positions(segment_ids)
+    q, k, v = self._qkv(x, positions)
+    o = causal_attention(q, k, v, window=self.cfg.attention_window, segment_ids=segment_ids)
     return self.o_proj(o.reshape(*x.shape[:-1], -1))
 
+  def cache_len(self, max_len: int) -> int:
+    """Slots of the KV ring buffer: min(attention_window, max_len), max_len without a window."""
+    W = self.cfg.attention_window
+    return max_len if W is None else min(W, max_len)
+
   def init_cache(self, batch_size: int, max_len: int) -> dict:
-    """KV cache: k, v [B, max_len, H, K] zeros in the compute dtype."""
-    shape = (batch_size, max_len, self.cfg.n_heads, self.cfg.head_k)
+    """KV ring buffer: k, v [B, cache_len(max_len), H, K] zeros in the compute dtype."""
+    shape = (batch_size, self.cache_len(max_len), self.cfg.n_heads, self.cfg.head_k)
     dt = compute_dtype(self.cfg)
     return dict(k=jnp.zeros(shape, dt), v=jnp.zeros(shape, dt))
 
   def prefill(self, x: jax.Array, max_len: int) -> tuple[jax.Array, dict]:
-    """x: [B, T, d_model] -> (y [B, T, d_model], cache with positions 0..T-1 written); T <= max_len."""
+    """x: [B, T, d_model] -> (y [B, T, d_model], cache holding positions max(0, T-L)..T-1); T <= max_len."""
     B, T, _ = x.shape
     if T > max_len:
       raise ValueError(f"Attention.prefill: sequence length {T} exceeds the cache length max_len={max_len}")
     q, k, v = self._qkv(x, jnp.arange(T))
-    o = causal_attention(q, k, v)
+    o = causal_attention(q, k, v, window=self.cfg.attention_window)
     cache = self.init_cache(B, max_len)
-    cache = dict(k=cache["k"].at[:, :T].set(k), v=cache["v"].at[:, :T].set(v))
+    L = cache["k"].shape[1]
+    kept = jnp.arange(max(T - L, 0), T)                               # the positions the ring buffer holds
+    slots = kept % L
+    cache = dict(k=cache["k"].at[:, slots].set(k[:, kept].astype(cache["k"].dtype)),
+                 v=cache["v"].at[:, slots].set(v[:, kept].astype(cache["v"].dtype)))
     return self.o_proj(o.reshape(B, T, -1)), cache
 
-  def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
-    """One token at position `pos` (int32 scalar, < max_len). x: [B, d_model] -> (y [B, d_model], cache)."""
+  def step(self, x: jax.Array, cache: dict, pos: jax.Array, doc_pos: jax.Array | None = None
+           ) -> tuple[jax.Array, dict]:
+    """One token at position `pos` (int32 scalar; < max_len without a window).
+
+    doc_pos: optional int32 [B], the token's position inside its document (default pos): RoPE
+    uses it and slots before the document's start are masked.
+    x: [B, d_model] -> (y [B, d_model], cache).
+    """
     B = x.shape[0]
-    q, k, v = self._qkv(x[:, None], jnp.reshape(pos, (1,)))
-    ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), pos, axis=1)
-    cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), pos, axis=1)
-    mask = (jnp.arange(ck.shape[1]) <= pos)[None, None, None, :]  # [1, 1, 1, L]: written positions
-    o = jax.nn.dot_product_attention(q, ck, cv, mask=mask, implementation="xla")
+    doc_pos = jnp.broadcast_to(pos, (B,)) if doc_pos is None else doc_pos
+    q, k, v = self._qkv(x[:, None], doc_pos[:, None])
+    L = cache["k"].shape[1]
+    slot = pos % L
+    ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), slot, axis=1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), slot, axis=1)
+    held = pos - (pos - jnp.arange(L)) % L                            # [L]: the position each slot holds
+    mask = (held[None] >= 0) & (held[None] >= (pos - doc_pos)[:, None])  # [B, L]: written, same document
+    o = jax.nn.dot_product_attention(q, ck, cv, mask=mask[:, None, None, :], implementation="xla")
     return self.o_proj(o.reshape(B, -1)), dict(k=ck, v=cv)

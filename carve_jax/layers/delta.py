@@ -29,6 +29,10 @@ kernel exactly GDN-2's gates.
 `op_inputs` and `project_output` are the stages around the recurrence (public, for probes). Three
 entry points share them: `__call__` (parallel, from position 0),
 `prefill` (parallel, also returns the decode cache) and `step` (one token from the cache).
+
+Packed documents: `__call__(x, segment_ids)` resets everything at a document start (the short
+convs see no taps across it, `carve_jax.ops` resets the state and CARVE's content blocks); `step`
+takes each row's position inside its document and starts from a fresh state where it is 0.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from carve_jax.layers.conv import ShortConv
 from carve_jax.layers.dense import compute_dtype, dense
 from carve_jax.layers.norms import GatedRMSNorm, l2norm
 from carve_jax.ops.gates import content_signal
+from carve_jax.ops.segments import document_positions
 from carve_jax.ops.step import carve_step, gated_delta_step
 
 _F32 = jnp.float32
@@ -107,16 +112,17 @@ class DeltaMixer(nnx.Module):
   def _heads(self, x: jax.Array) -> jax.Array:
     return x.reshape(*x.shape[:-1], self.cfg.n_heads, -1)
 
-  def op_inputs(self, x, tails=None):
+  def op_inputs(self, x, tails=None, positions=None):
     """x: [B, T, d] -> (dict of the `carve_jax.ops` inputs, each [B, T, H, .], the new conv tails).
 
+    positions: optional int [B, T], each token's position inside its document (packed rows).
     Public so probes and experiments can see exactly what the recurrence receives.
     """
     cfg = self.cfg
     tails = tails or {}
-    q, tq = self.q_conv(self.q_proj(x), tails.get("q"))
-    k, tk = self.k_conv(self.k_proj(x), tails.get("k"))
-    v, tv = self.v_conv(self.v_proj(x), tails.get("v"))
+    q, tq = self.q_conv(self.q_proj(x), tails.get("q"), positions)
+    k, tk = self.k_conv(self.k_proj(x), tails.get("k"), positions)
+    v, tv = self.v_conv(self.v_proj(x), tails.get("v"), positions)
     A = jnp.exp(self.A_log[...])
     if self.variant == "gdn":
       g = -A * jax.nn.softplus(self.a_proj(x).astype(_F32) + self.dt_bias[...])  # [B, T, H]
@@ -137,11 +143,11 @@ class DeltaMixer(nnx.Module):
         inp["beta"] = gate(self.beta_proj(x))
     return inp, dict(q=tq, k=tk, v=tv)
 
-  def _mix(self, inp, initial_state=None, output_final_state=False):
+  def _mix(self, inp, initial_state=None, output_final_state=False, segment_ids=None):
     """Runs `carve_jax.ops` on [B, T, H, .] inputs: (o [B, T, H, V], final state or None)."""
     cfg = self.cfg
     kw = dict(initial_state=initial_state, output_final_state=output_final_state, impl=cfg.impl,
-              chunk_size=cfg.chunk_size)
+              chunk_size=cfg.chunk_size, segment_ids=segment_ids)
     q, k, v, g = inp["q"], inp["k"], inp["v"], inp["g"]
     match self.variant:
       case "gdn2":
@@ -166,10 +172,15 @@ class DeltaMixer(nnx.Module):
 
   # -- entry points ----------------------------------------------------------------------------
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Parallel form from position 0. x: [B, T, d_model] -> [B, T, d_model]."""
-    inp, _ = self.op_inputs(x)
-    o, _ = self._mix(inp)
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """Parallel form from position 0. x: [B, T, d_model] -> [B, T, d_model].
+
+    segment_ids: optional int [B, T], packed documents (`carve_jax.ops.segments`): every part of
+    the layer restarts where the id changes.
+    """
+    positions = None if segment_ids is None else document_positions(segment_ids)
+    inp, _ = self.op_inputs(x, positions=positions)
+    o, _ = self._mix(inp, segment_ids=segment_ids)
     return self.project_output(x, o)
 
   def init_cache(self, batch_size: int) -> dict:
@@ -206,12 +217,20 @@ class DeltaMixer(nnx.Module):
       o = jnp.concatenate([o1, o2], axis=1)
     return self.project_output(x, o), dict(state=S, conv=tails, content=content_signal(S_open))
 
-  def step(self, x: jax.Array, cache: dict, pos: jax.Array) -> tuple[jax.Array, dict]:
+  def step(self, x: jax.Array, cache: dict, pos: jax.Array, doc_pos: jax.Array | None = None
+           ) -> tuple[jax.Array, dict]:
     """One token. x: [B, d_model]; pos: int32 scalar, tokens before this one.
 
+    doc_pos: optional int32 [B], the token's position inside its document (default pos); where
+    it is 0 the row starts from a fresh state and its conv reaches no earlier token.
     Returns (y [B, d_model], new cache).
     """
-    inp, tails = self.op_inputs(x[:, None], cache["conv"])
+    if doc_pos is not None:
+      fresh = doc_pos == 0
+      cache = dict(cache, state=jnp.where(fresh[:, None, None, None], jnp.zeros_like(cache["state"]), cache["state"]))
+      pos = doc_pos
+    positions = None if doc_pos is None else doc_pos[:, None]
+    inp, tails = self.op_inputs(x[:, None], cache["conv"], positions)
     t = {n: a[:, 0] for n, a in inp.items()}  # drop the time axis
     q, k, v = t["q"], t["k"], t["v"]
     g = t["g"] if t["g"].ndim == 3 else jnp.broadcast_to(t["g"][..., None], q.shape)

@@ -3,11 +3,13 @@ one-token decoding steps (`step.py`)."""
 
 from carve_jax.ops.api import Impl, carve, gated_delta, gdn, kda, pallas_available, resolve_impl
 from carve_jax.ops.gates import content_erase_gate, content_signal
+from carve_jax.ops.segments import (document_numbers, document_positions, document_starts,
+                                    segment_ids_from_cu_seqlens)
 from carve_jax.ops.step import carve_step, gated_delta_step
 from carve_jax.ops.transition import chunk_transition, kronecker_rank
 
 __all__ = [
     "Impl", "carve", "gated_delta", "gdn", "kda", "pallas_available", "resolve_impl",
     "content_erase_gate", "content_signal", "chunk_transition", "kronecker_rank", "gated_delta_step",
-    "carve_step",
+    "carve_step", "document_numbers", "document_positions", "document_starts", "segment_ids_from_cu_seqlens",
 ]

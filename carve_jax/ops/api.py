@@ -3,10 +3,17 @@
 Argument convention follows flash-linear-attention (`fla.ops.gdn2.naive_recurrent_gdn2`):
 inputs are time-major per head, [B, T, H, D]; q and k are NOT normalised here; `scale` defaults
 to K^-1/2; states are [B, H, K, V] in float32 (float64 for float64 inputs).
+
+Packed documents: `segment_ids` int [B, T] (a document begins where the id changes; the state
+resets to zero there and CARVE's content blocks restart), or FLA's `cu_seqlens` int [N + 1] for
+B = 1, converted to segment ids (`carve_jax.ops.segments`). Unlike FLA, `initial_state` stays
+[B, H, K, V] and feeds each row's first document only; the final state is that of the last one.
+The Pallas kernels do not take segment ids yet: "auto" then runs "chunk", "pallas" raises.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import jax
@@ -15,6 +22,7 @@ import jax.numpy as jnp
 from carve_jax.ops import validate as vd
 from carve_jax.ops.chunk import chunk_gated_delta
 from carve_jax.ops.recurrent import recurrent_gated_delta
+from carve_jax.ops.segments import segment_ids_from_cu_seqlens
 
 Impl = Literal["auto", "recurrent", "chunk", "pallas"]
 
@@ -31,16 +39,21 @@ def pallas_available() -> bool:
 
 
 def resolve_impl(impl: str, *, K: int | None = None, V: int | None = None, chunk_size: int | None = None,
-                 dtype=None, content_grad: str = "stop") -> str:
+                 dtype=None, content_grad: str = "stop", packed: bool = False) -> str:
   """'auto' -> 'pallas' on a GPU where the kernels import and support the call, 'chunk' elsewhere.
 
   Given K, V, chunk_size and dtype, 'auto' also asks `pallas_kernels.supported` (power-of-two head
-  sizes, 16-bit inputs) and keeps content_grad="full" on the chunk path; without them only the
-  platform decides.
+  sizes, 16-bit inputs) and keeps content_grad="full" and packed calls (segment ids) on the chunk
+  path; without them only the platform decides.
   """
   if impl != "auto":
     return impl
   if not pallas_available() or content_grad != "stop":
+    return "chunk"
+  if packed:
+    warnings.warn("carve_jax.ops: impl='auto' runs calls with segment ids on the XLA chunk path (the Pallas "
+                  "kernels do not take them yet); pass no segment ids (DataConfig.reset_documents=False) "
+                  "to use the kernels", stacklevel=3)
     return "chunk"
   if K is None:
     return "pallas"
@@ -57,7 +70,7 @@ def _heads_first(*xs):
 
 
 def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_state, impl, chunk_size,
-         content_block=None, content_grad="stop"):
+         content_block=None, content_grad="stop", segment_ids=None):
   """Dispatches once. w is [B, T, H, V], or beta [B, T, H] for CARVE (gamma given).
 
   The references get head-major arrays in the compute dtype (float32, or float64 for float64
@@ -72,7 +85,13 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   if T == 0:  # nothing to do (the chunked forms would divide by the number of chunks)
     return jnp.zeros((B, 0, H, V), q.dtype), (S0 if output_final_state else None)
   kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
-  impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad)
+  impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad,
+                      packed=segment_ids is not None)
+  if impl == "pallas" and segment_ids is not None:
+    raise ValueError(f"{fn}: argument `impl`='pallas' does not take `segment_ids`/`cu_seqlens` yet (the kernels "
+                     "have no document reset); use impl='chunk' or 'auto' (which runs 'chunk' for packed calls)")
+  if segment_ids is not None:
+    kw["segment_ids"] = segment_ids
   if impl == "pallas":
     from pallas_kernels import pallas_gated_delta  # imported lazily: GPU (or interpret mode) only
     o, S = pallas_gated_delta(q, k, v, g, b, w, gamma, chunk_size=chunk_size, **kw)
@@ -92,7 +111,7 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
 
 
 def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_final_state=False,
-                impl: Impl = "chunk", chunk_size: int = 64):
+                impl: Impl = "chunk", chunk_size: int = 64, segment_ids=None, cu_seqlens=None):
   r"""The general gated delta rule (GDN-2 form; GDN and KDA are special cases).
 
       S_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T (scale q_t)
@@ -107,6 +126,8 @@ def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_fina
     output_final_state: also return the final state [B, H, K, V].
     impl: "recurrent" (token scan), "chunk" (WY form, pure JAX), "pallas" (GPU kernel), or "auto".
     chunk_size: tokens per chunk for "chunk"/"pallas"; any T works (padded inside).
+    segment_ids: optional int [B, T], packed documents: the state resets to zero where the id
+      changes (module docstring). cu_seqlens: optional int [N + 1] offsets for B = 1 instead.
 
   Returns:
     (o [B, T, H, V] in q's dtype, final state or None).
@@ -117,13 +138,14 @@ def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_fina
   vd.check_float(fn, "b", b, (B, T, H, K))
   vd.check_float(fn, "w", w, v.shape)
   vd.check_positive_int(fn, "chunk_size", chunk_size)
+  segment_ids = _segments(fn, segment_ids, cu_seqlens, B, T)
   return _run(fn, q, k, v, g, b, w, None, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size)
+              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids)
 
 
 def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, content_grad: str = "stop",
           scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-          chunk_size: int | None = None):
+          chunk_size: int | None = None, segment_ids=None, cu_seqlens=None):
   r"""CARVE: GDN-2 with a content-aware erase gate and a scalar write gate per head.
 
       b_t = sigmoid(erase_logits_t + gamma_h * c_n),   w_t = beta_t * 1_V
@@ -137,6 +159,8 @@ def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, con
     content_block: G, tokens per content block (a model hyperparameter).
     content_grad: "stop" (no gradient through c into the state) or "full".
     chunk_size: kernel/chunk tile, must divide content_block; default content_block.
+    segment_ids, cu_seqlens: packed documents as in `gated_delta`; content blocks are counted
+      from each document's first token, whose block takes the zero state's signal sqrt(1e-6).
     scale, initial_state, output_final_state, impl: as in `gated_delta`.
 
   Returns:
@@ -153,9 +177,10 @@ def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, con
   chunk_size = content_block if chunk_size is None else chunk_size
   vd.check_positive_int(fn, "chunk_size", chunk_size)
   vd.check_divides(fn, "chunk_size", chunk_size, "content_block", content_block)
+  segment_ids = _segments(fn, segment_ids, cu_seqlens, B, T)
   return _run(fn, q, k, v, g, erase_logits, beta, gamma, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
-              content_block=content_block, content_grad=content_grad)
+              content_block=content_block, content_grad=content_grad, segment_ids=segment_ids)
 
 
 def gdn(q, k, v, g, beta, **kwargs):
@@ -169,7 +194,7 @@ def gdn(q, k, v, g, beta, **kwargs):
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-        chunk_size: int = 64):
+        chunk_size: int = 64, segment_ids=None, cu_seqlens=None):
   """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta).
 
   The write gate goes to `_run` as beta itself: the kernels take a scalar write gate per token (no
@@ -178,9 +203,23 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
   _check_common(fn, q, k, v, g, initial_state, scale, impl)
   vd.check_float(fn, "beta", beta, q.shape[:3])
   vd.check_positive_int(fn, "chunk_size", chunk_size)
+  segment_ids = _segments(fn, segment_ids, cu_seqlens, *q.shape[:2])
   return _run(fn, q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape), beta, None, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-              chunk_size=chunk_size)
+              chunk_size=chunk_size, segment_ids=segment_ids)
+
+
+def _segments(fn, segment_ids, cu_seqlens, B, T):
+  """The checked segment ids int32 [B, T] (from `cu_seqlens` when given), or None."""
+  if segment_ids is not None and cu_seqlens is not None:
+    raise ValueError(f"{fn}: arguments `segment_ids` and `cu_seqlens` are alternatives, got both")
+  if cu_seqlens is not None:
+    vd.check_cu_seqlens(fn, cu_seqlens, B, T)
+    return segment_ids_from_cu_seqlens(cu_seqlens, T)
+  if segment_ids is not None:
+    vd.check_int(fn, "segment_ids", segment_ids, (B, T))
+    return jnp.asarray(segment_ids, jnp.int32)
+  return None
 
 
 def _check_qkv(fn, q, k, v):

@@ -21,6 +21,19 @@ erase gate depends on the state entering each content block, and GDN-2 run the v
 arithmetic (gamma = 0 is bit-identical to GDN-2). The body is rematerialised in the backward
 pass (`jax.checkpoint`), so memory holds one state per chunk, not every intermediate.
 
+Packed documents (`segment_ids`, see `segments.py`) reset the state exactly, as if the decay were
+-inf across a boundary but without infinities: with d_r the number of document starts at chunk
+positions <= r, the pairwise terms L and Lower[q k Gamma] are kept only where d_r = d_c, the
+state entering the chunk reaches only the rows with d_r = 0 (e^G is masked to 0 elsewhere), and
+S_out sums only the tokens of the chunk's last document (plus e^{G_C} S_in when no start lies in
+the chunk). Within one document the plain cumulative G gives the right decays. CARVE's content
+blocks restart at each document start, so a block can begin inside a chunk; since the chunk size
+divides G, at most one block per chunk begins inside it away from a document start (a
+document's blocks are G >= C apart), at position j. Such chunks run as two masked passes,
+tokens < j then tokens >= j, the second entering with the state at j and its content signal;
+the blocks that begin at a document start take the zero state's signal, sqrt(1e-6). Without
+segment ids nothing of this runs.
+
 Layout: head-major, already in the compute dtype. q, k, g, b: [B, H, T, K]; v, w: [B, H, T, V];
 initial_state: [B, H, K, V]; gamma: [H] or None (then b is the gate itself, else its logits).
 """
@@ -31,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from carve_jax.ops.gates import content_erase_gate, content_signal
+from carve_jax.ops.segments import document_starts, positions_from_starts
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -97,8 +111,12 @@ def _unit_lower_inverse_jvp(primals, tangents):
   return A, -A @ tangents[0] @ A
 
 
-def chunk_step(q, k, v, g, b, w, S, *, scale):
+def chunk_step(q, k, v, g, b, w, S, *, scale, doc=None):
   """One chunk of the WY form. q, k, g, b: [B, H, C, K]; v, w: [B, H, C, V]; S: [B, H, K, V].
+
+  doc: optional int [B, C], the number of document starts at chunk positions <= r (0 = the
+  document the chunk entered in); pairs in different documents are masked and S reaches only
+  document 0 (the exact reset, see the module docstring).
 
   Returns (O [B, H, C, V], S_out [B, H, K, V]).
   """
@@ -107,25 +125,34 @@ def chunk_step(q, k, v, g, b, w, S, *, scale):
   L, Aqk = decayed_products((b * k, q), k, G)
   L = L * jnp.tril(jnp.ones((C, C), q.dtype), -1)
   eG = jnp.exp(G)
+  G_last = G[..., -1:, :]
+  decay_in = jnp.exp(G_last[..., 0, :])[..., None]                            # [B, H, K, 1]
+  eG_in, k_out = eG, k
+  if doc is not None:
+    same = (doc[:, None, :, None] == doc[:, None, None, :]).astype(q.dtype)    # [B, 1, C, C]
+    L, Aqk = L * same, Aqk * same
+    eG_in = eG * (doc == 0)[:, None, :, None].astype(q.dtype)
+    k_out = k * (doc == doc[:, -1:])[:, None, :, None].astype(q.dtype)
+    decay_in = decay_in * (doc[:, -1] == 0)[:, None, None, None].astype(q.dtype)
   A = unit_lower_inverse(L)
-  W = jnp.einsum("bhrc,bhck->bhrk", A, b * k * eG, precision=_HI)
+  W = jnp.einsum("bhrc,bhck->bhrk", A, b * k * eG_in, precision=_HI)
   U = jnp.einsum("bhrc,bhcv->bhrv", A, w * v, precision=_HI)
   V_new = U - jnp.einsum("bhck,bhkv->bhcv", W, S, precision=_HI)
-  G_last = G[..., -1:, :]
-  S_out = jnp.exp(G_last[..., 0, :])[..., None] * S + jnp.einsum(
-      "bhck,bhcv->bhkv", k * jnp.exp(G_last - G), V_new, precision=_HI)
-  O = scale * (jnp.einsum("bhck,bhkv->bhcv", q * eG, S, precision=_HI)
+  S_out = decay_in * S + jnp.einsum(
+      "bhck,bhcv->bhkv", k_out * jnp.exp(G_last - G), V_new, precision=_HI)
+  O = scale * (jnp.einsum("bhck,bhkv->bhcv", q * eG_in, S, precision=_HI)
                + jnp.einsum("bhrc,bhcv->bhrv", Aqk, V_new, precision=_HI))
   return O, S_out
 
 
 def chunk_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_size, content_block=None,
-                      content_grad="stop"):
+                      content_grad="stop", segment_ids=None):
   """Returns (o [B, H, T, V], final state [B, H, K, V]); any T (padded inside).
 
   Padding tokens have k = v = b = w = g = 0, so they leave the state unchanged. A chunk_size far
   above T is halved while it stays >= T (it then still divides content_block): the same result, less
   padding. T = 0 returns an empty output and the initial state.
+  segment_ids: optional int [B, T], packed documents (reset at each start, see the module docstring).
   """
   B, H, T, K = q.shape
   if T == 0:
@@ -140,18 +167,80 @@ def chunk_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_si
     x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
     return jnp.moveaxis(x.reshape(B, H, N, C, x.shape[-1]), 2, 0)
 
-  @jax.checkpoint
-  def body(carry, x):
-    S, c = carry
-    qc, kc, vc, gc, bc, wc, n = x
-    if gamma is not None:
-      c = jnp.where((n * C) % content_block == 0, content_signal(S), c)
-      bc = content_erase_gate(bc, gamma, c, content_grad)
-    O, S = chunk_step(qc, kc, vc, gc, bc, wc, S, scale=scale)
-    return (S, c), O
-
   c0 = jnp.zeros((B, H, K), initial_state.dtype)
-  xs = tuple(chunks(x) for x in (q, k, v, g, b, w)) + (jnp.arange(N),)
+  xs = tuple(chunks(x) for x in (q, k, v, g, b, w))
+  if segment_ids is None:
+
+    @jax.checkpoint
+    def body(carry, x):
+      S, c = carry
+      qc, kc, vc, gc, bc, wc, n = x
+      if gamma is not None:
+        c = jnp.where((n * C) % content_block == 0, content_signal(S), c)
+        bc = content_erase_gate(bc, gamma, c, content_grad)
+      O, S = chunk_step(qc, kc, vc, gc, bc, wc, S, scale=scale)
+      return (S, c), O
+
+    xs = xs + (jnp.arange(N),)
+  else:
+    starts = jnp.pad(document_starts(segment_ids), ((0, 0), (0, pad)))          # [B, N C]
+    pos = positions_from_starts(starts)      # padding continues the last document
+    per_chunk = lambda x: jnp.moveaxis(x.reshape(B, N, C), 1, 0)              # [N, B, C]
+    xs = xs + (per_chunk(starts), per_chunk(pos))
+    body = jax.checkpoint(_packed_body(gamma, scale=scale, content_block=content_block,
+                                       content_grad=content_grad))
   (S, _), O = jax.lax.scan(body, (initial_state, c0), xs)
   O = jnp.moveaxis(O, 0, 2).reshape(B, H, N * C, -1)[:, :, :T]
   return O, S
+
+
+def _packed_body(gamma, *, scale, content_block, content_grad):
+  """The scan body over chunks with document starts `st` and in-document positions `pos`, [B, C]."""
+
+  def doc_of(st):
+    return jnp.cumsum(st, axis=-1, dtype=jnp.int32)
+
+  def gdn_body(carry, x):
+    S, c = carry
+    qc, kc, vc, gc, bc, wc, st, _ = x
+    O, S = chunk_step(qc, kc, vc, gc, bc, wc, S, scale=scale, doc=doc_of(st))
+    return (S, c), O
+
+  def gate(logits, c_tok):  # logits [B, H, C, K], c_tok [B, H, C, K] -> sigmoid(logits + gamma c)
+    if content_grad == "stop":
+      c_tok = jax.lax.stop_gradient(c_tok)
+    return jax.nn.sigmoid(logits + gamma[:, None, None] * c_tok)
+
+  def carve_body(carry, x):
+    S, c_prev = carry
+    qc, kc, vc, gc, lc, wc, st, pos = x
+    C = st.shape[-1]
+    r = jnp.arange(C)
+    block = pos % content_block == 0                                  # a content block begins at r
+    last_block = jax.lax.cummax(jnp.where(block, r, -1), axis=1)      # [B, C], -1: none in the chunk yet
+    mid = block & ~st & (r > 0)                                        # at most one per row
+    j = jnp.where(mid.any(-1), jnp.argmax(mid, axis=-1), C)[:, None]    # [B, 1]
+    from_zero = jnp.take_along_axis(st, jnp.maximum(last_block, 0), axis=-1) & (last_block >= 0)
+    c_zero = content_signal(jnp.zeros_like(S))
+    c_in = content_signal(S)
+    sel = lambda m: m[:, None, :, None]                                # [B, C] -> [B, 1, C, 1]
+
+    def masked_pass(active, S_enter, c_tok):
+      keep = sel(active).astype(kc.dtype)
+      O, S_exit = chunk_step(qc, kc * keep, vc * keep, gc * keep, gate(lc, c_tok), wc, S_enter, scale=scale,
+                             doc=doc_of(st & active))
+      return O, S_exit
+
+    # Pass 1, tokens before j: blocks carried in, begun at chunk position 0, or at a document start.
+    c1 = jnp.where(sel(last_block < 0), c_prev[:, :, None, :],
+                   jnp.where(sel(from_zero), c_zero[:, :, None, :], c_in[:, :, None, :]))
+    first = r[None] < j
+    O1, S_mid = masked_pass(first, S, c1)
+    # Pass 2, tokens from j on: the block begun at j (signal of the state there) or at a start.
+    c_mid = content_signal(S_mid)
+    c2 = jnp.where(sel(from_zero), c_zero[:, :, None, :], c_mid[:, :, None, :])
+    O2, S_out = masked_pass(~first, S_mid, c2)
+    c_tok = jnp.where(sel(first), c1, c2)
+    return (S_out, c_tok[:, :, -1]), jnp.where(sel(first), O1, O2)
+
+  return gdn_body if gamma is None else carve_body

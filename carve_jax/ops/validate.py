@@ -7,7 +7,9 @@ import math
 from numbers import Integral, Real
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLS = ("auto", "recurrent", "chunk", "pallas")
 CONTENT_GRADS = ("stop", "full")
@@ -27,6 +29,31 @@ def check_float(fn: str, name: str, x: Any, shape: Sequence[int | None]) -> None
     raise _fail(fn, name, f"shape {_fmt(shape)}", f"shape {tuple(x.shape)}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise _fail(fn, name, "a floating-point array", f"dtype {x.dtype}")
+
+
+def check_int(fn: str, name: str, x: Any, shape: Sequence[int | None]) -> None:
+  """x must be an integer array whose shape matches `shape` (None = any size on that axis)."""
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise _fail(fn, name, "an integer array", type(x).__name__)
+  if len(x.shape) != len(shape) or any(e is not None and e != a for e, a in zip(shape, x.shape)):
+    raise _fail(fn, name, f"shape {_fmt(shape)}", f"shape {tuple(x.shape)}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise _fail(fn, name, "an integer array", f"dtype {x.dtype}")
+
+
+def check_cu_seqlens(fn: str, cu_seqlens: Any, B: int, T: int) -> None:
+  """FLA-style offsets: int [N + 1] for a batch of one row, 0 = c_0 < c_1 < ... < c_N = T (checked
+  when the values are concrete; under jit only shape and dtype are)."""
+  if B != 1:
+    raise _fail(fn, "cu_seqlens", f"used with a batch of 1 row (pass segment_ids [B, T] for B={B})", f"B={B}")
+  check_int(fn, "cu_seqlens", cu_seqlens, (None,))
+  if cu_seqlens.shape[0] < 2:
+    raise _fail(fn, "cu_seqlens", "at least 2 offsets [0, ..., T]", f"shape {tuple(cu_seqlens.shape)}")
+  if isinstance(cu_seqlens, jax.core.Tracer):  # values unknown while tracing
+    return
+  c = np.asarray(cu_seqlens)
+  if c[0] != 0 or c[-1] != T or np.any(np.diff(c) <= 0):
+    raise _fail(fn, "cu_seqlens", f"strictly increasing offsets from 0 to T={T}", c.tolist())
 
 
 def check_positive_int(fn: str, name: str, x: Any) -> None:

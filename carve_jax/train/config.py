@@ -63,6 +63,8 @@ class DataConfig:
   reads `batch_size / process_count` rows of its own shard of the data.
   `tokens_dir`: read pre-tokenised `train`/`val` arrays exported by `python -m carve_jax.data export`
   instead of preparing the corpus (machines without the corpus packages or network).
+  `reset_documents`: batches carry per-token document ids (a new document at each EOS) and every
+  layer of the model resets at a document start (default); False lets windows mix documents.
   """
   corpus: Literal["fixture", "ci", "full"] = "ci"
   tokenizer: Literal["byte", "gpt2"] = "byte"
@@ -71,9 +73,11 @@ class DataConfig:
   data_seed: int = 0
   data_root: str | None = None
   tokens_dir: str | None = None
+  reset_documents: bool = True
 
   def __post_init__(self):
     c = "DataConfig"
+    _check(isinstance(self.reset_documents, bool), c, "reset_documents", "a bool", self.reset_documents)
     _check(self.corpus in ("fixture", "ci", "full"), c, "corpus", "'fixture', 'ci' or 'full'", self.corpus)
     _check(self.tokenizer in ("byte", "gpt2"), c, "tokenizer", "'byte' or 'gpt2'", self.tokenizer)
     _check(self.seq_len >= 1, c, "seq_len", ">= 1", self.seq_len)
@@ -176,7 +180,7 @@ def _build(cls, d: dict):
 # Fields that change what a resumed run computes; a checkpoint whose config differs in any of
 # them is refused (the rest, e.g. logging cadence or output paths, may change between runs).
 RUN_IDENTITY = ("model", "optim", "data.corpus", "data.tokenizer", "data.seq_len", "data.batch_size",
-                "data.data_seed", "steps", "grad_accum", "seed")
+                "data.data_seed", "data.reset_documents", "steps", "grad_accum", "seed")
 # ...except these, which change how the same function is computed, not what (e.g. resume a GPU
 # run that used the Pallas kernel on a CPU, or switch rematerialisation on to save memory).
 IDENTITY_EXEMPT = ("model.impl", "model.remat", "model.remat_policy")

@@ -62,11 +62,14 @@ def load_tokens(data: DataConfig):
 
 
 def batch_iterator(tokens, data: DataConfig, batch_size: int, *, shuffle: bool = True, seed: int | None = None):
-  """This process's batches of `batch_size` rows (shard `process_index` of `process_count`)."""
+  """This process's batches of `batch_size` rows (shard `process_index` of `process_count`), with
+  per-token document ids when `data.reset_documents`."""
   from carve_jax.data.pipeline import make_batches
+  from carve_jax.data.tokenizer import get_tokenizer
+  eos_id = get_tokenizer(data.tokenizer).eos_id if data.reset_documents else None
   return make_batches(tokens, seq_len=data.seq_len, batch_size=batch_size,
                       seed=data.data_seed if seed is None else seed, shard_index=jax.process_index(),
-                      shard_count=jax.process_count(), shuffle=shuffle)
+                      shard_count=jax.process_count(), shuffle=shuffle, eos_id=eos_id)
 
 
 def evaluate(eval_fn, params, mesh, val_tokens, data: DataConfig, local_batch: int, n_batches: int) -> float:

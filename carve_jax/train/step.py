@@ -53,9 +53,11 @@ class TrainState(NamedTuple):
 
 
 def lm_loss(model: nnx.Module, batch: dict, rng: jax.Array | None = None) -> jax.Array:
-  """Mean next-token cross-entropy; batch {"inputs","targets"}: int32 [B, T]."""
+  """Mean next-token cross-entropy; batch {"inputs","targets"}: int32 [B, T], and "segment_ids"
+  int32 [B, T] when the data packs documents with resets (`DataConfig.reset_documents`)."""
   del rng
-  logits = model(batch["inputs"]).astype(jnp.float32)
+  seg = batch.get("segment_ids")
+  logits = (model(batch["inputs"]) if seg is None else model(batch["inputs"], seg)).astype(jnp.float32)
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
