@@ -17,6 +17,8 @@ tokens per step), in a process of its own (so the device's peak-memory counter i
     (`PEAK_BF16_FLOPS`, 989.4 TFLOP/s for an H100/H200);
   * peak memory: the device's `peak_bytes_in_use` after the timed steps, and XLA's account of the
     compiled step (arguments + outputs + temporaries).
+The loop trains without document resets (`reset_documents=False`): the Pallas kernels do not take
+segment ids yet, and with them every delta mixer would run the XLA chunk path instead.
 Sizes: "50m" is the preset (d 512, 12 layers, 8 heads x 64); "350m" is d 1024, 24 layers, 8 heads
 x 128 (347M parameters for CARVE at the byte vocabulary). bf16 compute, impl "auto" (Pallas on GPU),
 scan over layers on. `--remat_policies` adds rows of other remat policies (memory / time trade-off).
@@ -68,7 +70,7 @@ def model_config(size: str, mixer: str, seq_len: int, *, tiny: bool, impl: str, 
 def train_config(mcfg, *, batch: int, seq_len: int, steps: int, log_every: int, out_dir: str):
   from carve_jax.train.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
   return TrainConfig(model=mcfg, optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                     data=DataConfig(corpus="fixture", seq_len=seq_len, batch_size=batch),
+                     data=DataConfig(corpus="fixture", seq_len=seq_len, batch_size=batch, reset_documents=False),
                      ckpt=CheckpointConfig(ckpt_every=10**9, ckpt_async=False), steps=steps, log_every=log_every,
                      eval_every=0, eval_batches=1, out_dir=out_dir, progress=False)
 

@@ -85,16 +85,20 @@ def kernels(dt, cfg):
   kw = dict(C=C, cfg=cfg, dt=d, interpret=False)
   x, xg, beta, gam = sd((B, T, H, K)), sd((B, T, H, K), f32), sd((B, T, H)), sd((H,), f32)
   st, vec, S0, A = sd((B, H, N, K, K)), sd((B, H, N, K), f32), sd((B, H, K, K), f32), sd((B, T, H, C), f32)
+  parts = sd((fw.n_parts(C), B, T, H, K))
   return {
-      "prep": (lambda k, g, b, w, v: fw.prep(k, g, b, w, v, **kw), (x, xg, x, beta, x), cfg.num_warps),
+      "prep": (lambda q, k, g, b, w, v: fw.prep(q, k, g, b, w, v, **kw), (x, x, xg, x, beta, x), cfg.num_warps),
+      "carve_prep": (lambda q, k, g: fw.prep(q, k, g, None, None, None, **kw), (x, x, xg), cfg.num_warps),
       "state": (lambda W, U, kd, gc, S: fw.state_pass(W, U, kd, gc, S, **kw), (x, x, x, vec, S0),
                 cfg.state_num_warps),
-      "carve_state": (lambda k, g, l, b, v, gm, S: fw.carve_state_pass(k, g, l, b, v, gm, S, cb=64, **kw),
-                      (x, xg, x, beta, x, gam, S0), cfg.carve_num_warps),
-      "output": (lambda q, k, g, h, vn: fw.output(q, k, g, h, vn, scale=0.1, **kw), (x, x, xg, st, x),
-                 cfg.num_warps),
-      "bprep": (lambda q, k, g, b, c, gm, do: bw.bprep(q, k, g, b, c, gm, do, scale=0.1, **kw),
-                (x, x, xg, x, vec, gam, x), cfg.num_warps),
+      "carve_state": (lambda l, b, v, kr, kc, ke, kd, gc, gm, S: fw.carve_state_pass(
+          l, b, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gm, S, cb=64, **kw),
+                      (x, beta, x, parts, parts, x, x, vec, gam, S0), cfg.carve_num_warps),
+      "output": (lambda qe, aqk, h, vn: fw.output(qe, aqk, h, vn, scale=0.1, out_dtype=dt, **kw),
+                 (x, sd((B, T, H, C)), st, x), cfg.num_warps),
+      "bprep": (lambda aqk, do, A, k, g, b, c, gm: bw.bprep(
+          fw.Residuals(h=None, vn=None, c=c, A=A, aqk=aqk, qe=None, kd=None, gc=None, W=None), k, g, b, gm, do,
+          scale=0.1, **kw), (sd((B, T, H, C)), x, A, x, xg, x, vec, gam), cfg.num_warps),
       "bstate": (lambda qe, W, kd, gc, dvl, do, dsf: bw.bstate(qe, W, kd, gc, dvl, do, dsf, scale=0.1, **kw),
                  (x, x, x, vec, sd((B, T, H, K), f32), x, S0), cfg.state_num_warps),
       "grads": (lambda *a: bw.grads(*a, scale=0.1, **kw),
@@ -104,7 +108,7 @@ def kernels(dt, cfg):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--kernels", default="prep,state,carve_state,output,bprep,bstate,grads")
+  ap.add_argument("--kernels", default="prep,carve_prep,state,carve_state,output,bprep,bstate,grads")
   ap.add_argument("--num-warps", default="", help="comma list overriding every kernel's warps")
   ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
   ap.add_argument("--block-k", type=int, default=TuningConfig().block_k)
