@@ -8,6 +8,8 @@ transition of the form P (x) I (Kronecker rank 1) while value-axis erase does no
 rule collapses to the textbook KDA and Gated DeltaNet recurrences.
 """
 
+import zlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,8 @@ def _content_block(family, chunk):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_T{}_H{}_K{}_V{}".format(*s))
 def test_chunk_matches_recurrent_float64(x64, shape, family, initial_state):
   B, T, H, K, V = shape
-  inputs = family_inputs(jax.random.PRNGKey(hash((shape, family)) % 2**31), family, B=B, T=T, H=H, K=K, V=V,
+  seed = zlib.crc32(repr((shape, family)).encode())  # fixed across processes (str hash() is salted)
+  inputs = family_inputs(jax.random.PRNGKey(seed), family, B=B, T=T, H=H, K=K, V=V,
                          dtype=jnp.float64, initial_state=initial_state)
   for C in CHUNKS:
     G = _content_block(family, C)
