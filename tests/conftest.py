@@ -16,6 +16,21 @@ def x64():
     yield
 
 
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+  """A persistent compilation cache shared by this module's runs and its subprocesses."""
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  path = str(tmp_path_factory.mktemp("xla_cache"))
+  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  cc.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield path
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
+  cc.reset_cache()  # later tests in this process must not write into this (deleted) folder
+
+
 def rel_err(a, b) -> float:
   """Largest ||a - b|| / ||b|| over matching leaves of two pytrees (NaN counts as failure)."""
   errs = jax.tree.map(lambda x, y: float(np.linalg.norm(np.asarray(x, np.float64) - np.asarray(y, np.float64))

@@ -47,22 +47,6 @@ def _env():
   return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache shared by this module's runs and their subprocesses."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  cc.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  cc.reset_cache()
-  print("\nfault-injection counts:", json.dumps(COUNTS))
-
-
 def _cfg(out_dir):
   """The smallest CARVE LM: 1 layer, d_model 16, 16-token windows, an async checkpoint every 2 steps."""
   return parse_train_args([

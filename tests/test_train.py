@@ -34,21 +34,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=16, chunk_size=16)
 
 
-@pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  """A persistent compilation cache shared by this module's runs and its subprocesses."""
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  path = str(tmp_path_factory.mktemp("xla_cache"))
-  old = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  cc.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield path
-  jax.config.update("jax_compilation_cache_dir", old[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
-  cc.reset_cache()  # later tests in this process must not write into this (deleted) folder
-
-
 def _env(**extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   env.update(extra)
