@@ -8,14 +8,17 @@ Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32).
 
 The forward (`forward.py`: chunk-parallel preparation, a sequential state pass, chunk-parallel
 output) materialises the state entering every chunk ([B, H, T/C, K, V], the tensor FLA calls h),
-V_new and CARVE's content signal per chunk; under differentiation these are the residuals, and the
-backward (`backward.py`) recomputes every other in-chunk quantity from them.
+V_new, CARVE's content signal, A = (I + L)^{-1}, Aqk, q e^G, Kd and G_C per chunk (`forward.Residuals`);
+under differentiation these are the residuals of the backward (`backward.py`). `reference=` swaps the
+kernels' backward for the VJP of a reference function (`carve_jax.ops`: `kernel_bwd="reference"`).
 On a backend other than GPU the kernels run in Pallas interpret mode (CPU CI).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +28,19 @@ from pallas_kernels.forward import forward
 from pallas_kernels.config import DEFAULT, TuningConfig
 
 
-def _static(scale, chunk_size, content_block, cfg, interpret):
-  return (float(scale), int(chunk_size), None if content_block is None else int(content_block), cfg,
-          bool(interpret))
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """The custom_vjp's static (hashable) part.
+
+  reference: None (the kernels' backward), or a function (q, k, v, g, b, w, gamma, S0) -> (o, S) in the
+  kernels' layout whose VJP replaces the kernels' backward (`bwd="reference"`: a suspect kernel
+  gradient can be checked in place; jax's attention op calls this `backward_pass_impl="xla"`)."""
+  scale: float
+  chunk_size: int
+  content_block: int | None
+  config: TuningConfig
+  interpret: bool
+  reference: Callable | None = None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
@@ -36,18 +49,20 @@ def _gated_delta(q, k, v, g, b, w, gamma, S0, static):
   return o, S
 
 
-def _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, static):
-  scale, C, cb, cfg, interpret = static
-  o, S, res = forward(q, k, v, g, b, w, gamma, S0, scale=scale, chunk_size=C, content_block=cb, cfg=cfg,
-                      interpret=interpret)
-  return (o, S), (q, k, v, g, b, w, gamma, res)
+def _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, static: Static):
+  o, S, res = forward(q, k, v, g, b, w, gamma, S0, scale=static.scale, chunk_size=static.chunk_size,
+                      content_block=static.content_block, cfg=static.config, interpret=static.interpret)
+  return (o, S), (q, k, v, g, b, w, gamma, S0, None if static.reference is not None else res)
 
 
-def _gated_delta_bwd(static, res, cts):
-  scale, C, _, cfg, interpret = static
-  q, k, v, g, b, w, gamma, fres = res
+def _gated_delta_bwd(static: Static, res, cts):
+  q, k, v, g, b, w, gamma, S0, fres = res
+  if static.reference is not None:
+    return jax.vjp(static.reference, q, k, v, g, b, w, gamma, S0)[1](cts)
   do, dsf = cts
-  return backward(q, k, v, g, b, w, gamma, fres, do, dsf, scale=scale, chunk_size=C, cfg=cfg, interpret=interpret)
+  grads = backward(q, k, v, g, b, w, gamma, fres, do, dsf, scale=static.scale, chunk_size=static.chunk_size,
+                   cfg=static.config, interpret=static.interpret)
+  return grads[:7] + (grads[7].astype(S0.dtype),)
 
 
 _gated_delta.defvjp(_gated_delta_fwd, _gated_delta_bwd)
@@ -69,8 +84,11 @@ def supported(*, K: int, V: int, chunk_size: int, dtype, config: TuningConfig | 
 
 
 def pallas_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_size, content_block=None,
-                       content_grad="stop", config: TuningConfig | None = None):
-  """(o [B, T, H, V], final state [B, H, K, V] float32) of the gated delta rule; see the module doc."""
+                       content_grad="stop", config: TuningConfig | None = None, reference: Callable | None = None):
+  """(o [B, T, H, V], final state [B, H, K, V] float32) of the gated delta rule; see the module doc.
+
+  reference: optional (q, k, v, g, b, w, gamma, S0) -> (o, S) on the padded inputs, whose VJP is used
+  instead of the kernels' backward (`Static.reference`)."""
   if content_grad != "stop":
     raise ValueError(f"pallas_gated_delta: argument `content_grad` must be 'stop' for the Pallas kernels "
                      f"(the gradient through the content signal into the state is not implemented), got "
@@ -86,8 +104,9 @@ def pallas_gated_delta(q, k, v, g, b, w, gamma, *, scale, initial_state, chunk_s
   if pad:
     p = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
     q, k, v, g, b, w = (p(x) for x in (q, k, v, g, b, w))
-  interpret = jax.default_backend() != "gpu"
-  static = _static(scale, chunk_size, content_block if gamma is not None else None, cfg, interpret)
+  static = Static(scale=float(scale), chunk_size=int(chunk_size),
+                  content_block=None if gamma is None else int(content_block), config=cfg,
+                  interpret=jax.default_backend() != "gpu", reference=reference)
   o, S = _gated_delta(q, k, v, g, b, w, gamma, initial_state.astype(jnp.float32)
                       if initial_state.dtype != jnp.float64 else initial_state, static)
   return o[:, :T], S

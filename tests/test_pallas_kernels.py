@@ -125,6 +125,23 @@ def test_bf16_forward_interpret():
   assert errs["o"] > 0  # bf16 matmul operands really were used
 
 
+@pytest.mark.parametrize("family", ["carve", "gdn2"])
+def test_reference_backward_is_the_chunk_paths_vjp(family):
+  """kernel_bwd="reference": kernel forward, the chunk path's gradients (to rounding); a bad value is named."""
+  inp = family_inputs(jax.random.PRNGKey(9), family, B=1, T=40, H=2, K=16, V=16, initial_state=True)
+  ct = jax.random.normal(jax.random.PRNGKey(10), (1, 40, 2, 16))
+
+  def loss(impl, kernel_bwd="kernels"):
+    return lambda x: jnp.sum(run_family(family, impl=impl, chunk_size=16, content_block=16, kernel_bwd=kernel_bwd,
+                                        **x)[0] * ct)
+  g_ref = jax.grad(loss("chunk"))(inp)
+  g = jax.grad(loss("pallas", "reference"))(inp)
+  assert rel_err(g, g_ref) < 1e-6
+  assert rel_err(jax.grad(loss("pallas"))(inp), g_ref) < 1e-5  # the kernels' own backward, for contrast
+  with pytest.raises(ValueError, match="kernel_bwd"):
+    run_family(family, impl="pallas", chunk_size=16, content_block=16, kernel_bwd="xla", **inp)
+
+
 def test_content_grad_full_is_refused():
   inp = family_inputs(jax.random.PRNGKey(0), "carve", B=1, T=16, H=1, K=16, V=16)
   with pytest.raises(ValueError, match="impl='chunk'"):

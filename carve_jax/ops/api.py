@@ -13,6 +13,7 @@ The Pallas kernels do not take segment ids yet: "auto" then runs "chunk", "palla
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Literal
 
@@ -70,7 +71,7 @@ def _heads_first(*xs):
 
 
 def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_state, impl, chunk_size,
-         content_block=None, content_grad="stop", segment_ids=None):
+         content_block=None, content_grad="stop", segment_ids=None, kernel_bwd="kernels"):
   """Dispatches once. w is [B, T, H, V], or beta [B, T, H] for CARVE (gamma given).
 
   The references get head-major arrays in the compute dtype (float32, or float64 for float64
@@ -92,9 +93,14 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
                      "have no document reset); use impl='chunk' or 'auto' (which runs 'chunk' for packed calls)")
   if segment_ids is not None:
     kw["segment_ids"] = segment_ids
+  vd.check_choice(fn, "kernel_bwd", kernel_bwd, vd.KERNEL_BWDS)
   if impl == "pallas":
     from pallas_kernels import pallas_gated_delta  # imported lazily: GPU (or interpret mode) only
-    o, S = pallas_gated_delta(q, k, v, g, b, w, gamma, chunk_size=chunk_size, **kw)
+    ref = None
+    if kernel_bwd == "reference":  # the chunk path's VJP replaces the kernels' backward
+      ref = functools.partial(_chunk_reference, dt=dt, chunk_size=chunk_size, scale=scale,
+                              content_block=content_block, content_grad=content_grad)
+    o, S = pallas_gated_delta(q, k, v, g, b, w, gamma, chunk_size=chunk_size, reference=ref, **kw)
   else:
     w = jnp.broadcast_to(w[..., None], v.shape) if w.ndim == 3 else w
     args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
@@ -110,8 +116,18 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   return o.astype(q.dtype), (S if output_final_state else None)
 
 
+def _chunk_reference(q, k, v, g, b, w, gamma, S0, *, dt, chunk_size, scale, content_block, content_grad):
+  """The chunk path in the kernels' layout and dtypes: (o [B, T, H, V] in q's dtype, S [B, H, K, V])."""
+  w = jnp.broadcast_to(w[..., None], v.shape) if w.ndim == 3 else w
+  args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
+  o, S = chunk_gated_delta(*args, None if gamma is None else gamma.astype(dt), chunk_size=chunk_size, scale=scale,
+                           initial_state=S0.astype(dt), content_block=content_block, content_grad=content_grad)
+  return jnp.swapaxes(o, 1, 2).astype(q.dtype), S.astype(S0.dtype)
+
+
 def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_final_state=False,
-                impl: Impl = "chunk", chunk_size: int = 64, segment_ids=None, cu_seqlens=None):
+                impl: Impl = "chunk", chunk_size: int = 64, segment_ids=None, cu_seqlens=None,
+                kernel_bwd: str = "kernels"):
   r"""The general gated delta rule (GDN-2 form; GDN and KDA are special cases).
 
       S_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T (scale q_t)
@@ -128,6 +144,8 @@ def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_fina
     chunk_size: tokens per chunk for "chunk"/"pallas"; any T works (padded inside).
     segment_ids: optional int [B, T], packed documents: the state resets to zero where the id
       changes (module docstring). cu_seqlens: optional int [N + 1] offsets for B = 1 instead.
+    kernel_bwd: with the Pallas kernels, "kernels" (their backward) or "reference" (the chunk path's
+      VJP at the same inputs: checks a suspect kernel gradient in place, at the chunk path's cost).
 
   Returns:
     (o [B, T, H, V] in q's dtype, final state or None).
@@ -140,12 +158,13 @@ def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_fina
   vd.check_positive_int(fn, "chunk_size", chunk_size)
   segment_ids = _segments(fn, segment_ids, cu_seqlens, B, T)
   return _run(fn, q, k, v, g, b, w, None, scale=scale, initial_state=initial_state,
-              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids)
+              output_final_state=output_final_state, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids,
+              kernel_bwd=kernel_bwd)
 
 
 def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, content_grad: str = "stop",
           scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-          chunk_size: int | None = None, segment_ids=None, cu_seqlens=None):
+          chunk_size: int | None = None, segment_ids=None, cu_seqlens=None, kernel_bwd: str = "kernels"):
   r"""CARVE: GDN-2 with a content-aware erase gate and a scalar write gate per head.
 
       b_t = sigmoid(erase_logits_t + gamma_h * c_n),   w_t = beta_t * 1_V
@@ -161,7 +180,7 @@ def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, con
     chunk_size: kernel/chunk tile, must divide content_block; default content_block.
     segment_ids, cu_seqlens: packed documents as in `gated_delta`; content blocks are counted
       from each document's first token, whose block takes the zero state's signal sqrt(1e-6).
-    scale, initial_state, output_final_state, impl: as in `gated_delta`.
+    scale, initial_state, output_final_state, impl, kernel_bwd: as in `gated_delta`.
 
   Returns:
     (o [B, T, H, V] in q's dtype, final state or None).
@@ -180,7 +199,8 @@ def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, con
   segment_ids = _segments(fn, segment_ids, cu_seqlens, B, T)
   return _run(fn, q, k, v, g, erase_logits, beta, gamma, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, impl=impl, chunk_size=chunk_size,
-              content_block=content_block, content_grad=content_grad, segment_ids=segment_ids)
+              content_block=content_block, content_grad=content_grad, segment_ids=segment_ids,
+              kernel_bwd=kernel_bwd)
 
 
 def gdn(q, k, v, g, beta, **kwargs):
@@ -194,7 +214,7 @@ def gdn(q, k, v, g, beta, **kwargs):
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-        chunk_size: int = 64, segment_ids=None, cu_seqlens=None):
+        chunk_size: int = 64, segment_ids=None, cu_seqlens=None, kernel_bwd: str = "kernels"):
   """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta).
 
   The write gate goes to `_run` as beta itself: the kernels take a scalar write gate per token (no
@@ -206,7 +226,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
   segment_ids = _segments(fn, segment_ids, cu_seqlens, *q.shape[:2])
   return _run(fn, q, k, v, g, jnp.broadcast_to(beta[..., None], q.shape), beta, None, scale=scale,
               initial_state=initial_state, output_final_state=output_final_state, impl=impl,
-              chunk_size=chunk_size, segment_ids=segment_ids)
+              chunk_size=chunk_size, segment_ids=segment_ids, kernel_bwd=kernel_bwd)
 
 
 def _segments(fn, segment_ids, cu_seqlens, B, T):

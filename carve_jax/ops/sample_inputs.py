@@ -48,9 +48,10 @@ def family_inputs(key, family: str, *, B: int, T: int, H: int, K: int, V: int, d
 
 
 def run_family(family: str, *, impl: str, chunk_size: int | None = None, content_block: int = 64,
-               content_grad: str = "stop", output_final_state: bool = True, **inputs):
+               content_grad: str = "stop", output_final_state: bool = True, kernel_bwd: str = "kernels", **inputs):
   """(o, final_state) of `family` on `inputs` with the given implementation."""
   if family == "carve":
     return carve(**inputs, impl=impl, chunk_size=chunk_size, content_block=content_block,
-                 content_grad=content_grad, output_final_state=output_final_state)
-  return gated_delta(**inputs, impl=impl, chunk_size=chunk_size or 64, output_final_state=output_final_state)
+                 content_grad=content_grad, output_final_state=output_final_state, kernel_bwd=kernel_bwd)
+  return gated_delta(**inputs, impl=impl, chunk_size=chunk_size or 64, output_final_state=output_final_state,
+                     kernel_bwd=kernel_bwd)

@@ -13,6 +13,7 @@ import numpy as np
 
 IMPLS = ("auto", "recurrent", "chunk", "pallas")
 CONTENT_GRADS = ("stop", "full")
+KERNEL_BWDS = ("kernels", "reference")  # impl="pallas": the kernels' backward, or the chunk path's VJP
 
 
 def _fail(fn: str, name: str, expected: str, got: Any) -> ValueError:
