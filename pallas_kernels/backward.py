@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.config import TuningConfig
-from pallas_kernels.forward import Dtypes, kloop, params, seq_specs, tiles, write_gate
+from pallas_kernels.forward import Dtypes, by_name, params, seq_specs, tiles, write_gate, wy_w
 from pallas_kernels.intra import Decay, lower_masks, mm, revcumsum
 
 
@@ -46,19 +46,13 @@ def _gate(b_ref, c_ref, gam_ref, sl, cdt):
 
 # ---- 1. chunk-parallel preparation ----
 
-def _bprep_kernel(aqk_ref, do_ref, A_ref, k_ref, g_ref, b_ref, c_ref, gam_ref, dvl_ref, W_ref, *, scale, dt, block_k):
+def _bprep_kernel(*, aqk_ref, do_ref, dvl_ref, A_ref=None, k_ref=None, g_ref=None, b_ref=None, c_ref=None,
+                  gam_ref=None, W_ref=None, scale, dt, block_k):
   """dV_loc = scale Aqk^T dO; for CARVE (A_ref given) also W = A (b k e^G) with the saved gate."""
   dvl_ref[...] = (scale * mm(aqk_ref[...], do_ref[...], dt.dot, trans_a=True)).astype(dvl_ref.dtype)
-  if A_ref is None:
-    return
-  A, cdt = A_ref[...], dt.cdt
-
-  def wblock(sl, carry):
-    k = k_ref[:, sl].astype(cdt)
-    eG = jnp.exp(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
-    W_ref[:, sl] = mm(A, _gate(b_ref, c_ref, gam_ref, sl, cdt) * k * eG, dt.inv).astype(W_ref.dtype)
-    return carry
-  kloop(k_ref.shape[1], block_k, wblock, 0)
+  if A_ref is not None:
+    wy_w(A_ref[...], k_ref, g_ref, lambda sl: _gate(b_ref, c_ref, gam_ref, sl, dt.cdt), W_ref, dt=dt,
+         block_k=block_k)
 
 
 def bprep(res, k, g, b, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
@@ -79,11 +73,8 @@ def bprep(res, k, g, b, gamma, do, *, scale, C, cfg, dt: Dtypes, interpret):
   out_specs = [t["tok"](V)] + ([t["tok"](K)] if carve else [])
   out_shape = [sd((B, Tp, H, V), dt.cdt)] + ([sd((B, Tp, H, K), dt.store)] if carve else [])
 
-  def kernel(*refs):
-    named = dict(zip(names + ["dvl_ref"] + (["W_ref"] if carve else []), refs))
-    return _bprep_kernel(**{n: named.get(n) for n in ("aqk_ref", "do_ref", "A_ref", "k_ref", "g_ref", "b_ref",
-                                                       "c_ref", "gam_ref", "dvl_ref", "W_ref")},
-                         scale=scale, dt=dt, block_k=cfg.block_k)
+  kernel = by_name(_bprep_kernel, names + ["dvl_ref"] + (["W_ref"] if carve else []), scale=scale, dt=dt,
+                   block_k=cfg.block_k)
   outs = pl.pallas_call(
       kernel, grid=(B, H, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=params(cfg.num_warps, cfg.num_stages), interpret=interpret,

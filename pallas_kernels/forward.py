@@ -108,10 +108,29 @@ def kloop(K, block_k, body, init):
   return lax.fori_loop(0, K // BK, lambda j, c: body(pl.ds(pl.multiple_of(j * BK, BK), BK), c), init)
 
 
+def by_name(kernel, names, **params):
+  """A pallas_call body handing its refs (the call's inputs, then its outputs) to `kernel` as the keyword
+  arguments `names`; the kernel's optional refs that the call does not have stay None."""
+  return lambda *refs: kernel(**dict(zip(names, refs)), **params)
+
+
+def wy_w(A, k_ref, g_ref, gate, W_ref, *, dt, block_k):
+  """W = A (gate k e^G) [C, K] of a chunk, written key block by key block; gate(sl) -> [C, BK].
+  k and G are reloaded and recomputed here rather than kept live from earlier: fewer registers."""
+  cdt = dt.cdt
+
+  def wblock(sl, carry):
+    k = k_ref[:, sl].astype(cdt)
+    eG = jnp.exp(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
+    W_ref[:, sl] = mm(A, gate(sl) * k * eG, dt.inv).astype(W_ref.dtype)
+    return carry
+  kloop(k_ref.shape[1], block_k, wblock, 0)
+
+
 # ---- 1. chunk-parallel preparation ----
 
-def _prep_kernel(q_ref, k_ref, g_ref, b_ref, w_ref, v_ref, aqk_ref, qe_ref, kd_ref, gc_ref, W_ref, U_ref, A_ref,
-                 kr_ref, kc_ref, ke_ref, *, has_beta, dt, block_k):
+def _prep_kernel(*, q_ref, k_ref, g_ref, aqk_ref, qe_ref, kd_ref, gc_ref, b_ref=None, w_ref=None, v_ref=None,
+                 W_ref=None, U_ref=None, A_ref=None, kr_ref=None, kc_ref=None, ke_ref=None, has_beta, dt, block_k):
   """Everything of a chunk that does not need the state. All families: Aqk (lower, unscaled), q e^G,
   Kd, G_C. Gamma-free (b_ref given): L -> A, W, U. CARVE (kr_ref given): the gate-independent factors
   of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G."""
@@ -149,13 +168,7 @@ def _prep_kernel(q_ref, k_ref, g_ref, b_ref, w_ref, v_ref, aqk_ref, qe_ref, kd_r
   A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-
-  def wblock(sl, carry):  # k and G reloaded and recomputed rather than kept live: fewer registers
-    k = k_ref[:, sl].astype(cdt)
-    eG = jnp.exp(jnp.cumsum(g_ref[:, sl].astype(cdt), axis=0))
-    W_ref[:, sl] = mm(A, b_ref[:, sl].astype(cdt) * k * eG, dt.inv).astype(W_ref.dtype)
-    return carry
-  kloop(K, block_k, wblock, 0)
+  wy_w(A, k_ref, g_ref, lambda sl: b_ref[:, sl].astype(cdt), W_ref, dt=dt, block_k=block_k)
 
 
 def n_parts(C):
@@ -188,11 +201,8 @@ def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   else:
     outs |= {"W": (t["tok"](K), tok(K)), "U": (t["tok"](V), tok(V)), "A": (t["tok"](C), sd((B, Tp, H, C), dt.cdt))}
 
-  def kernel(*refs):
-    r = dict(zip(names + list(outs), refs))
-    return _prep_kernel(*(r.get(n) for n in ("q", "k", "g", "b", "w", "v", "aqk", "qe", "kd", "gc", "W", "U", "A",
-                                             "kr", "kc", "ke")),
-                        has_beta=not carve and w.ndim == 3, dt=dt, block_k=cfg.block_k)
+  kernel = by_name(_prep_kernel, [n + "_ref" for n in names + list(outs)], has_beta=not carve and w.ndim == 3,
+                   dt=dt, block_k=cfg.block_k)
   res = pl.pallas_call(
       kernel, grid=(B, H, N), in_specs=in_specs, out_specs=[o[0] for o in outs.values()],
       out_shape=[o[1] for o in outs.values()], compiler_params=params(cfg.num_warps, cfg.num_stages),
