@@ -203,6 +203,23 @@ def main(argv=None) -> int:
     register_gdn2()
   rows, ok = [], True
   t_start = time.time()
+
+  def write(done: bool) -> None:  # after every row: a run cut at its time limit keeps what it measured
+    lines = ["# FLA 0.6.0 logits vs carve_jax (experiments/interop_fla_check.py)", "",
+             f"Models: d_model {a.d_model}, {a.n_heads} heads x {a.d_model // a.n_heads}, {a.n_layers} layers, vocab "
+             f"{a.vocab_size}, batch {a.batch}, seed {a.seed}; reference: our float32 logits (impl chunk). "
+             f"{'Export only (FLA not run).' if a.export_only else f'FLA from {fla_dir}.'} "
+             f"Device: {jax.devices()[0].device_kind}. Wall: {time.time() - t_start:.0f} s"
+             f"{'' if done else ' (incomplete: the run stopped before its last row)'}.", "",
+             "| mixer | T | logits of | rel | max_abs | top-1 agree | verdict |", "|---|---|---|---|---|---|---|"]
+    for mixer, T, who, verdict, m in rows:
+      figs = ("", "", "") if m is None else (f"{m['rel']:.2e}", f"{m['max_abs']:.2e}", f"{m['top1']:.4f}")
+      lines.append(f"| {mixer} | {T} | {who} | {figs[0]} | {figs[1]} | {figs[2]} | {verdict} |")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+      fh.write("\n".join(lines) + "\n")
+    if rows:
+      print(f"[{time.time() - t_start:.0f} s] {lines[-1]}", flush=True)
   for mixer in a.models:
     model = make_model(mixer, a)
     hf_dir = save_hf(model, os.path.join(work, mixer), tokenizer="byte", eos_id=0)
@@ -215,6 +232,7 @@ def main(argv=None) -> int:
       ours = forward(model, tokens)
       yard = compare(forward(bf16, tokens), ours)
       rows.append((mixer, T, "ours bf16", "yardstick", yard))
+      write(done=False)
       if a.export_only:
         continue
       for dtype in ("bfloat16", "float32") if T <= 64 else ("bfloat16",):
@@ -224,26 +242,16 @@ def main(argv=None) -> int:
         except Exception as e:  # report, keep going
           rows.append((mixer, T, f"FLA {dtype}", f"error: {type(e).__name__}: {str(e)[:200]}", None))
           ok = False
+          write(done=False)
           continue
         limit = 1e-4 if dtype == "float32" else max(3 * yard["rel"], 1e-2)
         passed = got["rel"] < limit
         ok &= passed
         rows.append((mixer, T, f"FLA {dtype}", f"{'PASS' if passed else 'FAIL'} (rel < {limit:.1e}), "
                      f"{time.time() - t0:.1f} s", got))
-  lines = ["# FLA 0.6.0 logits vs carve_jax (experiments/interop_fla_check.py)", "",
-           f"Models: d_model {a.d_model}, {a.n_heads} heads x {a.d_model // a.n_heads}, {a.n_layers} layers, vocab "
-           f"{a.vocab_size}, batch {a.batch}, seed {a.seed}; reference: our float32 logits (impl chunk). "
-           f"{'Export only (FLA not run).' if a.export_only else f'FLA from {fla_dir}.'} "
-           f"Device: {jax.devices()[0].device_kind}. Wall: {time.time() - t_start:.0f} s.", "",
-           "| mixer | T | logits of | rel | max_abs | top-1 agree | verdict |", "|---|---|---|---|---|---|---|"]
-  for mixer, T, who, verdict, m in rows:
-    figs = ("", "", "") if m is None else (f"{m['rel']:.2e}", f"{m['max_abs']:.2e}", f"{m['top1']:.4f}")
-    lines.append(f"| {mixer} | {T} | {who} | {figs[0]} | {figs[1]} | {figs[2]} | {verdict} |")
-  text = "\n".join(lines) + "\n"
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as fh:
-    fh.write(text)
-  print(text)
+        write(done=False)
+  write(done=True)
+  print(open(a.out).read())
   return 0 if ok else 1
 
 
