@@ -6,7 +6,9 @@
 #   STEPS=bench,probe,ncu,tests bash experiments/gpu_kernel_check.sh [bench-s] [test-s] [bench args...]
 # STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
 # pytest -k expression; PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
-# leaves the FLA rows out of the benchmark.
+# leaves the FLA rows out of the benchmark; PROBE_ARGS go to kernel_probe.py (e.g. "--B 2 --T 8192"); NCU_KERNELS
+# (regex, default every kernel) and NCU_SECTIONS (default: speed of light, occupancy, launch, warp states)
+# pick what ncu profiles.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernel_check}
 mkdir -p "$OUT"
@@ -25,12 +27,13 @@ for step in "${steps[@]}"; do
            [ "${FLA:-1}" = 0 ] && fla=()
            timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" "${fla[@]}" "$@" \
              2>&1 | tee "$OUT/bench.log" ;;
-    probe) timeout "${PROBE_S:-150}" python3 experiments/kernel_probe.py --out "$OUT/probe.json" 2>&1 \
+    probe) timeout "${PROBE_S:-150}" python3 experiments/kernel_probe.py --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/probe.log" ;;
-    ncu) timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
-           --kernel-name regex:'gated_delta|carve_state' --section SpeedOfLight --section Occupancy \
-           --section LaunchStats --section WarpStateStats python3 experiments/kernel_probe.py --once \
-           > "$OUT/ncu.txt" 2>&1; tail -c 3000 "$OUT/ncu.txt" ;;
+    ncu) sections=()
+         for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats}; do sections+=(--section "$sec"); done
+         timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
+           --kernel-name regex:"${NCU_KERNELS:-gated_delta|carve_state}" "${sections[@]}" \
+           python3 experiments/kernel_probe.py --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
     tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu tests/test_pallas_kernels.py -p no:cacheprovider \
              -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     *) echo "unknown step $step" ;;
