@@ -119,11 +119,12 @@ def ops(x):
   }
 
 
-def kernel_steps(x):
+def kernel_steps(x, cfg=None):
   """name -> zero-argument function running one kernel of the CARVE / content-off paths on realistic
-  intermediates (each built by running the kernels before it once)."""
+  intermediates (each built by running the kernels before it once); cfg: a TuningConfig (default DEFAULT)."""
   from pallas_kernels import backward as bw_mod, forward as fw_mod  # noqa: PLC0415
-  from pallas_kernels.config import DEFAULT as cfg  # noqa: PLC0415
+  from pallas_kernels.config import DEFAULT  # noqa: PLC0415
+  cfg = DEFAULT if cfg is None else cfg
   q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
   B, T = q.shape[:2]
   S0 = jnp.zeros((B, H, D, D), jnp.float32)
