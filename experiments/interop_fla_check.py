@@ -11,8 +11,9 @@ and, as the bf16 yardstick, our own bfloat16-compute model against our float32 o
 `fused_recurrent` kernels for T <= 64 and `chunk` kernels above (eval mode, no grad). Pass:
 float32 rel < 1e-4; bfloat16 rel < max(3 x our bf16 rel, 1e-2).
 
-FLA 0.6.0 has the GatedDeltaNet2 layer but no GDN-2 model class: the script registers "gdn2" as
-FLA's KDA model with every `attn` replaced by `fla.layers.GatedDeltaNet2` (the layout we export).
+FLA 0.6.0 has the GatedDeltaNet2 layer but no GDN-2 model class: the script builds FLA's KDA model
+with every `attn` replaced by `fla.layers.GatedDeltaNet2` (the layout we export) and loads our
+tensors into it with a key check (`gdn2_model`).
 FLA guards `chunk_gated_delta_rule` on Triton < 3.7.1 on Hopper, so Gated DeltaNet is checked at T <= 64.
 
     python3 experiments/interop_fla_check.py --out $OUT/interop_fla_check.md     # GPU, carry .peers
@@ -133,29 +134,32 @@ def make_model(mixer: str, a):
   return nnx.merge(graphdef, params)
 
 
-def register_gdn2() -> None:
-  """FLA 0.6.0 has no GDN-2 model: "gdn2" = the KDA model with `attn = fla.layers.GatedDeltaNet2`."""
-  from transformers import AutoConfig, AutoModelForCausalLM
+def gdn2_model(hf_dir: str, dtype):
+  """FLA 0.6.0 has no GDN-2 model class: FLA's KDA model with every `attn` replaced by
+  `fla.layers.GatedDeltaNet2` (the layout we export), our tensors loaded with a strict key check.
+  (A `KDAConfig` subclass registered as "gdn2" does not work under transformers 5: its fields are
+  not set on the subclass, "'GDN2Config' object has no attribute 'num_hidden_layers'".)"""
+  import json
   from fla.layers import GatedDeltaNet2
   from fla.models import KDAConfig, KDAForCausalLM
-
-  class GDN2Config(KDAConfig):
-    model_type = "gdn2"
-
-  class GDN2ForCausalLM(KDAForCausalLM):
-    config_class = GDN2Config
-
-    def __init__(self, config):
-      super().__init__(config)
-      for i, block in enumerate(self.model.layers):
-        block.attn = GatedDeltaNet2(mode=config.attn_mode, hidden_size=config.hidden_size, expand_v=config.expand_v,
-                                    head_dim=config.head_dim, num_heads=config.num_heads,
-                                    num_v_heads=config.num_v_heads, use_short_conv=config.use_short_conv,
-                                    allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
-                                    norm_eps=config.norm_eps, layer_idx=i)
-
-  AutoConfig.register("gdn2", GDN2Config, exist_ok=True)
-  AutoModelForCausalLM.register(GDN2Config, GDN2ForCausalLM, exist_ok=True)
+  from safetensors.torch import load_file
+  with open(os.path.join(hf_dir, "config.json")) as fh:
+    conf = json.load(fh)
+  conf = {k: v for k, v in conf.items() if k not in ("model_type", "architectures", "carve_jax")}
+  config = KDAConfig(**conf)
+  model = KDAForCausalLM(config)
+  for i, block in enumerate(model.model.layers):
+    block.attn = GatedDeltaNet2(mode=config.attn_mode, hidden_size=config.hidden_size, expand_v=config.expand_v,
+                                head_dim=config.head_dim, num_heads=config.num_heads,
+                                num_v_heads=config.num_v_heads, use_short_conv=config.use_short_conv,
+                                allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
+                                norm_eps=config.norm_eps, layer_idx=i)
+  state = load_file(os.path.join(hf_dir, "model.safetensors"))
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  if config.tie_word_embeddings:
+    missing = [k for k in missing if k != "lm_head.weight"]
+  info = {"missing_keys": missing, "unexpected_keys": unexpected}
+  return model.to(dtype), info
 
 
 def fla_logits(hf_dir: str, tokens, dtype: str):
@@ -163,10 +167,16 @@ def fla_logits(hf_dir: str, tokens, dtype: str):
   import fla  # noqa: F401  (registers FLA's classes with transformers)
   from transformers import AutoModelForCausalLM
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-  try:
-    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt, output_loading_info=True)
-  except TypeError:
-    model, info = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=tdt, output_loading_info=True)
+  import json
+  with open(os.path.join(hf_dir, "config.json")) as fh:
+    model_type = json.load(fh)["model_type"]
+  if model_type == "gdn2":
+    model, info = gdn2_model(hf_dir, tdt)
+  else:
+    try:
+      model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt, output_loading_info=True)
+    except TypeError:
+      model, info = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=tdt, output_loading_info=True)
   bad = {k: sorted(v)[:5] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
   if bad:  # transformers would silently initialise a missing tensor at random
     raise RuntimeError(f"FLA's {type(model).__name__} does not take our tensors as they are: {bad}")
@@ -199,8 +209,6 @@ def main(argv=None) -> int:
     return np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jax.numpy.asarray(tokens)))
   from carve_jax.interop.hf_folder import save_hf
   work = tempfile.mkdtemp(prefix="interop-fla-")
-  if not a.export_only:
-    register_gdn2()
   rows, ok = [], True
   t_start = time.time()
 
