@@ -5,7 +5,7 @@
 # Needs in .peers/ (git-ignored, carried): fla_bench.py, fla_autotune_h200.tgz, fla_core-0.6.0 wheel.
 #   STEPS=bench,probe,ncu,tests bash experiments/gpu_kernel_check.sh [bench-s] [test-s] [bench args...]
 # STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
-# pytest -k expression; PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
+# pytest -k expression over TEST_FILES (default tests/test_pallas_kernels.py); PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
 # leaves the FLA rows out of the benchmark; PROBE_ARGS go to kernel_probe.py (e.g. "--B 2 --T 8192"); NCU_KERNELS
 # (regex, default every kernel) and NCU_SECTIONS (default: speed of light, occupancy, launch, warp states)
 # pick what ncu profiles.
@@ -34,7 +34,7 @@ for step in "${steps[@]}"; do
          timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
            --kernel-name regex:"${NCU_KERNELS:-gated_delta|carve_state}" "${sections[@]}" \
            python3 experiments/kernel_probe.py --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
-    tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu tests/test_pallas_kernels.py -p no:cacheprovider \
+    tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu ${TEST_FILES:-tests/test_pallas_kernels.py} -p no:cacheprovider \
              -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     *) echo "unknown step $step" ;;
   esac
