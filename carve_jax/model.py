@@ -60,13 +60,17 @@ def remat_policy(cfg: ModelConfig):
 
   "none" -> no jax.checkpoint; "full" -> nothing saved but the block input (policy None);
   "dots_saveable" -> `jax.checkpoint_policies.dots_with_no_batch_dims_saveable`;
-  "save_mixer_outputs" -> outputs of `KERNEL_PRIMITIVES` and of each block's mixer (`MIXER_OUT`).
+  "save_mixer_outputs" -> outputs of `KERNEL_PRIMITIVES` and of each block's mixer (`MIXER_OUT`);
+  "save_dots_and_mixer" -> both of the last two: only elementwise work (norms, conv, gates, SiLU) is
+  recomputed.
   """
   mode = cfg.remat_mode
   if mode == "none":
     return False, None
   return True, {"full": None, "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                "save_mixer_outputs": _save_mixer_outputs}[mode]
+                "save_mixer_outputs": _save_mixer_outputs,
+                "save_dots_and_mixer": jax.checkpoint_policies.save_from_both_policies(
+                    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _save_mixer_outputs)}[mode]
 
 
 class Block(nnx.Module):

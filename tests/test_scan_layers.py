@@ -92,8 +92,8 @@ def test_scanned_decode_and_generate(mixer):
                                 generate(unrolled, prompt, 5, rng=jax.random.key(0), temperature=0.0))
 
 
-@pytest.mark.parametrize("scan, policies", [(False, ("save_mixer_outputs",)),
-                                             (True, ("dots_saveable", "save_mixer_outputs"))])
+@pytest.mark.parametrize("scan, policies", [(False, ("save_mixer_outputs", "save_dots_and_mixer")),
+                                             (True, ("dots_saveable", "save_mixer_outputs", "save_dots_and_mixer"))])
 def test_remat_policies_keep_the_function_and_gradients(scan, policies):
   base = convert_layout(scramble(LM(_cfg("gdn", n_layers=2, impl="recurrent"), rngs=nnx.Rngs(0))), scan_layers=scan)
   tokens = _tokens(T=8)
@@ -132,10 +132,16 @@ def test_save_mixer_outputs_keeps_the_kernel_forward_out_of_the_recompute():
     return [why for _, why in res]
 
   full, mix, none = saved("full"), saved("save_mixer_outputs"), saved("none")
+  dots, both = saved("dots_saveable"), saved("save_dots_and_mixer")
   assert not any("pallas" in w for w in full)
   assert any("pallas" in w for w in mix)
   assert any("mixer_out" in w for w in mix)
   assert len(full) < len(mix) < len(none)
+  # "save_dots_and_mixer": the kernel's outputs and the matmuls' outputs, the elementwise work recomputed
+  assert not any("pallas" in w for w in dots) and any("pallas" in w for w in both)
+  # (the mixer's output projection is saved under its checkpoint_name)
+  assert sum("dot_general" in w or "mixer_out" in w for w in both) >= sum("dot_general" in w for w in dots) > 0
+  assert len(mix) < len(both) < len(none)
 
 
 def test_config_remat_and_scan_fields():
