@@ -13,7 +13,7 @@ from flax import nnx
 
 from carve_jax.train import distributed as dist
 from carve_jax.train import step as st
-from carve_jax.train.config import parse_train_args
+from carve_jax.train.flags import parse_train_args
 from carve_jax.train.metrics import read_jsonl
 
 SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=16, chunk_size=16, impl="recurrent")
