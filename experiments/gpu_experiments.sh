@@ -9,14 +9,14 @@
 #   EXTRA=--tiny THREADS=1 JAX_PLATFORMS=cpu PY=.venv/bin/python bash experiments/gpu_experiments.sh  # CPU, tiny sizes
 # then: $OUT/results.tgz (refreshed every 20 s, so a cut call still returns what was written), $OUT/log.txt.
 #
-# Sizes. The H200 call of 2026-12-01 (experiments/results/gpu_run3_log.txt) measured the XLA chunk form
+# Sizes. The H200 call of 2026-12-01 (experiments/results/archive/2026-12-01/gpu_run3_log.txt) measured the XLA chunk form
 # at 146k-197k training tokens/s for every model here, small or not (d 128 x 2 layers MQAR: 146k; d 384
 # x 4 layers LM: 184k-196k): a run's GPU time is its token count / ~170k. The sizes below are set from
 # that: lm_compare 9 runs x 3.3M tokens (~20 s each), the G sweep 8 runs x 3.3M; MQAR 5 runs x 14.7M
 # tokens (up to ~75 s each: 190k-380k tokens/s in call 6) and needle 5 runs x 24.6M tokens (~35 s each:
 # it trains at 670k-1.56M tokens/s). All four do not fit one 9-minute call: use the two calls above. At these
 # sizes needle (trained at 512 tokens) stays on its loss plateau for every mixer; trained at 128 tokens on a
-# CPU, CARVE and GDN-2 leave it with one seed of three (experiments/results/needle_cpu*.md): train short.
+# CPU, CARVE and GDN-2 leave it with one seed of three (experiments/results/needle/needle_cpu*.md): train short.
 # (That call ran all four at once with MQAR at 24.6M tokens a mixer; MQAR's first model held the GPU
 # for 168 s, and needle and most of the rest never got it.)
 #
