@@ -234,7 +234,7 @@ def main(argv=None) -> dict:
                                                 on_row=lambda rows: _write(args, Gs, sources, rows))
     _write(args, Gs, sources, trained)  # the trained rows survive a timeout of the sweeps below
     toks = np.stack([val[i * args.T:(i + 1) * args.T] for i in range(args.B)]).astype(np.int32)
-    # No gpu_turn here: these token-by-token scans are mostly compile time (CPU) and tiny kernels.
+    # No GPU lock here: these token-by-token scans are mostly compile time (CPU) and tiny kernels.
     inp = model_inputs(model, toks)
     sources[f"trained G={G_kept} LM layer 1, learned gamma"] = sweep(inp, Gs)
     sources[f"trained G={G_kept} LM layer 1, gamma = 1"] = sweep({**inp, "gamma": jnp.ones_like(inp["gamma"])}, Gs)

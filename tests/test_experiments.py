@@ -122,7 +122,7 @@ def test_lm_windows():
     fixed_batches(stream, seq_len=100, batch_size=5, n_batches=3)
 
 
-def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
+def test_gpu_lock_is_exclusive_and_higher_priority_goes_first(tmp_path):
   """Processes sharing CARVE_GPU_LOCK hold the GPU one at a time; a waiting higher priority goes first."""
   import subprocess
   import textwrap
