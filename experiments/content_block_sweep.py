@@ -164,7 +164,9 @@ def summarize_train(rows: list[dict]) -> list[dict]:
 
 @dataclasses.dataclass(frozen=True)
 class SweepFlags(flags.CommonFlags):
-  """Attributes:
+  """Flags of the content-block sweep.
+
+  Attributes:
     Gs: comma-separated content blocks G of the perturbation sweep.
     T: tokens of the random inputs.
     B: rows of the random inputs.

@@ -95,7 +95,9 @@ def worker(mixer: str, args) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class EfficiencyFlags(flags.CommonFlags):
-  """Attributes:
+  """Flags of the efficiency measurement.
+
+  Attributes:
     batch: rows of the micro-batch.
     seq_len: tokens per row.
     n_layers: blocks of the 1.3B-width model.

@@ -16,7 +16,9 @@ from carve_jax.train import flags as train_flags
 
 @dataclasses.dataclass(frozen=True)
 class CommonFlags:
-  """Attributes:
+  """Flags of every experiment.
+
+  Attributes:
     tiny: CPU-sized run (< 60 s), for tests and CI.
     out_dir: where <name>.{json,md,png} go (default: experiments/results/<experiment>).
     impl: carve_jax.ops implementation; "auto" is carve_jax.ops.resolve_impl's choice (Pallas on a

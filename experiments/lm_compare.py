@@ -35,7 +35,9 @@ CORPUS_TRAIN_BYTES = 113_435_798  # docs/DATA.md: the "full" corpus, byte tokeni
 
 @dataclasses.dataclass(frozen=True)
 class LmCompareFlags(flags.CommonFlags):
-  """Attributes:
+  """Flags of the LM comparison.
+
+  Attributes:
     tokens_dir: byte export folder (default: the committed fixture corpus).
     mixers: comma-separated mixers.
     seeds: seeds for carve and gdn2.

@@ -16,43 +16,33 @@ import dataclasses
 import numpy as np
 
 from carve_jax import ops
-from carve_jax.configs import MIXERS, ModelConfig
+from carve_jax.configs import ModelConfig
 from experiments import flags, report, runtime
 from experiments.scoring import masked_accuracy
-from experiments.task_models import train_task_models
+from experiments.task_models import TaskModelFlags, train_task_models
 from experiments.tasks.mqar import mqar_batch
 
 
 @dataclasses.dataclass(frozen=True)
-class MqarFlags(flags.CommonFlags):
-  """Attributes:
-    mixers: comma-separated mixers, one model each.
+class MqarFlags(TaskModelFlags):
+  """Flags of the MQAR experiment.
+
+  Attributes:
     vocab_size: keys in [1, V/2), values in [V/2, V).
     train_len: training sequence length.
     train_pairs: comma-separated key-value pair counts, one drawn per training batch.
     eval_grid: comma-separated seq_len:pairs cells of the evaluation.
     steps: training steps per model.
     batch_size: rows per batch.
-    d_model: model width.
-    n_layers: blocks.
-    n_heads: heads.
-    lr: peak learning rate.
     eval_batches: held-out batches per cell.
-    seed: data and initialisation seed.
   """
-  mixers: str = ",".join(MIXERS)
   vocab_size: int = 8192
   train_len: int = 256
   train_pairs: str = "8,16,32,64"
   eval_grid: str = "128:8,128:32,256:16,256:32,256:64,512:32,512:64,512:128"
   steps: int = 800
   batch_size: int = 64
-  d_model: int = 128
-  n_layers: int = 2
-  n_heads: int = 2
-  lr: float = 3e-3
   eval_batches: int = 4
-  seed: int = 0
 
 
 TINY = dict(vocab_size=64, train_len=32, train_pairs="2,4,8", eval_grid="32:4,32:8,64:8", steps=20, batch_size=16,

@@ -17,19 +17,20 @@ import dataclasses
 import numpy as np
 
 from carve_jax import ops
-from carve_jax.configs import MIXERS, ModelConfig
+from carve_jax.configs import ModelConfig
 from experiments import flags, report, runtime
 from experiments.scoring import masked_accuracy
-from experiments.task_models import train_task_models
+from experiments.task_models import TaskModelFlags, train_task_models
 from experiments.tasks.needle import TASKS, VOCAB_SIZE, needle_batch
 from experiments.windows import load_stream
 
 
 @dataclasses.dataclass(frozen=True)
-class NeedleFlags(flags.CommonFlags):
-  """Attributes:
+class NeedleFlags(TaskModelFlags):
+  """Flags of the needle experiment.
+
+  Attributes:
     tokens_dir: byte export folder for the haystack (default: fixture corpus).
-    mixers: comma-separated mixers, one model each.
     train_len: training context length.
     eval_lens: comma-separated context lengths of the evaluation.
     n_needles: needles of the multi-key / multi-value probes.
@@ -38,15 +39,9 @@ class NeedleFlags(flags.CommonFlags):
     train_needles: needles per training row of multikey/multivalue/multiquery (default: --n_needles).
     steps: training steps per model.
     batch_size: rows per batch.
-    d_model: model width.
-    n_layers: blocks.
-    n_heads: heads.
-    lr: peak learning rate.
     eval_rows: rows per (task, length).
-    seed: data and initialisation seed.
   """
   tokens_dir: str | None = None
-  mixers: str = ",".join(MIXERS)
   train_len: int = 1024
   eval_lens: str = "1024,2048,4096,8192"
   n_needles: int = 4
@@ -55,12 +50,7 @@ class NeedleFlags(flags.CommonFlags):
   train_needles: int | None = None
   steps: int = 400
   batch_size: int = 16
-  d_model: int = 128
-  n_layers: int = 2
-  n_heads: int = 2
-  lr: float = 3e-3
   eval_rows: int = 32
-  seed: int = 0
 
 
 TINY = dict(train_len=64, eval_lens="64,128", n_needles=2, width=1, train_needles=None, steps=10, batch_size=8,

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable
 
-from carve_jax.configs import ModelConfig
+from carve_jax.configs import MIXERS, ModelConfig
 from carve_jax.train.batch_loop import StepCache, short_optim, train_on_batches
+from experiments.flags import CommonFlags
 from experiments.gpu_lock import GpuLock
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskModelFlags(CommonFlags):
+  """Flags of the synthetic-task experiments (one small model per mixer).
+
+  Attributes:
+    mixers: comma-separated mixers, one model each.
+    d_model: model width.
+    n_layers: blocks.
+    n_heads: heads.
+    lr: peak learning rate.
+    seed: data and initialisation seed.
+  """
+  mixers: str = ",".join(MIXERS)
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 2
+  lr: float = 3e-3
+  seed: int = 0
 
 
 def compile_threads() -> int:
