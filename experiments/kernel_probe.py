@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
