@@ -34,6 +34,6 @@ class CommonFlags:
 def parse(cls, argv, *, prog: str, description: str, tiny: dict):
   """argv (default sys.argv[1:]) -> an instance of `cls`; with --tiny, `tiny`'s values replace the parsed ones."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = train_flags.cli(cls, train_flags.normalise_argv(argv, sections=()), prog=prog, description=description)
+  args = train_flags.cli(cls, train_flags.normalise_argv(argv), prog=prog, description=description)
   return dataclasses.replace(args, **tiny) if args.tiny else args
 

@@ -54,7 +54,7 @@ class ImportFlags:
 def _parse(cls, argv, prog: str):
   from carve_jax.train import flags
   argv = sys.argv[1:] if argv is None else list(argv)
-  return flags.cli(cls, flags.normalise_argv(argv, sections=()), prog=prog, description=cls.__doc__.splitlines()[0])
+  return flags.cli(cls, flags.normalise_argv(argv), prog=prog, description=cls.__doc__.splitlines()[0])
 
 
 def export_main(argv=None) -> int:

@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     from carve_jax.train.lm_eval_adapter import main as tasks_main
     return tasks_main(argv)
   prog = "carve-eval"
-  args = flags.cli(EvalFlags, flags.normalise_argv(argv, sections=()), prog=prog,
+  args = flags.cli(EvalFlags, flags.normalise_argv(argv), prog=prog,
                    description=__doc__.splitlines()[0])
   if args.eval_batches is not None and args.eval_batches < 1:
     flags.usage_error(prog, f"--eval_batches must be >= 1, got {args.eval_batches}")

@@ -51,8 +51,10 @@ def _comma_tuple(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
       is_instance=lambda x: isinstance(x, tuple), str_from_instance=lambda t: [",".join(t)])
 
 
-def normalise_argv(argv: list[str], sections=SECTIONS, aliases=ALIASES) -> list[str]:
-  """`--section.field` -> `--field`, hyphens -> underscores, `--no-X` -> `--no_X`, aliases."""
+def normalise_argv(argv: list[str], sections=(), aliases=None) -> list[str]:
+  """`--section.field` -> `--field` (for `sections`), hyphens -> underscores, `--no-X` -> `--no_X`,
+  `aliases` (old flag name -> field name)."""
+  aliases = aliases or {}
   out = []
   for a in argv:
     if not a.startswith("--") or a == "--":
@@ -124,7 +126,7 @@ def parse_train_flags(argv=None, *, prog="carve-train", base: TrainConfig | None
   base: the config the flags override (default: TrainConfig()); extra: a dataclass (all fields
   defaulted) whose fields are more flags, e.g. the demo's `--gpu`.
   """
-  argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+  argv = normalise_argv(list(sys.argv[1:] if argv is None else argv), SECTIONS, ALIASES)
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--config", default=None)
   pre.add_argument("--preset", default=None)

@@ -65,7 +65,7 @@ class GenerateFlags:
 def main(argv=None) -> int:
   prog = "carve-generate"
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = flags.cli(GenerateFlags, flags.normalise_argv(argv, sections=()), prog=prog,
+  args = flags.cli(GenerateFlags, flags.normalise_argv(argv), prog=prog,
                    description=__doc__.splitlines()[0])
   if args.max_new_tokens < 0:
     flags.usage_error(prog, f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
