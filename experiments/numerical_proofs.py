@@ -11,7 +11,7 @@ erase. Fresh random inputs for every seed. Writes `<out>.json` and `<out>.md`.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -102,11 +102,22 @@ def fmt(x):
   return f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProofFlags:
+  """Flags of the numerical proofs.
+
+  Attributes:
+    seed: seed of the random inputs.
+    out: results path without suffix (writes <out>.md and <out>.json).
+  """
+  seed: int = 0
+  out: str = "experiments/results/numerical_proofs/numerical_proofs"
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="experiments/results/numerical_proofs/numerical_proofs")
-  a = p.parse_args(argv)
+  from carve_jax.train.flags import cli
+  a = cli(ProofFlags, sys.argv[1:] if argv is None else list(argv), prog="python -m experiments.numerical_proofs",
+          description=__doc__)
   key = jax.random.PRNGKey(a.seed)
   t0 = time.perf_counter()
   with jax.enable_x64(True):
