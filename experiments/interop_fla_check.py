@@ -56,8 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--wheels", default=os.path.join(ROOT, ".peers"), help="folder holding the two FLA wheels")
   ap.add_argument("--autotune_seed", default=None, help="tgz of Triton *.autotune.json (default: "
                   ".peers/fla_autotune_h200.tgz if present)")
-  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop_fla_check",
-                                                "interop_fla_check.md"))
+  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop", "interop_fla_check.md"))
   ap.add_argument("--export_only", action="store_true", help="export and compute our logits only (CPU check)")
   a = ap.parse_args(argv)
   try:
