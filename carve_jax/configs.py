@@ -32,7 +32,7 @@ def _fail(name: str, expected: str, got: Any) -> ValueError:
 class ModelConfig:
   """A decoder LM: embeddings, `n_layers` pre-norm blocks (mixer + SwiGLU MLP), final norm, head.
 
-  Fields:
+  Attributes:
     mixer: token mixer of every block: "carve", "gdn2", "kda", "gdn" (delta-rule family) or
       "attention" (softmax, causal, RoPE).
     layer_pattern: a hybrid stack: the mixers of consecutive blocks, repeated to n_layers (its length

@@ -16,13 +16,13 @@ Every `carve-train` flag is accepted on top of the demo's defaults (`--help` lis
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
 
 from carve_jax import configs
 from carve_jax.train import config as tc
+from carve_jax.train import flags as tc_flags
 
 # impl="auto": the pure-JAX chunk form on a CPU (2 cores: ~0.5 s per gradient of 16 x 128 tokens,
 # against ~0.8 s for the token-by-token scan), the Pallas kernels on a GPU.
@@ -45,32 +45,39 @@ def _stage(i: int, text: str) -> None:
   print(f"\n[{i}/6] {text}", flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoFlags:
+  """The demo's own flags (every carve-train flag is accepted besides).
+
+  Attributes:
+    gpu: the real-size demo on a GPU (50m preset, bf16, seq 1024) instead of the CPU one.
+    minutes: stop training cleanly after this many minutes (resumable); default 4 on CPU, none on GPU.
+    prompt: the prompt of the generated sample.
+    sample_tokens: tokens to generate.
+  """
+  gpu: bool = False
+  minutes: float | None = None
+  prompt: str = "The "
+  sample_tokens: int = 300
+
+
 def main(argv=None) -> int:
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument("--gpu", action="store_true")
-  pre.add_argument("--minutes", type=float, default=None)
-  pre.add_argument("--prompt", default="The ")
-  pre.add_argument("--sample_tokens", type=int, default=300)
-  known, rest = pre.parse_known_args(argv)
-  base = GPU_DEMO if known.gpu else CPU_DEMO
-  parser = tc.add_train_flags(argparse.ArgumentParser(
-      prog="python -m carve_jax.demo", parents=[pre], description=__doc__.splitlines()[0]))
-  ns = parser.parse_args(argv)
-  try:
-    cfg = tc.config_from_args(ns, base)
-  except (ValueError, TypeError) as e:
-    parser.error(str(e))
+  prog = "python -m carve_jax.demo"
+  argv = list(sys.argv[1:] if argv is None else argv)
+  gpu = "--gpu" in argv
+  cfg, known = tc_flags.parse_train_flags(argv, prog=prog, base=GPU_DEMO if gpu else CPU_DEMO,
+                                          description=__doc__.splitlines()[0], extra=DemoFlags)
   minutes = known.minutes if known.minutes is not None else (None if known.gpu else 4.0)
   if minutes is not None and cfg.time_limit_s is None:
     if minutes <= 0:
-      parser.error(f"--minutes must be > 0, got {minutes}")
+      tc_flags.usage_error(prog, f"--minutes must be > 0, got {minutes}")
     cfg = dataclasses.replace(cfg, time_limit_s=60.0 * minutes)
 
   import os
 
   import jax
   if known.gpu and jax.default_backend() != "gpu":
-    parser.error(f"--gpu needs a CUDA GPU, but JAX sees only {jax.default_backend()} devices "
+    tc_flags.usage_error(prog, f"--gpu needs a CUDA GPU, but JAX sees only {jax.default_backend()} devices "
                  f"({jax.devices()[0].device_kind}); run without --gpu for the CPU demo")
   # Reuse compiled programs across the stages and across runs of the demo (the eval and sampling
   # programs otherwise compile twice on a 2-core CPU).

@@ -1,6 +1,6 @@
 """Benchmark of the Pallas chunk kernels against XLA, cuDNN attention and flash-linear-attention.
 
-    python experiments/bench_kernel.py --out experiments/results/bench_kernel \
+    python -m experiments.bench_kernel --out experiments/results/bench_kernel/bench_kernel \
         [--fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h100.tgz --fla-path /tmp/site]
 
 Times forward and forward+backward (median of device-synchronised wall times after warm-up) at
@@ -218,7 +218,7 @@ def run_fla(args, shapes):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="experiments/results/bench_kernel")
+  ap.add_argument("--out", default="experiments/results/bench_kernel/bench_kernel")
   ap.add_argument("--shapes", default="8x2048,2x8192")
   ap.add_argument("--impls", default="pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,xla_chunk_carve,"
                   "cudnn_attention")

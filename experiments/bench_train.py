@@ -23,10 +23,10 @@ Sizes: "50m" is the preset (d 512, 12 layers, 8 heads x 64); "350m" is d 1024, 2
 x 128 (347M parameters for CARVE at the byte vocabulary). bf16 compute, impl "auto" (Pallas on GPU),
 scan over layers on. `--remat_policies` adds rows of other remat policies (memory / time trade-off).
 
-    python experiments/bench_train.py --tiny                          # CPU: CARVE and attention, tiny sizes
-    python experiments/bench_train.py --budget_s 450                  # GPU: as many rows as fit, in order
-    python experiments/bench_train.py --rows 50m:8192,350m --mixers carve,attention --budget_s 450
-    python experiments/bench_train.py --compile_scaling --tiny        # first-step time at 12 vs 48 layers
+    python -m experiments.bench_train --tiny                          # CPU: CARVE and attention, tiny sizes
+    python -m experiments.bench_train --budget_s 450                  # GPU: as many rows as fit, in order
+    python -m experiments.bench_train --rows 50m:8192,350m --mixers carve,attention --budget_s 450
+    python -m experiments.bench_train --compile_scaling --tiny        # first-step time at 12 vs 48 layers
 
 Writes <out_dir>/bench_train<tag>.{json,md,png} after every row (a cut run keeps what it measured).
 """
@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MIXERS = ("carve", "gdn2", "kda", "attention")
 SIZES = ("50m", "350m")
@@ -79,7 +78,7 @@ def text_tokens(tokens_dir: str | None, need: int):
   """(tokenizer, train, val) byte streams: an export folder, or the bundled fixture corpus repeated."""
   import numpy as np
   from carve_jax.data.tokenizer import get_tokenizer
-  from experiments.common import load_stream
+  from experiments.windows import load_stream
   stream, _ = load_stream(tokens_dir, "train")
   stream = np.asarray(stream, np.int32)
   reps = max(1, -(-need // len(stream)))
@@ -102,12 +101,14 @@ def worker(spec: dict) -> dict:
   from carve_jax.train.metrics import mfu, peak_flops, read_jsonl, train_flops_per_token
   from carve_jax.train.optim import lr_schedule, make_optimizer
   from carve_jax.train.step import FlatTrainStep, init_state
-  from experiments.common import compiled_memory, enable_compile_cache, pick_impl
+  from carve_jax import ops
+  from carve_jax.train.batch_loop import compiled_memory
+  from experiments import runtime
 
-  enable_compile_cache(spec["cache_dir"])
+  runtime.setup(spec["cache_dir"])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   # GPU: impl "auto" goes to the model as is (carve_jax.ops picks Pallas where it supports the call).
-  impl = pick_impl(spec["impl"], True) if spec["tiny"] else spec["impl"]
+  impl = ops.resolve_impl(spec["impl"]) if spec["tiny"] else spec["impl"]
   T, B = spec["seq_len"], spec["batch"]
   mcfg = model_config(spec["size"], spec["mixer"], T, tiny=spec["tiny"], impl=impl,
                       remat_policy=spec["remat_policy"], scan_layers=spec["scan_layers"], n_layers=spec.get("n_layers"))
@@ -218,8 +219,8 @@ def compile_worker(spec: dict) -> dict:
   from carve_jax.train.config import OptimConfig
   from carve_jax.train.optim import make_optimizer
   from carve_jax.train.step import FlatTrainStep, init_state
-  from experiments.common import pick_impl
-  impl = pick_impl(spec["impl"], True) if spec["tiny"] else spec["impl"]
+  from carve_jax import ops
+  impl = ops.resolve_impl(spec["impl"]) if spec["tiny"] else spec["impl"]
   T, B = spec["seq_len"], spec["batch"]
   mcfg = model_config(spec["size"], spec["mixer"], T, tiny=spec["tiny"], impl=impl, scan_layers=spec["scan_layers"],
                       n_layers=spec["n_layers"])
@@ -290,8 +291,8 @@ def run_rows(args, rows: list[dict]) -> list[dict]:
                 device_reps=args.device_reps, cache_dir=args.cache_dir, tokens_dir=args.tokens_dir)
     t = time.time()
     try:
-      p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         timeout=max(10, left), env=env)
+      p = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--worker", json.dumps(spec)],
+                         capture_output=True, text=True, timeout=max(10, left), env=env)
       lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
       res = json.loads(lines[-1][7:]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")
     except subprocess.TimeoutExpired:
@@ -319,7 +320,7 @@ def _row_line(r: dict) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-  from experiments.common import fmt_bytes, md_table
+  from experiments.report import fmt_bytes, md_table
   comp = [r for r in results if r.get("kind") == "compile" and not r.get("error")]
   if comp:
     rows = [[r["mixer"], r["n_layers"], r["scan_layers"], r["init_s"], r["trace_lower_s"], r["compile_s"],
@@ -364,7 +365,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def figure(results: list[dict]):
-  from experiments.common import plt
+  from experiments.report import plt
   ok = [r for r in results if not r.get("error") and r.get("kind") == "train" and r.get("remat_policy") == "none"]
   if not ok:
     return None
@@ -386,7 +387,7 @@ def figure(results: list[dict]):
 
 
 def write(args, results):
-  from experiments.common import write_results
+  from experiments.report import write_results
   name = ("bench_train_compile" if args.compile_scaling else "bench_train") + args.tag
   write_results(name, args.out_dir, {"args": vars(args), "rows": results}, markdown(results),
                 None if args.compile_scaling else figure(results))
@@ -415,7 +416,7 @@ def main(argv=None) -> int:
   ap.add_argument("--compile_scan", default="both", choices=("both", "on", "off"))
   ap.add_argument("--tokens_dir", default=None, help="byte export for the loop's text (default: the fixture)")
   ap.add_argument("--cache_dir", default="/tmp/bench_train_xla_cache")
-  ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "results"))
+  ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "results" / "bench_train"))
   ap.add_argument("--tag", default="")
   args = ap.parse_args(argv)
   if args.worker:

@@ -15,29 +15,32 @@ The paper reports O(1/sqrt(L)) (p = -1/2). Inputs: `sample_inputs.family_inputs`
 inputs (gamma = 1 in every head) at two decay strengths, and (with --train) the first layer's
 inputs of the trained G=64 CARVE LM on validation text, with its learned gamma and with gamma = 1.
 
-    python experiments/content_block_sweep.py --tiny            # CPU, < 60 s
-    python experiments/content_block_sweep.py                   # CPU: the perturbation sweep
-    python experiments/content_block_sweep.py --train --tokens_dir .data/exp   # GPU: + quality/throughput
+    python -m experiments.content_block_sweep --tiny            # CPU, < 60 s
+    python -m experiments.content_block_sweep                   # CPU: the perturbation sweep
+    python -m experiments.content_block_sweep --train --tokens_dir .data/exp   # GPU: + quality/throughput
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import dataclasses
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from carve_jax import ops  # noqa: E402
-from carve_jax.configs import ModelConfig  # noqa: E402
-from carve_jax.ops.gates import content_signal  # noqa: E402
-from carve_jax.ops.sample_inputs import family_inputs  # noqa: E402
-from carve_jax.ops.step import carve_step  # noqa: E402
-from experiments import common as C  # noqa: E402
+from carve_jax import ops
+from carve_jax.configs import ModelConfig
+from carve_jax.ops.gates import content_signal
+from carve_jax.ops.sample_inputs import family_inputs
+from carve_jax.ops.step import carve_step
+from carve_jax.train.batch_loop import StepCache, short_optim, train_on_batches
+from experiments import flags, report, runtime
+from experiments.gpu_lock import GpuLock
+from experiments.paper import PAPER
+from experiments.scoring import make_loss_eval
+from experiments.stats import fit_power_law, mean_std
+from experiments.task_models import compile_threads
+from experiments.windows import fixed_batches, load_stream, window_batches
 
 PAPER_RANGE = (16, 32, 64, 128)
 
@@ -78,7 +81,7 @@ def power_law_fits(rows) -> dict:
     for label, sel in (("paper_range", [r for r in rows if r["G"] in PAPER_RANGE]), ("all", rows)):
       pts = [(r["G"], r[metric]) for r in sel if r[metric] > 0]
       if len(pts) >= 3:
-        fits[f"{metric}/{label}"] = C.fit_power_law(*zip(*pts))
+        fits[f"{metric}/{label}"] = fit_power_law(*zip(*pts))
   return fits
 
 
@@ -111,30 +114,32 @@ def model_inputs(model, tokens: np.ndarray) -> dict:
 def train_sweep(args, impl: str, Gs: list[int], on_row=None) -> tuple[list[dict], object]:
   """CARVE LMs with content_block G (same data and steps; seeds 0..train_seeds-1): val loss and tokens/s.
   Every G's first seed comes first, then the extra seeds. on_row(rows) is called after each run."""
-  train, src = C.load_stream(args.tokens_dir, "train")
-  val, _ = C.load_stream(args.tokens_dir, "val")
-  eval_fn = C.make_loss_eval(C.fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size,
-                                             n_batches=args.eval_batches))
+  train, src = load_stream(args.tokens_dir, "train")
+  val, _ = load_stream(args.tokens_dir, "val")
+  eval_fn = make_loss_eval(fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size,
+                                         n_batches=args.eval_batches))
 
   def config(G):
     return ModelConfig(mixer="carve", vocab_size=256, d_model=args.d_model, n_layers=args.n_layers,
                        n_heads=args.n_heads, content_block=G, chunk_size=min(G, 64), mlp_multiple=64,
-                       max_seq_len=args.seq_len, compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+                       max_seq_len=args.seq_len, compute_dtype="bfloat16" if runtime.on_gpu() else "float32", impl=impl)
 
+  cache, lock, optim = StepCache(compile_threads()), GpuLock.from_env(), short_optim(args.steps, lr=args.lr)
   for G in Gs:  # every G's step compiles in a background thread from the start
-    C.precompile(config(G), C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)(0),
-                 steps=args.steps, lr=args.lr)
+    cache.precompile(config(G), window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)(0),
+                     optim, args.steps)
   out, keep = [], None
   for seed in range(args.train_seeds):
     for G in Gs:
       print(f"[content_block_sweep] train G={G} seed {seed}", flush=True)
-      r = C.train_model(config(G), C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=seed),
-                        steps=args.steps, seed=seed, lr=args.lr, eval_fn=eval_fn, eval_every=0)
+      r = train_on_batches(config(G), window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size,
+                                                     seed=seed),
+                           steps=args.steps, seed=seed, optim=optim, cache=cache, eval_fn=eval_fn, lock=lock)
       val_loss = [h["val_loss"] for h in r.history if "val_loss" in h][-1]
       gamma = [np.asarray(b.mixer.gamma[...]).tolist() for b in r.model().blocks]
       out.append({"G": G, "seed": seed, "impl": impl, "chunk_size": min(G, 64), "val_loss": val_loss,
                   "tokens_per_s": r.tokens_per_s, "train_s": r.train_s, "compile_s": r.compile_s,
-                  "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.gpu_wait_s,
+                  "compile_wait_s": r.compile_wait_s, "gpu_wait_s": r.lock_wait_s,
                   "step_memory_bytes": r.step_memory_bytes, "gamma": gamma, "data": src})
       print(f"  val {val_loss:.4f}  {r.tokens_per_s:,.0f} tok/s  compile {r.compile_s:.1f}s  "
             f"gamma[0] {np.round(gamma[0], 3)}", flush=True)
@@ -150,45 +155,72 @@ def summarize_train(rows: list[dict]) -> list[dict]:
   out = []
   for G in dict.fromkeys(r["G"] for r in rows):
     rs = [r for r in rows if r["G"] == G]
-    m, sd = C.mean_std(r["val_loss"] for r in rs)
+    m, sd = mean_std(r["val_loss"] for r in rs)
     out.append({"G": G, "seeds": len(rs), "val_loss_mean": m, "val_loss_std": sd,
                 "tokens_per_s_mean": float(np.mean([r["tokens_per_s"] for r in rs])),
                 "compile_s": max(r["compile_s"] for r in rs), "gamma_layer1_seed0": rs[0]["gamma"][0]})
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SweepFlags(flags.CommonFlags):
+  """Flags of the content-block sweep.
+
+  Attributes:
+    Gs: comma-separated content blocks G of the perturbation sweep.
+    T: tokens of the random inputs.
+    B: rows of the random inputs.
+    H: heads of the random inputs.
+    K: head size (K = V) of the random inputs.
+    seeds: seeds of the random inputs.
+    train: also train CARVE LMs at each G in --train_Gs.
+    train_Gs: comma-separated G of the trained LMs.
+    train_seeds: seeds per G of the trained LMs.
+    tokens_dir: byte export folder (default: the committed fixture corpus).
+    steps: training steps per LM.
+    batch_size: rows per batch.
+    seq_len: bytes per row.
+    d_model: LM width.
+    n_layers: LM blocks.
+    n_heads: LM heads.
+    lr: peak learning rate.
+    eval_batches: fixed validation batches.
+    no_random: skip the random-input sweeps (run them on a CPU).
+    replot: only redraw the plot of an existing results file (JSON).
+  """
+  Gs: str = "2,4,8,16,32,64,128,256,512"
+  T: int = 2048
+  B: int = 2
+  H: int = 4
+  K: int = 64
+  seeds: int = 2
+  train: bool = False
+  train_Gs: str = "16,32,64,128"
+  train_seeds: int = 1
+  tokens_dir: str | None = None
+  steps: int = 200
+  batch_size: int = 32
+  seq_len: int = 512
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  lr: float = 2e-3
+  eval_batches: int = 8
+  no_random: bool = False
+  replot: str | None = None
+
+
+TINY = dict(Gs="2,4,8,16,32", T=128, B=1, H=2, K=16, seeds=1, train_Gs="16,32", steps=4, batch_size=4, seq_len=64,
+            train_seeds=1, d_model=32, n_layers=1, n_heads=2, eval_batches=1)
+
+
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  C.add_common_args(p)
-  p.add_argument("--Gs", default="2,4,8,16,32,64,128,256,512")
-  p.add_argument("--T", type=int, default=2048)
-  p.add_argument("--B", type=int, default=2)
-  p.add_argument("--H", type=int, default=4)
-  p.add_argument("--K", type=int, default=64)
-  p.add_argument("--seeds", type=int, default=2)
-  p.add_argument("--train", action="store_true", help="also train CARVE LMs at each G in --train_Gs")
-  p.add_argument("--train_Gs", default="16,32,64,128")
-  p.add_argument("--train_seeds", type=int, default=1, help="seeds per G of the trained LMs")
-  p.add_argument("--tokens_dir", default=None)
-  p.add_argument("--steps", type=int, default=200)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--n_layers", type=int, default=4)
-  p.add_argument("--n_heads", type=int, default=4)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--eval_batches", type=int, default=8)
-  p.add_argument("--no_random", action="store_true", help="skip the random-input sweeps (run them on a CPU)")
-  p.add_argument("--replot", default=None, metavar="JSON", help="only redraw the plot of an existing results file")
-  args = p.parse_args(argv)
+  args = flags.parse(SweepFlags, argv, prog="python -m experiments.content_block_sweep", description=__doc__,
+                     tiny=TINY)
   if args.replot:
     print(replot(args.replot))
     return {}
-  if args.tiny:
-    args.Gs, args.T, args.B, args.H, args.K, args.seeds = "2,4,8,16,32", 128, 1, 2, 16, 1
-    args.train_Gs, args.steps, args.batch_size, args.seq_len, args.train_seeds = "16,32", 4, 4, 64, 1
-    args.d_model, args.n_layers, args.n_heads, args.eval_batches = 32, 1, 2, 1
-  C.enable_compile_cache()
+  runtime.setup()
   Gs = [int(x) for x in args.Gs.split(",")]
   sources = {}
   for decay in () if args.no_random else (1.0, 0.05):
@@ -199,12 +231,12 @@ def main(argv=None) -> dict:
           flush=True)
   trained = []
   if args.train:
-    impl = C.pick_impl(args.impl, args.tiny)
+    impl = ops.resolve_impl(args.impl)
     trained, (G_kept, model, val) = train_sweep(args, impl, [int(x) for x in args.train_Gs.split(",")],
                                                 on_row=lambda rows: _write(args, Gs, sources, rows))
     _write(args, Gs, sources, trained)  # the trained rows survive a timeout of the sweeps below
     toks = np.stack([val[i * args.T:(i + 1) * args.T] for i in range(args.B)]).astype(np.int32)
-    # No gpu_turn here: these token-by-token scans are mostly compile time (CPU) and tiny kernels.
+    # No GPU lock here: these token-by-token scans are mostly compile time (CPU) and tiny kernels.
     inp = model_inputs(model, toks)
     sources[f"trained G={G_kept} LM layer 1, learned gamma"] = sweep(inp, Gs)
     sources[f"trained G={G_kept} LM layer 1, gamma = 1"] = sweep({**inp, "gamma": jnp.ones_like(inp["gamma"])}, Gs)
@@ -214,14 +246,14 @@ def main(argv=None) -> dict:
 
 
 def _write(args, Gs, sources, trained) -> dict:
-  payload = {"experiment": "content_block_sweep", "tiny": args.tiny, "paper_exponent": C.PAPER["perturbation_exponent"],
+  payload = {"experiment": "content_block_sweep", "tiny": args.tiny, "paper_exponent": PAPER["perturbation_exponent"],
              "shape": {"B": args.B, "T": args.T, "H": args.H, "K": args.K, "seeds": args.seeds}, "Gs": Gs,
              "perturbation": sources, "train": trained, "train_summary": summarize_train(trained) if trained else [],
              "train_shape": ({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                               "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
                              if args.train else None)}
-  C.write_results("content_block_sweep" + args.tag, args.out_dir, payload, _markdown(args, sources, trained),
-                  _figure(sources, trained))
+  report.write_results("content_block_sweep" + args.tag, args.out_dir or report.results_dir("content_block_sweep"),
+                       payload, _markdown(args, sources, trained), _figure(sources, trained))
   return payload
 
 
@@ -251,9 +283,9 @@ def _markdown(args, sources, trained) -> str:
       f1, f2 = s["fits"].get(f"{metric}/paper_range"), s["fits"].get(f"{metric}/all")
       rows.append([name, metric, f"{f1['exponent']:+.3f} ± {f1['exponent_stderr']:.3f}" if f1 else "n/a",
                    f"{f2['exponent']:+.3f} (R² {f2['r2']:.3f})" if f2 else "n/a"])
-  md += C.md_table(["inputs", "metric", "p over G in 16..128", "p over all G"], rows) + "\n\n"
+  md += report.md_table(["inputs", "metric", "p over G in 16..128", "p over all G"], rows) + "\n\n"
   for name, s in sources.items():
-    md += f"**{name}**\n\n" + C.md_table(["G", "gate delta", "signal gap rho", "output eps"],
+    md += f"**{name}**\n\n" + report.md_table(["G", "gate delta", "signal gap rho", "output eps"],
                                          [[r["G"], r["gate"], r["signal"], r["output"]] for r in s["rows"]]) + "\n\n"
   if trained:
     impl = trained[0].get("impl", "?")
@@ -261,7 +293,7 @@ def _markdown(args, sources, trained) -> str:
           f"{args.batch_size} x {args.seq_len} bytes")
     md += (f"Quality and throughput of CARVE LMs against G ({ts}; same data and steps for every G; seeds "
            f"0..{max(t['seed'] for t in trained)}; chunk = min(G, 64); impl={impl}):\n\n"
-           + C.md_table(["G", "seeds", "val loss (nats/byte) mean ± std", "tokens/s", "compile s",
+           + report.md_table(["G", "seeds", "val loss (nats/byte) mean ± std", "tokens/s", "compile s",
                          "gamma layer 1 (learned, seed 0)"],
                         [[t["G"], t["seeds"], f"{t['val_loss_mean']:.4f} ± {t['val_loss_std']:.4f}",
                           f"{t['tokens_per_s_mean']:,.0f}", t["compile_s"],
@@ -275,7 +307,7 @@ def _markdown(args, sources, trained) -> str:
 def _figure(sources, trained):
   """Gate and output perturbation against G (when there are perturbation sweeps) and the trained LMs'
   validation loss and tokens/s against G (when there are trained runs)."""
-  plt = C.plt()
+  plt = report.plt()
   n = (2 if sources else 0) + (1 if trained else 0)
   fig, ax = plt.subplots(1, max(n, 1), figsize=(5 * max(n, 1), 3.8), squeeze=False)
   ax = list(ax[0])
@@ -315,7 +347,7 @@ def replot(json_path: str) -> str:
   fig = _figure(payload["perturbation"], payload["train"])
   out = str(Path(json_path).with_suffix(".png"))
   fig.savefig(out, dpi=110, bbox_inches="tight")
-  C.plt().close(fig)
+  report.plt().close(fig)
   return out
 
 

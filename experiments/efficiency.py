@@ -11,27 +11,27 @@ than GDN-2. Here:
     account of the step (arguments + outputs + temporaries) is reported beside it. Step time is
     the median of `--steps` steps after `--warmup`.
 
-    python experiments/efficiency.py --tiny                     # CPU: exact 1.3B counts + a tiny step
-    python experiments/efficiency.py --batch 1 --seq_len 2048   # GPU
+    python -m experiments.efficiency --tiny                     # CPU: exact 1.3B counts + a tiny step
+    python -m experiments.efficiency --batch 1 --seq_len 2048   # GPU
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from carve_jax.configs import preset  # noqa: E402
-from carve_jax.model import abstract_model, param_breakdown, param_count  # noqa: E402
-from experiments import common as C  # noqa: E402
+from carve_jax import ops
+from carve_jax.configs import preset
+from carve_jax.model import abstract_model, param_breakdown, param_count
+from carve_jax.train.batch_loop import compiled_memory
+from experiments import flags, report
+from experiments.paper import PAPER
 
 MIXERS = ("carve", "gdn2")
 
@@ -55,7 +55,7 @@ def worker(mixer: str, args) -> dict:
   from carve_jax.train.optim import make_optimizer
   from carve_jax.train.step import init_state, lm_loss, make_train_step
 
-  impl = C.pick_impl(args.impl, args.tiny)
+  impl = ops.resolve_impl(args.impl)
   if args.tiny:
     cfg = preset("tiny", mixer=mixer, impl=impl)
   else:
@@ -77,7 +77,7 @@ def worker(mixer: str, args) -> dict:
   t0 = time.time()
   compiled = step.lower(state, batch).compile()
   compile_s = time.time() - t0
-  xla_bytes = C.compiled_memory(compiled)
+  xla_bytes = compiled_memory(compiled)
   times = []
   for i in range(args.warmup + args.steps):
     t0 = time.perf_counter()
@@ -90,24 +90,40 @@ def worker(mixer: str, args) -> dict:
           "step_s_median": float(np.median(times)), "step_s_all": times,
           "tokens_per_s": args.batch * args.seq_len / float(np.median(times)),
           "peak_bytes_in_use": dist.peak_memory_bytes(), "xla_step_bytes": xla_bytes,
-          "loss": float(metrics["loss"]), "device": C.env_info()["device"]}
+          "loss": float(metrics["loss"]), "device": report.env_info()["device"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficiencyFlags(flags.CommonFlags):
+  """Flags of the efficiency measurement.
+
+  Attributes:
+    batch: rows of the micro-batch.
+    seq_len: tokens per row.
+    n_layers: blocks of the 1.3B-width model.
+    remat: rematerialise each block in the backward pass.
+    steps: timed steps.
+    warmup: untimed steps first.
+    no_step: parameter counts only.
+    worker_timeout: seconds per mixer's measuring process.
+    worker: (internal) measure this mixer in this process.
+  """
+  batch: int = 1
+  seq_len: int = 2048
+  n_layers: int = 24
+  remat: bool = False
+  steps: int = 8
+  warmup: int = 2
+  no_step: bool = False
+  worker_timeout: float = 300
+  worker: str | None = None
+
+
+TINY = dict(batch=2, seq_len=64, steps=3, warmup=1)
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  C.add_common_args(p)
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--seq_len", type=int, default=2048)
-  p.add_argument("--n_layers", type=int, default=24)
-  p.add_argument("--remat", action="store_true")
-  p.add_argument("--steps", type=int, default=8)
-  p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--no_step", action="store_true", help="parameter counts only")
-  p.add_argument("--worker_timeout", type=float, default=300, help="seconds per mixer's measuring process")
-  p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.tiny:
-    args.batch, args.seq_len, args.steps, args.warmup = 2, 64, 3, 1
+  args = flags.parse(EfficiencyFlags, argv, prog="python -m experiments.efficiency", description=__doc__, tiny=TINY)
   if args.worker:
     print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
     return {}
@@ -117,13 +133,14 @@ def main(argv=None) -> dict:
   steps = {}
   if not args.no_step:
     for m in MIXERS:
-      cmd = [sys.executable, __file__, "--worker", m, "--batch", str(args.batch), "--seq_len", str(args.seq_len),
-             "--n_layers", str(args.n_layers), "--steps", str(args.steps), "--warmup", str(args.warmup),
+      cmd = [sys.executable, "-m", "experiments.efficiency", "--worker", m, "--batch", str(args.batch),
+             "--seq_len", str(args.seq_len), "--n_layers", str(args.n_layers), "--steps", str(args.steps), "--warmup", str(args.warmup),
              "--impl", args.impl] + (["--tiny"] if args.tiny else []) + (["--remat"] if args.remat else [])
       env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
       print(f"[efficiency] {m}: {' '.join(cmd[1:])}", flush=True)
       try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.worker_timeout,
+                             cwd=report.REPO)
       except subprocess.TimeoutExpired as e:
         out = subprocess.CompletedProcess(cmd, -9, e.stdout or "", f"timed out after {args.worker_timeout}s\n"
                                           + (e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""))
@@ -133,8 +150,8 @@ def main(argv=None) -> dict:
         print(f"  failed: {steps[m]['error'][-500:]}", flush=True)
       else:
         steps[m] = json.loads(lines[-1][7:])
-        print(f"  {steps[m]['step_s_median'] * 1e3:.1f} ms/step, peak {C.fmt_bytes(steps[m]['peak_bytes_in_use'])}, "
-              f"XLA {C.fmt_bytes(steps[m]['xla_step_bytes'])}, compile {steps[m]['compile_s']:.0f}s", flush=True)
+        print(f"  {steps[m]['step_s_median'] * 1e3:.1f} ms/step, peak {report.fmt_bytes(steps[m]['peak_bytes_in_use'])}, "
+              f"XLA {report.fmt_bytes(steps[m]['xla_step_bytes'])}, compile {steps[m]['compile_s']:.0f}s", flush=True)
   step_rel = {}
   if all("step_s_median" in steps.get(m, {}) for m in MIXERS):
     c, g = steps["carve"], steps["gdn2"]
@@ -143,14 +160,14 @@ def main(argv=None) -> dict:
       step_rel["peak_memory"] = c["peak_bytes_in_use"] / g["peak_bytes_in_use"] - 1
     if c["xla_step_bytes"] and g["xla_step_bytes"]:
       step_rel["xla_step_memory"] = c["xla_step_bytes"] / g["xla_step_bytes"] - 1
-  payload = {"experiment": "efficiency", "tiny": args.tiny, "paper": C.PAPER,
+  payload = {"experiment": "efficiency", "tiny": args.tiny, "paper": PAPER,
              "params_1p3b": counts, "params_relative": rel,
              "step_shape": {"batch": args.batch, "seq_len": args.seq_len,
                             "model": "preset('tiny')" if args.tiny else f"preset('1.3b', n_layers={args.n_layers})",
                             "remat": args.remat, "compute": "float32 (CPU)" if args.tiny else "bfloat16, f32 params+AdamW"},
              "step": steps, "step_relative": step_rel}
   md = _markdown(args, counts, rel, steps, step_rel)
-  plt = C.plt()
+  plt = report.plt()
   fig, ax = plt.subplots(1, 3 if step_rel else 1, figsize=(12 if step_rel else 5, 3.6), squeeze=False)
   ax = ax[0]
   keys = ["total", "non_embedding", "mixer"]
@@ -170,7 +187,7 @@ def main(argv=None) -> dict:
     ax[1].set(ylabel="GiB", title=f"{'peak' if mem_key == 'peak_bytes_in_use' else 'XLA step'} memory, "
               f"B={args.batch} T={args.seq_len}")
     ax[2].set(ylabel="ms", title="training step time (median)")
-  C.write_results("efficiency" + args.tag, args.out_dir, payload, md, fig)
+  report.write_results("efficiency" + args.tag, args.out_dir or report.results_dir("efficiency"), payload, md, fig)
   plt.close(fig)
   return payload
 
@@ -179,11 +196,11 @@ def _markdown(args, counts, rel, steps, step_rel) -> str:
   rows = [[k, f"{counts['carve'][k]:,}", f"{counts['gdn2'][k]:,}", f"{100 * rel[k]:+.2f}%"]
           for k in ("total", "non_embedding", "mixer")]
   md = ("Parameters of `preset('1.3b')` (d_model 2048, 16 heads x 128, 24 layers, vocab 32000, untied head), "
-        "exact (abstract init):\n\n" + C.md_table(["count", "CARVE", "GDN-2", "CARVE vs GDN-2"], rows)
-        + f"\n\nPaper: {100 * C.PAPER['params']:+.0f}% parameters.\n\n")
+        "exact (abstract init):\n\n" + report.md_table(["count", "CARVE", "GDN-2", "CARVE vs GDN-2"], rows)
+        + f"\n\nPaper: {100 * PAPER['params']:+.0f}% parameters.\n\n")
   per = {m: {k: v for k, v in counts[m]["breakdown"].items() if k.startswith("mixer.")} for m in MIXERS}
   names = sorted(set(per["carve"]) | set(per["gdn2"]))
-  md += "Mixer parameters by projection (summed over 24 layers):\n\n" + C.md_table(
+  md += "Mixer parameters by projection (summed over 24 layers):\n\n" + report.md_table(
       ["projection", "CARVE", "GDN-2"], [[n, per["carve"].get(n, 0), per["gdn2"].get(n, 0)] for n in names]) + "\n\n"
   shape = "preset('tiny') (CPU)" if args.tiny else f"1.3B config, {args.n_layers} layers"
   if not steps:
@@ -195,14 +212,14 @@ def _markdown(args, counts, rel, steps, step_rel) -> str:
       rows.append([m, "failed", "", "", "", ""])
     else:
       rows.append([m, s["impl"], f"{s['step_s_median'] * 1e3:.1f}", f"{s['tokens_per_s']:,.0f}",
-                   C.fmt_bytes(s["peak_bytes_in_use"]), C.fmt_bytes(s["xla_step_bytes"])])
+                   report.fmt_bytes(s["peak_bytes_in_use"]), report.fmt_bytes(s["xla_step_bytes"])])
   md += (f"One AdamW training step, {shape}, micro-batch {args.batch} x {args.seq_len} tokens"
          f"{', remat' if args.remat else ''} (median of {args.steps} steps after {args.warmup} warm-up; each "
-         "mixer in its own process):\n\n" + C.md_table(["mixer", "impl", "step ms", "tokens/s", "peak device memory",
+         "mixer in its own process):\n\n" + report.md_table(["mixer", "impl", "step ms", "tokens/s", "peak device memory",
                                                        "XLA step memory"], rows))
   if step_rel:
     md += "\n\nCARVE vs GDN-2: " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in step_rel.items())
-    md += (f" (paper: memory {100 * C.PAPER['memory']:+.0f}%, time {100 * C.PAPER['time']:+.1f}%).")
+    md += (f" (paper: memory {100 * PAPER['memory']:+.0f}%, time {100 * PAPER['time']:+.1f}%).")
   return md + "\n"
 
 

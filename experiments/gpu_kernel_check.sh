@@ -25,15 +25,15 @@ for step in "${steps[@]}"; do
   case $step in
     bench) fla=(--fla-bench .peers/fla_bench.py --fla-seed .peers/fla_autotune_h200.tgz --fla-path /tmp/site)
            [ "${FLA:-1}" = 0 ] && fla=()
-           timeout "$BENCH_S" python3 experiments/bench_kernel.py --out "$OUT/bench_kernel" "${fla[@]}" "$@" \
+           timeout "$BENCH_S" python3 -m experiments.bench_kernel --out "$OUT/bench_kernel" "${fla[@]}" "$@" \
              2>&1 | tee "$OUT/bench.log" ;;
-    probe) timeout "${PROBE_S:-150}" python3 experiments/kernel_probe.py --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 \
+    probe) timeout "${PROBE_S:-150}" python3 -m experiments.kernel_probe --out "$OUT/probe.json" ${PROBE_ARGS:-} 2>&1 \
              | grep -v -i warn | tee "$OUT/probe.log" ;;
     ncu) sections=()
          for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats}; do sections+=(--section "$sec"); done
          timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
            --kernel-name regex:"${NCU_KERNELS:-gated_delta|carve_state}" "${sections[@]}" \
-           python3 experiments/kernel_probe.py --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
+           python3 -m experiments.kernel_probe --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
     tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu ${TEST_FILES:-tests/test_pallas_kernels.py} -p no:cacheprovider \
              -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     *) echo "unknown step $step" ;;

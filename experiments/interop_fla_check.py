@@ -16,8 +16,8 @@ with every `attn` replaced by `fla.layers.GatedDeltaNet2` (the layout we export)
 tensors into it with a key check (`gdn2_model`).
 FLA guards `chunk_gated_delta_rule` on Triton < 3.7.1 on Hopper, so Gated DeltaNet is checked at T <= 64.
 
-    python3 experiments/interop_fla_check.py --out $OUT/interop_fla_check.md     # GPU, carry .peers
-    python experiments/interop_fla_check.py --export_only --d_model 64 --n_heads 2 --n_layers 1 --lengths 8
+    python3 -m experiments.interop_fla_check --out $OUT/interop_fla_check.md     # GPU, carry .peers
+    python -m experiments.interop_fla_check --export_only --d_model 64 --n_heads 2 --n_layers 1 --lengths 8
 
 The FLA wheels (flash_linear_attention-0.6.0, fla_core-0.6.0) are taken from --wheels (default
 .peers/) and pip-installed into /tmp/fla_site unless `import fla` already works; the Triton
@@ -38,7 +38,6 @@ import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 MIXERS = ("gdn2", "kda", "gdn")
 WHEELS = ("flash_linear_attention-0.6.0-*.whl", "fla_core-0.6.0-*.whl")
@@ -57,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--wheels", default=os.path.join(ROOT, ".peers"), help="folder holding the two FLA wheels")
   ap.add_argument("--autotune_seed", default=None, help="tgz of Triton *.autotune.json (default: "
                   ".peers/fla_autotune_h200.tgz if present)")
-  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop_fla_check.md"))
+  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop", "interop_fla_check.md"))
   ap.add_argument("--export_only", action="store_true", help="export and compute our logits only (CPU check)")
   a = ap.parse_args(argv)
   try:

@@ -1,6 +1,6 @@
 """Where the time of the Pallas kernels goes: each kernel alone, and with one stage removed.
 
-    python experiments/kernel_probe.py [--B 8 --T 2048] [--reps 10] [--once] [--out results.json]
+    python -m experiments.kernel_probe [--B 8 --T 2048] [--reps 10] [--once] [--out results.json]
 
 Times every kernel of `bench_kernel.kernel_steps` alone (median ms), then again with one stage of
 the in-chunk math replaced by a cheap stand-in, so differences place the time without hardware
@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_kernel import inputs, kernel_steps, timeit  # noqa: E402
+from experiments.bench_kernel import inputs, kernel_steps, timeit  # noqa: E402
 
 from pallas_kernels import forward as fw_mod, intra  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Offline look at the compiled Pallas/Triton kernels (no GPU needed): registers, spills, barriers, dots.
 
-    python experiments/kernel_ptx_stats.py [--kernels prep,grads] [--num-warps 4,8] [--dtype bfloat16]
+    python -m experiments.kernel_ptx_stats [--kernels prep,grads] [--num-warps 4,8] [--dtype bfloat16]
 
 Lowers the forward and backward kernels to Triton IR with jax's Pallas lowering (a compute
 capability of 9.0 is faked, so this runs on a CPU-only machine), compiles that IR for sm_90 with

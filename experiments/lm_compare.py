@@ -5,8 +5,8 @@ loss (nats/byte; perplexity = exp) on fixed held-out windows of the real corpus 
 >= 3 seeds for CARVE and GDN-2 so their difference has an error bar (mean +- sample std over
 seeds, and a Welch t statistic). Also parameters, XLA step memory, peak device memory, tokens/s.
 
-    python experiments/lm_compare.py --tiny                              # CPU, < 60 s
-    python experiments/lm_compare.py --tokens_dir .data/exp --steps 300  # GPU (experiments/gpu_experiments.sh)
+    python -m experiments.lm_compare --tiny                              # CPU, < 60 s
+    python -m experiments.lm_compare --tokens_dir .data/exp --steps 300  # GPU (experiments/gpu_experiments.sh)
 
 Scale (stated in the results): the paper trains 1.3B-parameter models on 100B tokens; here a
 GPU run has well under a minute per model, so models have ~10M parameters and see a few million
@@ -15,56 +15,77 @@ bytes, a small fraction of one epoch of the corpus.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from carve_jax.configs import ModelConfig  # noqa: E402
-from experiments import common as C  # noqa: E402
+from carve_jax import ops
+from carve_jax.configs import MIXERS, ModelConfig
+from carve_jax.train.batch_loop import StepCache, short_optim, train_on_batches
+from experiments import flags, report, runtime
+from experiments.gpu_lock import GpuLock
+from experiments.scoring import make_loss_eval
+from experiments.stats import mean_std
+from experiments.task_models import compile_threads
+from experiments.windows import fixed_batches, load_stream, window_batches
 
 CORPUS_TRAIN_BYTES = 113_435_798  # docs/DATA.md: the "full" corpus, byte tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LmCompareFlags(flags.CommonFlags):
+  """Flags of the LM comparison.
+
+  Attributes:
+    tokens_dir: byte export folder (default: the committed fixture corpus).
+    mixers: comma-separated mixers.
+    seeds: seeds for carve and gdn2.
+    other_seeds: seeds for kda, gdn, attention.
+    steps: training steps per model.
+    batch_size: rows per batch.
+    seq_len: bytes per row.
+    d_model: model width.
+    n_layers: blocks.
+    n_heads: heads.
+    lr: peak learning rate.
+    eval_every: validation every this many steps.
+    eval_batches: fixed validation batches.
+  """
+  tokens_dir: str | None = None
+  mixers: str = ",".join(MIXERS)
+  seeds: int = 3
+  other_seeds: int = 1
+  steps: int = 300
+  batch_size: int = 32
+  seq_len: int = 512
+  d_model: int = 384
+  n_layers: int = 6
+  n_heads: int = 6
+  lr: float = 2e-3
+  eval_every: int = 50
+  eval_batches: int = 8
+
+
+TINY = dict(steps=8, batch_size=4, seq_len=32, d_model=32, n_layers=1, n_heads=2, eval_every=4, eval_batches=1,
+            seeds=2, other_seeds=1)
 
 
 def model_config(args, mixer: str, impl: str) -> ModelConfig:
   cb = 64 if args.seq_len >= 64 else 16
   return ModelConfig(mixer=mixer, vocab_size=256, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads,
                      content_block=cb, chunk_size=min(64, cb), mlp_multiple=64, max_seq_len=args.seq_len,
-                     compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+                     compute_dtype="bfloat16" if runtime.on_gpu() else "float32", impl=impl)
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  C.add_common_args(p)
-  p.add_argument("--tokens_dir", default=None, help="byte export folder (default: the committed fixture corpus)")
-  p.add_argument("--mixers", default=",".join(C.MIXERS))
-  p.add_argument("--seeds", type=int, default=3, help="seeds for carve and gdn2")
-  p.add_argument("--other_seeds", type=int, default=1, help="seeds for kda, gdn, attention")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--seq_len", type=int, default=512)
-  p.add_argument("--d_model", type=int, default=384)
-  p.add_argument("--n_layers", type=int, default=6)
-  p.add_argument("--n_heads", type=int, default=6)
-  p.add_argument("--lr", type=float, default=2e-3)
-  p.add_argument("--eval_every", type=int, default=50)
-  p.add_argument("--eval_batches", type=int, default=8)
-  args = p.parse_args(argv)
-  if args.tiny:
-    args.steps, args.batch_size, args.seq_len = 8, 4, 32
-    args.d_model, args.n_layers, args.n_heads = 32, 1, 2
-    args.eval_every, args.eval_batches = 4, 1
-    args.seeds, args.other_seeds = 2, 1
-  C.enable_compile_cache()
-  impl = C.pick_impl(args.impl, args.tiny)
-  train, train_src = C.load_stream(args.tokens_dir, "train")
-  val, _ = C.load_stream(args.tokens_dir, "val")
-  val_batches = C.fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size, n_batches=args.eval_batches)
-  eval_fn = C.make_loss_eval(val_batches)
+  args = flags.parse(LmCompareFlags, argv, prog="python -m experiments.lm_compare", description=__doc__, tiny=TINY)
+  runtime.setup()
+  impl = ops.resolve_impl(args.impl)
+  train, train_src = load_stream(args.tokens_dir, "train")
+  val, _ = load_stream(args.tokens_dir, "val")
+  val_batches = fixed_batches(val, seq_len=args.seq_len, batch_size=args.batch_size, n_batches=args.eval_batches)
+  eval_fn = make_loss_eval(val_batches)
   mixers = args.mixers.split(",")
   runs = []
   name = "lm_compare" + args.tag
@@ -73,24 +94,26 @@ def main(argv=None) -> dict:
   order = [(m, s) for s in range(max(args.seeds, args.other_seeds)) for m in mixers
            if s < (args.seeds if m in ("carve", "gdn2") else args.other_seeds)]
   # Each mixer's step compiles once, in a background thread, all of them at the start; the seeds reuse it.
+  cache, lock, optim = StepCache(compile_threads()), GpuLock.from_env(), short_optim(args.steps, lr=args.lr)
   for mixer in mixers:
-    C.precompile(model_config(args, mixer, impl),
-                 C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)(0),
-                 steps=args.steps, lr=args.lr)
+    cache.precompile(model_config(args, mixer, impl),
+                     window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=0)(0), optim,
+                     args.steps)
   for mixer, seed in order:
     cfg = model_config(args, mixer, impl)
     print(f"[lm_compare] {mixer} seed {seed}", flush=True)
-    r = C.train_model(cfg, C.window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=seed),
-                      steps=args.steps, seed=seed, lr=args.lr, eval_fn=eval_fn, eval_every=args.eval_every)
+    r = train_on_batches(cfg, window_batches(train, seq_len=args.seq_len, batch_size=args.batch_size, seed=seed),
+                         steps=args.steps, seed=seed, optim=optim, cache=cache, eval_fn=eval_fn,
+                         eval_every=args.eval_every, lock=lock)
     val_curve = [(h["step"], h["val_loss"]) for h in r.history if "val_loss" in h]
     runs.append({"mixer": mixer, "seed": seed, "params": r.params_count, "val_curve": val_curve,
                  "train_curve": [(h["step"], h["loss"]) for h in r.history if "loss" in h],
                  "final_val_loss": val_curve[-1][1], "final_val_ppl": math.exp(val_curve[-1][1]),
                  "tokens_per_s": r.tokens_per_s, "compile_s": r.compile_s, "compile_wait_s": r.compile_wait_s,
-                 "gpu_wait_s": r.gpu_wait_s, "train_s": r.train_s,
+                 "gpu_wait_s": r.lock_wait_s, "train_s": r.train_s,
                  "step_memory_bytes": r.step_memory_bytes, "peak_memory_bytes_process": r.peak_memory_bytes})
     print(f"  final val {val_curve[-1][1]:.4f}  {r.tokens_per_s:,.0f} tok/s  compile {r.compile_s:.1f}s "
-          f"(waited {r.compile_wait_s:.1f}s; GPU turn waited {r.gpu_wait_s:.1f}s; {r.train_s:.1f}s timed)", flush=True)
+          f"(waited {r.compile_wait_s:.1f}s; GPU turn waited {r.lock_wait_s:.1f}s; {r.train_s:.1f}s timed)", flush=True)
     _write(name, args, impl, train_src, runs)  # partial results survive a timeout
   return _write(name, args, impl, train_src, runs)
 
@@ -100,7 +123,7 @@ def _write(name, args, impl, train_src, runs) -> dict:
   summary = {}
   for mixer in dict.fromkeys(r["mixer"] for r in runs):
     rs = [r for r in runs if r["mixer"] == mixer]
-    m, s = C.mean_std(r["final_val_loss"] for r in rs)
+    m, s = mean_std(r["final_val_loss"] for r in rs)
     summary[mixer] = {"seeds": len(rs), "val_loss_mean": m, "val_loss_std": s, "val_ppl_mean": math.exp(m),
                       "params": rs[0]["params"]["total"], "tokens_per_s_mean": float(np.mean([r["tokens_per_s"] for r in rs])),
                       "step_memory_bytes": rs[0]["step_memory_bytes"]}
@@ -119,20 +142,20 @@ def _write(name, args, impl, train_src, runs) -> dict:
              "epochs_of_full_corpus": tokens / CORPUS_TRAIN_BYTES, "summary": summary, "carve_vs_gdn2": diff,
              "runs": runs}
   rows = [[k, v["seeds"], v["params"], f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f}", v["val_ppl_mean"],
-           f"{v['tokens_per_s_mean']:,.0f}", C.fmt_bytes(v["step_memory_bytes"])] for k, v in summary.items()]
+           f"{v['tokens_per_s_mean']:,.0f}", report.fmt_bytes(v["step_memory_bytes"])] for k, v in summary.items()]
   md = (f"Byte-level LMs, d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, batch "
         f"{args.batch_size} x {args.seq_len}, {args.steps} AdamW steps (lr {args.lr}, warmup 10%, cosine) = "
         f"{tokens:,} training bytes per run ({tokens / CORPUS_TRAIN_BYTES:.3f} epochs of the 113.4M-byte corpus; "
         f"windows sampled at random, seed = run seed). Data: {train_src}. Validation: {args.eval_batches} fixed "
         f"batches of held-out documents. impl={impl}.\n\n"
-        + C.md_table(["mixer", "seeds", "params", "val loss (nats/byte) mean ± std", "val ppl", "tokens/s",
+        + report.md_table(["mixer", "seeds", "params", "val loss (nats/byte) mean ± std", "val ppl", "tokens/s",
                       "XLA step memory"], rows))
   if diff:
     md += (f"\n\nCARVE − GDN-2 final validation loss: {diff['carve_minus_gdn2_val_loss']:+.4f} ± {diff['stderr']:.4f} "
            f"(std. error, Welch t = {diff['welch_t']:.2f}); perplexity difference {diff['carve_minus_gdn2_ppl']:+.4f}.")
-  plt = C.plt()
+  plt = report.plt()
   fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-  colors = dict(zip(C.MIXERS, ("C0", "C1", "C2", "C3", "C4")))
+  colors = dict(zip(MIXERS, ("C0", "C1", "C2", "C3", "C4")))
   for r in runs:
     s, v = zip(*r["val_curve"])
     ax[0].plot(s, v, color=colors.get(r["mixer"]), alpha=0.8, label=r["mixer"] if r["seed"] == 0 else None)
@@ -143,7 +166,7 @@ def _write(name, args, impl, train_src, runs) -> dict:
   for a in ax:
     a.legend()
   fig.suptitle(f"lm_compare ({'tiny, CPU' if args.tiny else 'GPU'}): {tokens:,} bytes per run")
-  C.write_results(name, args.out_dir, payload, md, fig)
+  report.write_results(name, args.out_dir or report.results_dir("lm_compare"), payload, md, fig)
   plt.close(fig)
   return payload
 

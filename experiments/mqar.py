@@ -5,23 +5,48 @@ key-value pairs is drawn per batch from `--train_pairs`; each model is then scor
 (sequence length, pairs), longer sequences than trained included (length generalisation).
 Accuracy = fraction of query positions whose argmax is the value bound to the queried key.
 
-    python experiments/mqar.py --tiny                 # CPU, < 60 s
-    python experiments/mqar.py                        # GPU (experiments/gpu_experiments.sh)
+    python -m experiments.mqar --tiny                 # CPU, < 60 s
+    python -m experiments.mqar                        # GPU (experiments/gpu_experiments.sh)
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import dataclasses
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from carve_jax import ops
+from carve_jax.configs import ModelConfig
+from experiments import flags, report, runtime
+from experiments.scoring import masked_accuracy
+from experiments.task_models import TaskModelFlags, train_task_models
+from experiments.tasks.mqar import mqar_batch
 
-from carve_jax.configs import ModelConfig  # noqa: E402
-from experiments import common as C  # noqa: E402
-from experiments.tasks.mqar import mqar_batch  # noqa: E402
+
+@dataclasses.dataclass(frozen=True)
+class MqarFlags(TaskModelFlags):
+  """Flags of the MQAR experiment.
+
+  Attributes:
+    vocab_size: keys in [1, V/2), values in [V/2, V).
+    train_len: training sequence length.
+    train_pairs: comma-separated key-value pair counts, one drawn per training batch.
+    eval_grid: comma-separated seq_len:pairs cells of the evaluation.
+    steps: training steps per model.
+    batch_size: rows per batch.
+    eval_batches: held-out batches per cell.
+  """
+  vocab_size: int = 8192
+  train_len: int = 256
+  train_pairs: str = "8,16,32,64"
+  eval_grid: str = "128:8,128:32,256:16,256:32,256:64,512:32,512:64,512:128"
+  steps: int = 800
+  batch_size: int = 64
+  eval_batches: int = 4
+
+
+TINY = dict(vocab_size=64, train_len=32, train_pairs="2,4,8", eval_grid="32:4,32:8,64:8", steps=20, batch_size=16,
+            d_model=32, n_layers=1, eval_batches=1)
 
 
 def _ints(s: str) -> list[int]:
@@ -29,28 +54,9 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  C.add_common_args(p)
-  p.add_argument("--mixers", default=",".join(C.MIXERS))
-  p.add_argument("--vocab_size", type=int, default=8192)
-  p.add_argument("--train_len", type=int, default=256)
-  p.add_argument("--train_pairs", default="8,16,32,64")
-  p.add_argument("--eval_grid", default="128:8,128:32,256:16,256:32,256:64,512:32,512:64,512:128",
-                 help="comma-separated seq_len:pairs")
-  p.add_argument("--steps", type=int, default=800)
-  p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--d_model", type=int, default=128)
-  p.add_argument("--n_layers", type=int, default=2)
-  p.add_argument("--n_heads", type=int, default=2)
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--eval_batches", type=int, default=4)
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  if args.tiny:
-    args.vocab_size, args.train_len, args.train_pairs, args.eval_grid = 64, 32, "2,4,8", "32:4,32:8,64:8"
-    args.steps, args.batch_size, args.d_model, args.n_layers, args.eval_batches = 20, 16, 32, 1, 1
-  C.enable_compile_cache()
-  impl = C.pick_impl(args.impl, args.tiny)
+  args = flags.parse(MqarFlags, argv, prog="python -m experiments.mqar", description=__doc__, tiny=TINY)
+  runtime.setup()
+  impl = ops.resolve_impl(args.impl)
   train_pairs = _ints(args.train_pairs)
   grid = [tuple(int(v) for v in x.split(":")) for x in args.eval_grid.split(",")]
   eval_sets = {f"{T}:{P}": [mqar_batch(np.random.default_rng([10_000 + args.seed, T, P, i]), batch_size=args.batch_size,
@@ -66,14 +72,14 @@ def main(argv=None) -> dict:
     cb = 64 if args.train_len >= 64 else 16
     return ModelConfig(mixer=mixer, vocab_size=args.vocab_size, d_model=args.d_model, n_layers=args.n_layers,
                        n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32,
-                       max_seq_len=max(T for T, _ in grid), compute_dtype="bfloat16" if C.on_gpu() else "float32",
+                       max_seq_len=max(T for T, _ in grid), compute_dtype="bfloat16" if runtime.on_gpu() else "float32",
                        impl=impl)
 
   def accuracy(model):
-    return {k: C.masked_accuracy(model, b) for k, b in eval_sets.items()}
+    return {k: masked_accuracy(model, b) for k, b in eval_sets.items()}
 
   name = "mqar" + args.tag
-  runs = C.train_task_models("mqar", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
+  runs = train_task_models("mqar", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
                              lr=args.lr, accuracy=accuracy, on_run=lambda runs: _write(name, args, impl, grid, runs))
   return _write(name, args, impl, grid, runs)
 
@@ -94,8 +100,8 @@ def _write(name, args, impl, grid, runs) -> dict:
         f"({args.steps * args.batch_size:,} examples, each freshly generated); accuracy over "
         f"{args.eval_batches * args.batch_size} held-out rows per cell (columns: seq_len:pairs; lengths above "
         f"{args.train_len} test length generalisation). impl={impl}.\n\n"
-        + C.md_table(["mixer", "params"] + keys + ["mean"], rows))
-  plt = C.plt()
+        + report.md_table(["mixer", "params"] + keys + ["mean"], rows))
+  plt = report.plt()
   fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(keys) + 2), 4))
   w = 0.8 / max(len(runs), 1)
   for i, r in enumerate(runs):
@@ -104,7 +110,7 @@ def _write(name, args, impl, grid, runs) -> dict:
   ax.set(ylabel="accuracy", xlabel="seq_len:pairs", ylim=(0, 1.02),
          title=f"MQAR ({'tiny, CPU' if args.tiny else 'GPU'}), trained at length {args.train_len}")
   ax.legend(fontsize=8)
-  C.write_results(name, args.out_dir, payload, md, fig)
+  report.write_results(name, args.out_dir or report.results_dir("mqar"), payload, md, fig)
   plt.close(fig)
   return payload
 

@@ -6,54 +6,63 @@ each context length of `--eval_lens` (longer than trained: length generalisation
 probes a model past its training length). A row counts as right when every answer token is
 the argmax (teacher forcing; equal to greedy decoding of the whole answer).
 
-    python experiments/needle.py --tiny                                 # CPU, < 60 s
-    python experiments/needle.py --tokens_dir .data/exp                 # GPU (gpu_experiments.sh)
+    python -m experiments.needle --tiny                                 # CPU, < 60 s
+    python -m experiments.needle --tokens_dir .data/exp                 # GPU (gpu_experiments.sh)
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import dataclasses
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from carve_jax import ops
+from carve_jax.configs import ModelConfig
+from experiments import flags, report, runtime
+from experiments.scoring import masked_accuracy
+from experiments.task_models import TaskModelFlags, train_task_models
+from experiments.tasks.needle import TASKS, VOCAB_SIZE, needle_batch
+from experiments.windows import load_stream
 
-from carve_jax.configs import ModelConfig  # noqa: E402
-from experiments import common as C  # noqa: E402
-from experiments.tasks.needle import TASKS, TRAIN_TASKS, VOCAB_SIZE, needle_batch  # noqa: E402
+
+@dataclasses.dataclass(frozen=True)
+class NeedleFlags(TaskModelFlags):
+  """Flags of the needle experiment.
+
+  Attributes:
+    tokens_dir: byte export folder for the haystack (default: fixture corpus).
+    train_len: training context length.
+    eval_lens: comma-separated context lengths of the evaluation.
+    n_needles: needles of the multi-key / multi-value probes.
+    width: tokens per key and per value.
+    train_tasks: training mixture, from single, multikey, multivalue, multiquery (multiquery: denser supervision, training only).
+    train_needles: needles per training row of multikey/multivalue/multiquery (default: --n_needles).
+    steps: training steps per model.
+    batch_size: rows per batch.
+    eval_rows: rows per (task, length).
+  """
+  tokens_dir: str | None = None
+  train_len: int = 1024
+  eval_lens: str = "1024,2048,4096,8192"
+  n_needles: int = 4
+  width: int = 2
+  train_tasks: str = ",".join(TASKS)
+  train_needles: int | None = None
+  steps: int = 400
+  batch_size: int = 16
+  eval_rows: int = 32
+
+
+TINY = dict(train_len=64, eval_lens="64,128", n_needles=2, width=1, train_needles=None, steps=10, batch_size=8,
+            d_model=32, n_layers=1, eval_rows=8)
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  C.add_common_args(p)
-  p.add_argument("--tokens_dir", default=None, help="byte export folder for the haystack (default: fixture corpus)")
-  p.add_argument("--mixers", default=",".join(C.MIXERS))
-  p.add_argument("--train_len", type=int, default=1024)
-  p.add_argument("--eval_lens", default="1024,2048,4096,8192")
-  p.add_argument("--n_needles", type=int, default=4)
-  p.add_argument("--width", type=int, default=2, help="tokens per key and per value")
-  p.add_argument("--train_tasks", default=",".join(TASKS),
-                 help=f"training mixture, from {TRAIN_TASKS} (multiquery: denser supervision, training only)")
-  p.add_argument("--train_needles", type=int, default=None,
-                 help="needles per training row of multikey/multivalue/multiquery (default: --n_needles)")
-  p.add_argument("--steps", type=int, default=400)
-  p.add_argument("--batch_size", type=int, default=16)
-  p.add_argument("--d_model", type=int, default=128)
-  p.add_argument("--n_layers", type=int, default=2)
-  p.add_argument("--n_heads", type=int, default=2)
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--eval_rows", type=int, default=32, help="rows per (task, length)")
-  p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(argv)
-  if args.tiny:
-    args.train_len, args.eval_lens, args.n_needles, args.width, args.train_needles = 64, "64,128", 2, 1, None
-    args.steps, args.batch_size, args.d_model, args.n_layers, args.eval_rows = 10, 8, 32, 1, 8
-  C.enable_compile_cache()
-  impl = C.pick_impl(args.impl, args.tiny)
-  train, src = C.load_stream(args.tokens_dir, "train")
-  val, _ = C.load_stream(args.tokens_dir, "val")
+  args = flags.parse(NeedleFlags, argv, prog="python -m experiments.needle", description=__doc__, tiny=TINY)
+  runtime.setup()
+  impl = ops.resolve_impl(args.impl)
+  train, src = load_stream(args.tokens_dir, "train")
+  val, _ = load_stream(args.tokens_dir, "val")
   lens = [int(x) for x in args.eval_lens.split(",")]
   kw = dict(n_needles=args.n_needles, width=args.width)
   eval_sets = {(task, T): needle_batch(np.random.default_rng([20_000 + args.seed, T, i]), batch_size=args.eval_rows,
@@ -71,17 +80,17 @@ def main(argv=None) -> dict:
     cb = 64 if args.train_len >= 64 else 16
     return ModelConfig(mixer=mixer, vocab_size=VOCAB_SIZE, d_model=args.d_model, n_layers=args.n_layers,
                        n_heads=args.n_heads, content_block=cb, chunk_size=cb, mlp_multiple=32, max_seq_len=max(lens),
-                       compute_dtype="bfloat16" if C.on_gpu() else "float32", impl=impl)
+                       compute_dtype="bfloat16" if runtime.on_gpu() else "float32", impl=impl)
 
   def accuracy(model):
     acc = {}
     for (task, T), b in eval_sets.items():
       bs = [{k: v[i:i + 8] for k, v in b.items()} for i in range(0, args.eval_rows, 8)] if T >= 4096 else [b]
-      acc[f"{task}@{T}"] = C.masked_accuracy(model, bs, per_row=True)
+      acc[f"{task}@{T}"] = masked_accuracy(model, bs, per_row=True)
     return acc
 
   name = "needle" + args.tag
-  runs = C.train_task_models("needle", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
+  runs = train_task_models("needle", args.mixers.split(","), config, batch_fn, steps=args.steps, seed=args.seed,
                              lr=args.lr, accuracy=accuracy, digits=2,
                              on_run=lambda runs: _write(name, args, impl, src, lens, runs))
   return _write(name, args, impl, src, lens, runs)
@@ -101,8 +110,8 @@ def _write(name, args, impl, src, lens, runs) -> dict:
         f"{{{args.train_tasks}}} ({args.train_needles or args.n_needles} needles per training row of the many-needle "
         f"tasks), probed with {args.n_needles} needles for multi-key/multi-value; keys and values of {args.width} "
         f"tokens; haystack: {src}. Exact-match accuracy over {args.eval_rows} held-out rows per cell "
-        f"(validation text as haystack). impl={impl}.\n\n" + C.md_table(["mixer", "params"] + cols, rows))
-  plt = C.plt()
+        f"(validation text as haystack). impl={impl}.\n\n" + report.md_table(["mixer", "params"] + cols, rows))
+  plt = report.plt()
   fig, axs = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.6), sharey=True)
   for ax, task in zip(axs, TASKS):
     for r in runs:
@@ -112,7 +121,7 @@ def _write(name, args, impl, src, lens, runs) -> dict:
   axs[0].set_ylabel("exact-match accuracy")
   axs[-1].legend(fontsize=8)
   fig.suptitle(f"needle ({'tiny, CPU' if args.tiny else 'GPU'}), trained at {args.train_len} (dotted)")
-  C.write_results(name, args.out_dir, payload, md, fig)
+  report.write_results(name, args.out_dir or report.results_dir("needle"), payload, md, fig)
   plt.close(fig)
   return payload
 

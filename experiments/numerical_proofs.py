@@ -1,6 +1,6 @@
 """Print and record the numerical proofs of the math core (the spec's "What counts as done").
 
-    python experiments/numerical_proofs.py [--seed 0] [--out experiments/results/numerical_proofs]
+    python -m experiments.numerical_proofs [--seed 0] [--out experiments/results/numerical_proofs/numerical_proofs]
 
 For every model of the family: the WY chunk form against the token-by-token recurrence, forward and
 gradients of all inputs, float64 and float32, over chunk sizes 16/32/64/128 with T not a multiple
@@ -11,7 +11,7 @@ erase. Fresh random inputs for every seed. Writes `<out>.json` and `<out>.md`.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -102,11 +102,22 @@ def fmt(x):
   return f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProofFlags:
+  """Flags of the numerical proofs.
+
+  Attributes:
+    seed: seed of the random inputs.
+    out: results path without suffix (writes <out>.md and <out>.json).
+  """
+  seed: int = 0
+  out: str = "experiments/results/numerical_proofs/numerical_proofs"
+
+
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--out", default="experiments/results/numerical_proofs")
-  a = p.parse_args(argv)
+  from carve_jax.train.flags import cli
+  a = cli(ProofFlags, sys.argv[1:] if argv is None else list(argv), prog="python -m experiments.numerical_proofs",
+          description=__doc__)
   key = jax.random.PRNGKey(a.seed)
   t0 = time.perf_counter()
   with jax.enable_x64(True):
@@ -119,7 +130,7 @@ def main(argv=None):
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
   table = "\n".join(lines)
   print(table)
-  meta = dict(command="python experiments/numerical_proofs.py " + " ".join(argv or sys.argv[1:]),
+  meta = dict(command="python -m experiments.numerical_proofs " + " ".join(argv or sys.argv[1:]),
               seed=a.seed, shape=SHAPE, grad_shape=GRAD_SHAPE, jax=jax.__version__,
               device=str(jax.devices()[0]), platform=platform.platform(), seconds=time.perf_counter() - t0)
   out = Path(a.out)

@@ -1,5 +1,5 @@
-"""Pure logic of the experiments: the MQAR and needle task generators, the power-law fit, the
-windows of the LM batches. Fast (numpy only, no model)."""
+"""The experiments package: the MQAR and needle task generators, the power-law fit, the windows of
+the LM batches (numpy only), the GPU lock, the flags, and one tiny run through the library's loop."""
 
 import sys
 from pathlib import Path
@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from experiments.stats import fit_power_law
+from experiments.tasks import needle as nd
+from experiments.tasks.mqar import mqar_batch
+from experiments.windows import fixed_batches, window_batches
 
-from experiments.common import fit_power_law, fixed_batches, window_batches  # noqa: E402
-from experiments.tasks import needle as nd  # noqa: E402
-from experiments.tasks.mqar import mqar_batch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("T,P", [(16, 4), (64, 8), (256, 64)])
@@ -121,7 +122,7 @@ def test_lm_windows():
     fixed_batches(stream, seq_len=100, batch_size=5, n_batches=3)
 
 
-def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
+def test_gpu_lock_is_exclusive_and_higher_priority_goes_first(tmp_path):
   """Processes sharing CARVE_GPU_LOCK hold the GPU one at a time; a waiting higher priority goes first."""
   import subprocess
   import textwrap
@@ -130,9 +131,8 @@ def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
   lock, log, go = tmp_path / "gpu.lock", tmp_path / "order.txt", tmp_path / "go"
   script = textwrap.dedent(f"""
       import os, sys, time
-      sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-      from experiments.common import gpu_turn
-      with gpu_turn() as waited:
+      from experiments.gpu_lock import GpuLock
+      with GpuLock.from_env().hold() as waited:
           with open({str(log)!r}, "a") as f:
               f.write(sys.argv[1] + " in\\n")
           while sys.argv[1] == "holder" and not os.path.exists({str(go)!r}):
@@ -143,7 +143,8 @@ def test_gpu_turn_is_exclusive_and_higher_priority_goes_first(tmp_path):
 
   def start(name, prio):
     return subprocess.Popen([sys.executable, "-c", script, name],
-                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"})
+                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"},
+                            cwd=REPO)
 
   def wait_for(cond):
     deadline = time.time() + 60
@@ -175,21 +176,22 @@ def test_announced_higher_priority_goes_before_a_waiting_lower_one(tmp_path):
   lock, log, go = tmp_path / "gpu.lock", tmp_path / "order.txt", tmp_path / "go"
   script = textwrap.dedent(f"""
       import os, sys, time
-      sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-      from experiments.common import announce_gpu_turn, gpu_turn
+      from experiments.gpu_lock import GpuLock
+      lock = GpuLock.from_env()
       if sys.argv[1] == "high":
-          announce_gpu_turn()
+          lock.announce()
           while not os.path.exists({str(go)!r}):
               time.sleep(0.01)
           time.sleep(0.3)  # still setting up after the go
-      with gpu_turn():
+      with lock.hold():
           with open({str(log)!r}, "a") as f:
               f.write(sys.argv[1] + "\\n")
   """)
 
   def start(name, prio):
     return subprocess.Popen([sys.executable, "-c", script, name],
-                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"})
+                            env={"CARVE_GPU_LOCK": str(lock), "CARVE_GPU_PRIORITY": str(prio), "PATH": "/usr/bin:/bin"},
+                            cwd=REPO)
 
   high = start("high", 3)
   deadline = time.time() + 60
@@ -203,10 +205,12 @@ def test_announced_higher_priority_goes_before_a_waiting_lower_one(tmp_path):
   assert log.read_text().split() == ["high", "low"]
 
 
-def test_gpu_turn_without_lock_is_a_no_op(monkeypatch):
-  from experiments.common import gpu_turn
+def test_gpu_lock_without_a_path_is_a_no_op(monkeypatch):
+  from experiments.gpu_lock import GpuLock
   monkeypatch.delenv("CARVE_GPU_LOCK", raising=False)
-  with gpu_turn() as waited:
+  lock = GpuLock.from_env()
+  lock.announce()
+  with lock.hold() as waited:
     assert waited == 0.0
 
 
@@ -225,18 +229,48 @@ def test_bench_train_plan_and_row_filter():
 
 @pytest.mark.slow
 def test_bench_train_tiny_runs_on_cpu(tmp_path):
-  """`bench_train.py --tiny` end to end: a row with device and loop numbers, results md/json/png."""
+  """`python -m experiments.bench_train --tiny` end to end: a row with device and loop numbers, results md/json/png."""
   import json
   import os
   import subprocess
   repo = Path(__file__).resolve().parents[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
-  r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_train.py"), "--tiny", "--mixers", "attention",
+  r = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--tiny", "--mixers", "attention",
                       "--out_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")], capture_output=True,
-                     text=True, timeout=600, env=env)
+                     text=True, timeout=600, env=env, cwd=repo)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   rows = json.loads((tmp_path / "bench_train_tiny.json").read_text())["rows"]
   assert len(rows) == 1 and not rows[0].get("error"), rows
   row = rows[0]
   assert row["device_ms"] > 0 and row["loop_tokens_per_s"] > 0 and row["first_step_s"] > 0
   assert (tmp_path / "bench_train_tiny.md").exists() and (tmp_path / "bench_train_tiny.png").exists()
+
+
+def test_experiment_flags_tiny_and_bad_flag(capsys):
+  """Flags of an experiment are its dataclass's; --tiny replaces the sizes; a typo names the flag."""
+  from experiments import mqar
+  a = mqar.flags.parse(mqar.MqarFlags, ["--mixers", "gdn", "--steps", "5", "--lr=1e-3"], prog="mqar",
+                       description="", tiny=mqar.TINY)
+  assert (a.mixers, a.steps, a.lr, a.tiny, a.d_model) == ("gdn", 5, 1e-3, False, 128)
+  t = mqar.flags.parse(mqar.MqarFlags, ["--tiny", "--steps", "500", "--tag", "_x"], prog="mqar", description="",
+                       tiny=mqar.TINY)
+  assert (t.steps, t.d_model, t.tag) == (mqar.TINY["steps"], mqar.TINY["d_model"], "_x")  # tiny sizes win
+  with pytest.raises(SystemExit) as e:
+    mqar.flags.parse(mqar.MqarFlags, ["--stpes", "5"], prog="mqar", description="", tiny=mqar.TINY)
+  assert e.value.code == 2 and "--stpes" in capsys.readouterr().err
+
+
+def test_mqar_tiny_one_mixer_through_the_library_loop(tmp_path, monkeypatch):
+  """`python -m experiments.mqar --tiny` for one mixer: trained by carve_jax.train.batch_loop, results
+  written under --out_dir, throughput counted over the steps after the first."""
+  import json
+  from experiments import mqar
+  monkeypatch.setenv("CARVE_COMPILE_THREADS", "1")
+  out = mqar.main(["--tiny", "--mixers", "gdn", "--out_dir", str(tmp_path), "--tag", "_t"])
+  run, = out["runs"]
+  assert run["mixer"] == "gdn" and run["tokens_per_s"] > 0 and run["train_s"] > 0
+  assert [s for s, _ in run["train_curve"]] == list(range(1, mqar.TINY["steps"] + 1))
+  assert set(run["accuracy"]) == {"32:4", "32:8", "64:8"}
+  saved = json.loads((tmp_path / "mqar_t.json").read_text())
+  assert saved["runs"][0]["mixer"] == "gdn" and saved["env"]["command"].startswith("python")
+  assert (tmp_path / "mqar_t.md").exists() and (tmp_path / "mqar_t.png").exists()

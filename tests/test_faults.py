@@ -34,7 +34,7 @@ from carve_jax.train import checkpoint as ckmod
 from carve_jax.train import distributed as dist
 from carve_jax.train import step as st
 from carve_jax.train.checkpoint import CheckpointCorruptError, CheckpointError, Checkpointer, abstract_like
-from carve_jax.train.config import parse_train_args
+from carve_jax.train.flags import parse_train_args
 from carve_jax.train.metrics import read_jsonl
 from carve_jax.train.runlock import LOCK_NAME, RunLockedError
 

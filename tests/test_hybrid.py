@@ -88,7 +88,7 @@ def test_param_count_by_mixer_kind():
 
 
 def test_layer_pattern_flag():
-  from carve_jax.train.config import parse_train_args
+  from carve_jax.train.flags import parse_train_args
   cfg = parse_train_args(["--preset", "tiny", "--layer_pattern", "carve,carve,carve,attention", "--n_layers", "8"])
   assert cfg.model.layer_pattern == ("carve", "carve", "carve", "attention")
   assert parse_train_args(["--preset", "carve-hybrid-50m", "--layer_pattern", "none"]).model.layer_pattern is None

@@ -250,16 +250,16 @@ def test_cli_round_trip_through_checkpoints(mixer, tmp_path, capsys):
 
 
 def test_fla_check_script_export_only_and_bad_args(tmp_path):
-  script = os.path.join(ROOT, "experiments", "interop_fla_check.py")
+  script = ["-m", "experiments.interop_fla_check"]  # run from the repository root
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   out = tmp_path / "check.md"
-  r = subprocess.run([sys.executable, script, "--export_only", "--d_model", "64", "--n_heads", "2", "--n_layers", "1",
-                      "--lengths", "8", "--models", "gdn2,gdn", "--out", str(out)], env=env, capture_output=True,
-                     text=True, timeout=240)
+  r = subprocess.run([sys.executable, *script, "--export_only", "--d_model", "64", "--n_heads", "2", "--n_layers",
+                      "1", "--lengths", "8", "--models", "gdn2,gdn", "--out", str(out)], env=env, capture_output=True,
+                     text=True, timeout=240, cwd=ROOT)
   assert r.returncode == 0, r.stderr[-2000:]
   text = out.read_text()
   for mixer in ("gdn2", "gdn"):
     assert f"| {mixer} | 8 | ours bf16 |" in text
-  r = subprocess.run([sys.executable, script, "--models", "gdn2,mamba", "--export_only"], env=env,
-                     capture_output=True, text=True, timeout=120)
+  r = subprocess.run([sys.executable, *script, "--models", "gdn2,mamba", "--export_only"], env=env,
+                     capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert r.returncode == 2 and "--models must be a non-empty comma list" in r.stderr

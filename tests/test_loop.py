@@ -13,7 +13,7 @@ from flax import nnx
 
 from carve_jax.train import distributed as dist
 from carve_jax.train import step as st
-from carve_jax.train.config import parse_train_args
+from carve_jax.train.flags import parse_train_args
 from carve_jax.train.metrics import read_jsonl
 
 SMALL = dict(n_layers=1, d_model=32, n_heads=2, content_block=16, chunk_size=16, impl="recurrent")
@@ -88,3 +88,22 @@ def test_flat_step_structure_check_and_metric_unpacking():
   rec = st.unpack_metrics(np.asarray([2.5, 0.75, 0.0, 3.0, np.nan], np.float32))
   assert rec["loss"] == 2.5 and rec["grad_norm"] == 0.75 and rec["finite"] is False and rec["skipped"] == 3
   assert math.isnan(rec["lr"]) and list(rec) == list(st.METRICS)
+
+
+def test_throughput_meter_counts_steps_after_the_first_between_syncs(monkeypatch):
+  """tokens/s = tokens_per_step * timed steps / timed seconds; paused time (evaluation) is left out."""
+  from carve_jax.train import meter as meter_mod
+  clock = iter([10.0, 12.0, 13.0, 20.0, 23.0])  # start, lap, start (after a pause), lap, lap
+  monkeypatch.setattr(meter_mod.time, "perf_counter", lambda: next(clock))
+  m = meter_mod.ThroughputMeter(tokens_per_step=100)
+  assert m.step_s is None and m.tokens_per_s != m.tokens_per_s  # NaN before any timed step
+  m.start()
+  m.count(0.5)
+  m.count(0.25)
+  assert m.lap() == 375.0  # host ms per step of this lap
+  m.start()  # 12 -> 13 is not counted
+  m.count()
+  m.lap()
+  assert (m.steps, m.seconds) == (3, 9.0) and m.tokens_per_s == 100 * 3 / 9.0 and m.step_s == 3.0
+  host_ms = m.lap()  # a lap without counted steps adds nothing
+  assert host_ms != host_ms and (m.steps, m.seconds) == (3, 9.0)

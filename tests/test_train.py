@@ -9,8 +9,10 @@
 - A short run lowers the loss; the CLI entry points parse overrides and reject bad ones clearly.
 """
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -26,7 +28,8 @@ from carve_jax.configs import preset
 from carve_jax.train import distributed as dist
 from carve_jax.train import optim
 from carve_jax.train import step as st
-from carve_jax.train.config import OptimConfig, TrainConfig, parse_train_args
+from carve_jax.train.config import OptimConfig, TrainConfig
+from carve_jax.train.flags import parse_train_args
 from carve_jax.train.metrics import read_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,15 +57,21 @@ def test_cli_overrides_parse():
   assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
+def _plain(err: str) -> str:
+  """stderr without tyro's box drawing, whitespace collapsed (its boxes wrap long lines)."""
+  return " ".join(re.sub(r"-{3,}|[│╭╮╰╯─]", " ", err).split())
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--d_modle", "512"], "unrecognized arguments: --d_modle"),
-    (["--d_model", "big"], "argument --d_model: invalid int value: 'big'"),
-    (["--model", "mamba"], "argument --model: invalid choice: 'mamba'"),
+    (["--d_modle", "512"], "Unrecognized options: --d_modle, 512 Perhaps you meant: --d_model INT"),
+    (["--d_model", "big"], "Error parsing --d_model: invalid literal for int() with base 10: 'big'"),
+    (["--model", "mamba"], "invalid choice 'mamba' for argument '--mixer'"),
     (["--d_model", "100", "--n_heads", "3"], "ModelConfig: field `n_heads` must be a divisor of d_model=100"),
     (["--lr", "-1"], "OptimConfig: field `lr` must be > 0, got -1.0"),
     (["--batch_size", "6", "--grad_accum", "4"], "TrainConfig: field `grad_accum` must be a divisor of "
                                                  "data.batch_size=6, got 4"),
-    (["--corpus", "wiki"], "argument --corpus: invalid choice: 'wiki'"),
+    (["--corpus", "wiki"], "invalid choice 'wiki' for argument '--corpus'"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge' (choose from 1.3b, 20m"),
     # issue 16: named flags, and refused before any data is read or downloaded
     (["--config", "/nonexistent/config.json"], "--config /nonexistent/config.json: cannot read it (No such file"),
     (["--tokens_dir", "/nonexistent/export"], "--tokens_dir /nonexistent/export: no such folder"),
@@ -73,7 +82,37 @@ def test_cli_bad_overrides_exit_with_usage_error(capsys, argv, message):
   with pytest.raises(SystemExit) as e:
     parse_train_args(argv)
   assert e.value.code == 2
-  assert message in capsys.readouterr().err
+  assert message in _plain(capsys.readouterr().err)
+
+
+def test_cli_preset_then_overrides_flat_and_dotted():
+  """--preset sets the model, model flags (flat, dotted or hyphenated) override it, other presets' fields stay."""
+  p = preset("demo")
+  cfg = parse_train_args(["--preset", "demo", "--n_layers", "3", "--model.content_block=32", "--chunk-size", "32",
+                          "--data.seq_len", "64", "--no-reset_documents", "--attention_window", "none"])
+  assert (cfg.model.n_layers, cfg.model.content_block, cfg.model.chunk_size) == (3, 32, 32)
+  assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.mixer) == (p.d_model, p.n_heads, p.mixer)
+  assert cfg.data.seq_len == 64 and cfg.data.reset_documents is False and cfg.model.attention_window is None
+  # a flag after the preset wins; without --preset the --config file's model is the base
+  assert parse_train_args(["--preset", "50m", "--d_model", "256", "--n_heads", "4"]).model.d_model == 256
+
+
+def test_cli_config_file_then_overrides(tmp_path):
+  saved = parse_train_args(["--preset", "tiny", "--d_model", "32", "--lr", "1e-2", "--steps", "7"])
+  (tmp_path / "config.json").write_text(saved.to_json())
+  cfg = parse_train_args(["--config", str(tmp_path / "config.json"), "--steps", "9"])
+  assert cfg == dataclasses.replace(saved, steps=9)
+  assert parse_train_args(["--config", str(tmp_path / "config.json"), "--preset", "demo"]).model == preset("demo")
+
+
+def test_cli_help_lists_flags_with_their_docstrings(capsys):
+  with pytest.raises(SystemExit) as e:
+    parse_train_args(["--help"])
+  out = _plain(capsys.readouterr().out)
+  assert e.value.code == 0
+  for text in ("--preset", "--config", "--d_model INT", "--lr FLOAT peak learning rate.",
+               "--ckpt_async, --no_ckpt_async", "--time_limit_s {none}|FLOAT stop cleanly"):
+    assert text in out, text
 
 
 def test_eval_and_generate_cli_errors(tmp_path, capsys):

@@ -13,54 +13,85 @@ model flags.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
+from typing import Literal
 
 from carve_jax.interop.fla_layout import InteropError
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportFlags:
+  """A run's checkpoint to a Hugging Face folder (`carve-export`).
+
+  Attributes:
+    ckpt_dir: a run's checkpoint folder (<out_dir>/checkpoints).
+    out: the Hugging Face folder to write (must not exist or be empty).
+    step: checkpoint step (default: latest).
+  """
+  ckpt_dir: str
+  out: str
+  step: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportFlags:
+  """A Hugging Face folder to a run's checkpoint (`carve-import`).
+
+  Attributes:
+    hf_dir: a Hugging Face folder (config.json + model.safetensors).
+    out_dir: run folder to create; the checkpoint goes to <out_dir>/checkpoints.
+    tokenizer: tokenizer of the run (default: the folder's carve_jax entry, else byte for vocab 256,
+      gpt2 otherwise).
+  """
+  hf_dir: str
+  out_dir: str
+  tokenizer: Literal["byte", "gpt2"] | None = None
+
+
+def _parse(cls, argv, prog: str):
+  from carve_jax.train import flags
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return flags.cli(cls, flags.normalise_argv(argv), prog=prog, description=cls.__doc__.splitlines()[0])
+
+
 def export_main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="carve-export", description=__doc__.splitlines()[0])
-  ap.add_argument("--ckpt_dir", required=True, help="a run's checkpoint folder (<out_dir>/checkpoints)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--out", required=True, help="the Hugging Face folder to write (must not exist or be empty)")
-  args = ap.parse_args(argv)
+  prog = "carve-export"
+  args = _parse(ExportFlags, argv, prog)
   from carve_jax.data.tokenizer import get_tokenizer
   from carve_jax.interop.hf_folder import save_hf
   from carve_jax.train import distributed as dist
   from carve_jax.train.eval import load_trained
+  from carve_jax.train.flags import usage_error
   import jax
   cfg, model, step = load_trained(args.ckpt_dir, args.step, mesh=dist.make_mesh(jax.local_devices()[:1]))
   tok = cfg.data.tokenizer
   try:
     out = save_hf(model, args.out, tokenizer=tok, eos_id=get_tokenizer(tok).eos_id, step=int(step))
   except InteropError as e:
-    ap.error(str(e))
+    usage_error(prog, str(e))
   print(json.dumps({"ckpt_dir": args.ckpt_dir, "step": int(step), "out": out, "mixer": cfg.model.mixer}))
   return 0
 
 
 def import_main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="carve-import", description=__doc__.splitlines()[2].strip())
-  ap.add_argument("--hf_dir", required=True, help="a Hugging Face folder (config.json + model.safetensors)")
-  ap.add_argument("--out_dir", required=True, help="run folder to create; the checkpoint goes to <out_dir>/checkpoints")
-  ap.add_argument("--tokenizer", choices=("byte", "gpt2"), default=None,
-                  help="tokenizer of the run (default: the folder's carve_jax entry, else byte for vocab 256, gpt2 otherwise)")
-  args = ap.parse_args(argv)
+  prog = "carve-import"
+  args = _parse(ImportFlags, argv, prog)
   from carve_jax.interop.hf_folder import load_hf
+  from carve_jax.train.flags import usage_error
   try:
     model, conf = load_hf(args.hf_dir)
   except InteropError as e:
-    ap.error(str(e))
+    usage_error(prog, str(e))
   entry = conf.get("carve_jax") or {}
   tok = args.tokenizer or entry.get("tokenizer") or ("byte" if model.cfg.vocab_size == 256 else "gpt2")
   step = int(entry.get("step") or 0)
   try:
     ckpt_dir = write_checkpoint(model, args.out_dir, tokenizer=tok, step=step)
   except InteropError as e:
-    ap.error(str(e))
+    usage_error(prog, str(e))
   print(json.dumps({"hf_dir": args.hf_dir, "ckpt_dir": ckpt_dir, "step": step, "mixer": model.cfg.mixer,
                     "tokenizer": tok}))
   return 0

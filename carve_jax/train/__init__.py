@@ -1,4 +1,4 @@
-"""Training: config (`config.py`), optimizer (`optim.py`), the data-parallel step (`step.py`),
+"""Training: config (`config.py`), its flags (`flags.py`), optimizer (`optim.py`), the data-parallel step (`step.py`),
 mesh and hosts (`distributed.py`), verified orbax checkpoints (`checkpoint.py`), one run per output
 folder (`runlock.py`), metrics (`metrics.py`),
 the loop (`loop.py`), and the command lines `carve-train` (`cli.py`), `carve-eval` (`eval.py`),
@@ -11,7 +11,8 @@ the loop (`loop.py`), and the command lines `carve-train` (`cli.py`), `carve-eva
 from carve_jax.train.checkpoint import (CheckpointCorruptError, CheckpointError, Checkpointer,
                                         CheckpointIncompleteError, CheckpointMismatchError,
                                         CheckpointNotFoundError)
-from carve_jax.train.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig, parse_train_args
+from carve_jax.train.config import CheckpointConfig, DataConfig, OptimConfig, TrainConfig
+from carve_jax.train.flags import parse_train_args
 from carve_jax.train.loop import TrainingDivergedError, format_summary, train
 from carve_jax.train.optim import decay_mask, lr_schedule, make_optimizer
 from carve_jax.train.runlock import RunDirError, RunLock, RunLockedError

@@ -6,7 +6,8 @@
     carve-train --config runs/demo/config.json --steps 600 --out_dir runs/demo-600
                                               # a new run with a saved run's settings, trained for 600 steps
 
-Every field of `TrainConfig` and its sections is a flag (`--help` lists them); model flags override
+Every field of `TrainConfig` and its sections is a flag of its own name (`--help` lists them;
+`--model.d_model` works too, `carve_jax.train.flags`); model flags override
 `--preset` (default: `tiny`, d_model 64 and 2 layers, or the `--config` file's model). Running the
 same command again resumes from the latest checkpoint that verifies in `<out_dir>/checkpoints` (or
 `--ckpt_dir`); run again once finished, it reports the run and trains nothing. `--steps` is part of
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 
-from carve_jax.train.config import parse_train_args
+from carve_jax.train.flags import parse_train_args
 
 
 def main(argv=None) -> int:

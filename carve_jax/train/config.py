@@ -1,21 +1,17 @@
-"""Training configuration: frozen dataclasses, their JSON form, and flat command-line overrides.
+"""Training configuration: frozen dataclasses, their JSON form, and the resume identity check.
 
 A run is described by one `TrainConfig` holding a `ModelConfig` (from `carve_jax.configs`), an
-`OptimConfig`, a `DataConfig` and a `CheckpointConfig`. Every field of every section is a flag of
-the same name (`--d_model 512 --lr 1e-3 --seq_len 512 --ckpt_every 200`), so field names are unique
-across sections; `--model NAME` is an alias of the model's `--mixer`, and `--preset NAME` picks the
-`carve_jax.configs.PRESETS` entry the model flags then override. Bad values raise `ValueError`
-naming the field, what was expected and what was given (the CLI turns that into a usage error).
+`OptimConfig`, a `DataConfig` and a `CheckpointConfig`. Field names are unique across sections, so
+each is a flag of its own name (`carve_jax.train.flags`, `--help` shows these docstrings). Bad
+values raise `ValueError` naming the field, what was expected and what was given (the CLI turns
+that into a usage error).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +29,16 @@ class OptimConfig:
   """AdamW with linear warmup, cosine decay to `lr * min_lr_ratio`, global-norm clipping.
 
   Weight decay applies to weight matrices only (see `carve_jax.train.optim.decay_mask`).
+
+  Attributes:
+    lr: peak learning rate.
+    min_lr_ratio: the cosine decays to lr * min_lr_ratio.
+    warmup_steps: linear warmup from 0 to lr.
+    b1: AdamW beta1.
+    b2: AdamW beta2.
+    eps: AdamW epsilon.
+    weight_decay: decoupled weight decay (weight matrices only).
+    clip_norm: global gradient-norm clip; 0 disables clipping.
   """
   lr: float = 3e-4
   min_lr_ratio: float = 0.1
@@ -41,7 +47,7 @@ class OptimConfig:
   b2: float = 0.95
   eps: float = 1e-8
   weight_decay: float = 0.1
-  clip_norm: float = 1.0  # 0 disables clipping
+  clip_norm: float = 1.0
 
   def __post_init__(self):
     c = "OptimConfig"
@@ -59,12 +65,18 @@ class OptimConfig:
 class DataConfig:
   """Which corpus and tokenizer, and how batches are cut (see `carve_jax.data`).
 
-  `batch_size` is GLOBAL (sequences per optimizer step over all devices and hosts); each process
-  reads `batch_size / process_count` rows of its own shard of the data.
-  `tokens_dir`: read pre-tokenised `train`/`val` arrays exported by `python -m carve_jax.data export`
-  instead of preparing the corpus (machines without the corpus packages or network).
-  `reset_documents`: batches carry per-token document ids (a new document at each EOS) and every
-  layer of the model resets at a document start (default); False lets windows mix documents.
+  Attributes:
+    corpus: "fixture" (bundled excerpt), "ci" (small) or "full" (docs/DATA.md).
+    tokenizer: "byte" (vocab 256) or "gpt2" (vocab 50257).
+    seq_len: tokens per training sequence.
+    batch_size: GLOBAL sequences per optimizer step over all devices and hosts; each process reads
+      batch_size / process_count rows of its own shard of the data.
+    data_seed: seed of the batch order.
+    data_root: where corpora are prepared (default: the data package's cache).
+    tokens_dir: read pre-tokenised train/val arrays exported by `python -m carve_jax.data export`
+      instead of preparing the corpus (machines without the corpus packages or network).
+    reset_documents: batches carry per-token document ids (a new document at each EOS) and every
+      layer of the model resets at a document start; False lets windows mix documents.
   """
   corpus: Literal["fixture", "ci", "full"] = "ci"
   tokenizer: Literal["byte", "gpt2"] = "byte"
@@ -88,8 +100,12 @@ class DataConfig:
 class CheckpointConfig:
   """Orbax checkpoints: every `ckpt_every` steps (and at the end), keep the last `ckpt_keep`.
 
-  `ckpt_dir` defaults to `<out_dir>/checkpoints`. `restore_step` picks a step to resume from
-  (default: the latest one).
+  Attributes:
+    ckpt_dir: checkpoint folder; None = <out_dir>/checkpoints.
+    ckpt_every: save every this many steps (and at the end).
+    ckpt_keep: keep the newest this many checkpoints.
+    ckpt_async: save in the background while training goes on.
+    restore_step: the step to resume from; None = the newest that verifies.
   """
   ckpt_dir: str | None = None
   ckpt_every: int = 500
@@ -109,12 +125,23 @@ class CheckpointConfig:
 class TrainConfig:
   """One training run.
 
-  steps: optimizer steps in total (the cosine schedule spans them).
-  grad_accum: micro-batches per step (each device's rows are split into this many).
-  max_consecutive_skips: abort (keeping every checkpoint) after this many non-finite steps in a row.
-  distributed: call `jax.distributed.initialize()` first (multi-host; or env CARVE_DISTRIBUTED=1).
-  time_limit_s: stop cleanly (checkpoint, evaluate) once this many seconds have passed; running the
-    same command again resumes. None = no limit.
+  Attributes:
+    model: the model (`carve_jax.configs.ModelConfig`; --preset picks a named one).
+    optim: optimizer and schedule.
+    data: corpus, tokenizer and batches.
+    ckpt: checkpoints.
+    steps: optimizer steps in total (the cosine schedule spans them).
+    grad_accum: micro-batches per step (each device's rows are split into this many).
+    seed: seed of the parameter initialisation and the step RNG.
+    log_every: log (and fetch metrics from the device) every this many steps.
+    eval_every: validation every this many steps; 0 = only at the end.
+    eval_batches: validation batches per evaluation.
+    max_consecutive_skips: abort (keeping every checkpoint) after this many non-finite steps in a row.
+    out_dir: run folder (config.json, metrics.jsonl, tb/, checkpoints/); one run at a time.
+    distributed: call `jax.distributed.initialize()` first (multi-host; or env CARVE_DISTRIBUTED=1).
+    progress: show a progress bar.
+    time_limit_s: stop cleanly (checkpoint, evaluate) once this many seconds have passed; running the
+      same command again resumes. None = no limit.
   """
   model: ModelConfig = field(default_factory=lambda: model_configs.preset("tiny"))
   optim: OptimConfig = field(default_factory=OptimConfig)
@@ -230,116 +257,6 @@ def _norm(x):
   return list(x) if isinstance(x, tuple) else x
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: every field of every section is a flag of its own name.
-
-_SECTIONS = {"optim": OptimConfig, "data": DataConfig, "ckpt": CheckpointConfig}
-
-
-def _flag_type(tp):
-  """(converter, choices, is_bool) for a resolved field type."""
-  origin = typing.get_origin(tp)
-  args = typing.get_args(tp)
-  if origin in (typing.Union, types.UnionType):
-    inner = [a for a in args if a is not type(None)]
-    conv, choices, is_bool = _flag_type(inner[0])
-    return (lambda s: None if s.lower() == "none" else conv(s)), choices, is_bool
-  if origin is Literal:
-    kinds = {type(a) for a in args}
-    conv = kinds.pop() if len(kinds) == 1 else str
-    return conv, list(args), False
-  if tp is bool:
-    return None, None, True
-  if tp in (int, float, str):
-    return tp, None, False
-  if origin is tuple:
-    inner = args[0] if args else str
-    return (lambda s: tuple(inner(x) for x in s.split(",") if x)), None, False
-  return str, None, False
-
-
-def _add_fields(parser, cls, dest_prefix: str, taken: set[str]):
-  hints = typing.get_type_hints(cls)
-  group = parser.add_argument_group(cls.__name__)
-  for f in dataclasses.fields(cls):
-    if f.name in taken:
-      raise AssertionError(f"flag --{f.name} is defined by two config sections")
-    taken.add(f.name)
-    conv, choices, is_bool = _flag_type(hints[f.name])
-    dest = f"{dest_prefix}{f.name}"
-    hint = (f"{cls.__name__}.{f.name} (default: the preset's; --preset defaults to tiny)" if cls is ModelConfig
-            else f"{cls.__name__}.{f.name} (default {f.default!r})")
-    if is_bool:
-      group.add_argument(f"--{f.name}", dest=dest, action=argparse.BooleanOptionalAction,
-                         default=argparse.SUPPRESS, help=hint)
-    else:
-      group.add_argument(f"--{f.name}", dest=dest, type=conv, choices=choices, default=argparse.SUPPRESS,
-                         metavar=None if choices else f.name.upper(), help=hint)
-
-
-def add_train_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-  """Adds `--preset`, `--model`, and one flag per field of every config section."""
-  taken: set[str] = {"preset", "model", "config"}
-  parser.add_argument("--config", default=None, help="a TrainConfig JSON file to start from (e.g. a run's "
-                      "<out_dir>/config.json; give a new --out_dir to start a new run with its settings)")
-  parser.add_argument("--preset", default=None, choices=sorted(model_configs.PRESETS),
-                      help="model preset (carve_jax.configs.PRESETS) the model flags override; default: "
-                      "the --config file's model, else 'tiny' (d_model 64, 2 layers)")
-  mixers = typing.get_args(typing.get_type_hints(ModelConfig).get("mixer"))
-  parser.add_argument("--model", dest="model.mixer", default=argparse.SUPPRESS,
-                      choices=list(mixers) or None, help="alias of --mixer")
-  _add_fields(parser, ModelConfig, "model.", taken)
-  for name, cls in _SECTIONS.items():
-    _add_fields(parser, cls, f"{name}.", taken)
-  top = [f for f in dataclasses.fields(TrainConfig) if f.name not in ("model", *_SECTIONS)]
-  hints = typing.get_type_hints(TrainConfig)
-  group = parser.add_argument_group("TrainConfig")
-  for f in top:
-    if f.name in taken:
-      raise AssertionError(f"flag --{f.name} is defined by two config sections")
-    conv, choices, is_bool = _flag_type(hints[f.name])
-    hint = f"TrainConfig.{f.name} (default {f.default!r})"
-    if is_bool:
-      group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                         help=hint)
-    else:
-      group.add_argument(f"--{f.name}", type=conv, choices=choices, default=argparse.SUPPRESS, help=hint)
-  return parser
-
-
-def config_from_args(ns: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
-  """Builds a TrainConfig from parsed flags on top of `base` (or `--config`, or the defaults).
-
-  The model's `vocab_size` follows the tokenizer unless `--vocab_size` is given.
-  Raises ValueError (naming the field) for values the dataclasses reject.
-  """
-  given = {k: v for k, v in vars(ns).items() if "." in k or k in {f.name for f in dataclasses.fields(TrainConfig)}}
-  if getattr(ns, "config", None):
-    try:
-      with open(ns.config) as fh:
-        base = TrainConfig.from_dict(json.load(fh))
-    except OSError as e:
-      raise ValueError(f"--config {ns.config}: cannot read it ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-      raise ValueError(f"--config {ns.config}: not a JSON file ({e})") from None
-  base = base or TrainConfig()
-  model_over = {k[6:]: v for k, v in given.items() if k.startswith("model.")}
-  preset = getattr(ns, "preset", None)
-  model_base = model_configs.preset(preset) if preset else base.model
-  sec = {name: {k[len(name) + 1:]: v for k, v in given.items() if k.startswith(name + ".")}
-         for name in _SECTIONS}
-  data = dataclasses.replace(base.data, **sec["data"])
-  if "vocab_size" not in model_over and (preset or "tokenizer" in sec["data"]):
-    from carve_jax.data.tokenizer import get_tokenizer
-    model_over["vocab_size"] = get_tokenizer(data.tokenizer).vocab_size
-  model = dataclasses.replace(model_base, **model_over)
-  top = {k: v for k, v in given.items() if "." not in k}
-  cfg = dataclasses.replace(base, model=model, data=data, optim=dataclasses.replace(base.optim, **sec["optim"]),
-                            ckpt=dataclasses.replace(base.ckpt, **sec["ckpt"]), **top)
-  check_before_loading(cfg)
-  return cfg
-
-
 def check_before_loading(cfg: TrainConfig) -> None:
   """What can be checked before any data is read or downloaded; ValueError naming the flag."""
   from carve_jax.data.tokenizer import ByteTokenizer, GPT2Tokenizer  # class attributes: nothing is loaded
@@ -356,15 +273,3 @@ def check_tokens_dir(d: str | None) -> None:
   if d is not None and not os.path.isfile(os.path.join(d, EXPORT_META)):
     raise ValueError(f"--tokens_dir {d}: " + ("no such folder" if not os.path.isdir(d) else "not an export "
                      f"folder (no {EXPORT_META})") + "; make one with python -m carve_jax.data export")
-
-
-def parse_train_args(argv=None, *, prog="carve-train", base: TrainConfig | None = None,
-                     description: str | None = None) -> TrainConfig:
-  """argv -> TrainConfig; unknown flags and rejected values exit with a usage error (status 2)."""
-  parser = add_train_flags(argparse.ArgumentParser(prog=prog, description=description,
-                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
-  ns = parser.parse_args(argv)
-  try:
-    return config_from_args(ns, base)
-  except (ValueError, TypeError) as e:
-    parser.error(str(e))

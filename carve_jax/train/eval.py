@@ -13,17 +13,19 @@ larger than the split holds is cut to the split's distinct batches (said on stde
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import sys
+from typing import Annotated, Literal
 
 import jax
+import tyro
 from flax import nnx
 
 from carve_jax.model import LM
 from carve_jax.train import distributed as dist
+from carve_jax.train import flags
 from carve_jax.train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointError,
                                         CheckpointNotFoundError, abstract_like)
 from carve_jax.train.config import TrainConfig, check_before_loading, check_tokens_dir
@@ -95,35 +97,52 @@ def perplexity(cfg: TrainConfig, model: LM, *, split: str = "val", n_batches: in
           "tokens": n_batches * cfg.data.batch_size * cfg.data.seq_len}
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalFlags:
+  """Perplexity of a checkpoint (`carve-eval`).
+
+  Attributes:
+    ckpt_dir: a run's checkpoint folder (<out_dir>/checkpoints).
+    step: checkpoint step (default: the latest that verifies).
+    split: "val" or "train".
+    eval_batches: batches to average over (default: the run's).
+    batch_size: rows per batch (default: the run's).
+    tokens_dir: pre-tokenised splits (python -m carve_jax.data export).
+    data_root: where corpora are prepared (default: the run's).
+    distributed: jax.distributed.initialize() first.
+    tasks: lm-evaluation-harness tasks instead of perplexity (carve_jax.train.lm_eval_adapter;
+      `carve-eval --ckpt_dir D --tasks piqa --help` lists its flags).
+  """
+  ckpt_dir: str
+  step: Annotated[int | None, tyro.conf.arg(aliases=("--restore_step",))] = None
+  split: Literal["val", "train"] = "val"
+  eval_batches: int | None = None
+  batch_size: int | None = None
+  tokens_dir: str | None = None
+  data_root: str | None = None
+  distributed: bool = False
+  tasks: str | None = None
+
+
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   if any(a == "--tasks" or a.startswith("--tasks=") for a in argv):  # lm-evaluation-harness tasks instead
     from carve_jax.train.lm_eval_adapter import main as tasks_main
     return tasks_main(argv)
-  ap = argparse.ArgumentParser(prog="carve-eval", description=__doc__.splitlines()[0])
-  ap.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks instead of perplexity "
-                  "(carve_jax.train.lm_eval_adapter; `carve-eval --ckpt_dir D --tasks piqa --help` lists its flags)")
-  ap.add_argument("--ckpt_dir", required=True, help="a run's checkpoint folder (<out_dir>/checkpoints)")
-  ap.add_argument("--step", "--restore_step", dest="step", type=int, default=None,
-                  help="checkpoint step (default: the latest that verifies)")
-  ap.add_argument("--split", choices=("val", "train"), default="val")
-  ap.add_argument("--eval_batches", type=int, default=None)
-  ap.add_argument("--batch_size", type=int, default=None)
-  ap.add_argument("--tokens_dir", default=None, help="pre-tokenised splits (python -m carve_jax.data export)")
-  ap.add_argument("--data_root", default=None)
-  ap.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() first")
-  args = ap.parse_args(argv)
+  prog = "carve-eval"
+  args = flags.cli(EvalFlags, flags.normalise_argv(argv), prog=prog,
+                   description=__doc__.splitlines()[0])
   if args.eval_batches is not None and args.eval_batches < 1:
-    ap.error(f"--eval_batches must be >= 1, got {args.eval_batches}")
+    flags.usage_error(prog, f"--eval_batches must be >= 1, got {args.eval_batches}")
   try:
     check_tokens_dir(args.tokens_dir)
   except ValueError as e:
-    ap.error(str(e))
+    flags.usage_error(prog, str(e))
   dist.maybe_initialize(args.distributed)
   try:
     cfg, model, step = load_trained(args.ckpt_dir, args.step)
   except CheckpointError as e:
-    print(f"carve-eval: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {e}", file=sys.stderr)
     return 1
   over = {k: getattr(args, k) for k in ("batch_size", "tokens_dir", "data_root") if getattr(args, k) is not None}
   try:
@@ -131,7 +150,7 @@ def main(argv=None) -> int:
     check_before_loading(cfg)
     out = perplexity(cfg, model, split=args.split, n_batches=args.eval_batches)
   except ValueError as e:
-    ap.error(str(e))
+    flags.usage_error(prog, str(e))
   print(json.dumps({"ckpt_dir": args.ckpt_dir, "step": step, "split": args.split, **out}))
   return 0
 

@@ -9,15 +9,18 @@ from the recurrent cache (`carve_jax.model.generate`). temperature 0 is greedy.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tyro
 
 from carve_jax.train import distributed as dist
+from carve_jax.train import flags
 
 
 def sample(model, tokenizer, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -33,38 +36,56 @@ def sample(model, tokenizer, prompt: str, *, max_new_tokens: int = 200, temperat
   return [tokenizer.decode(row) for row in out]
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateFlags:
+  """Sample text from a checkpoint (`carve-generate`).
+
+  Attributes:
+    ckpt_dir: a run's checkpoint folder (<out_dir>/checkpoints).
+    step: checkpoint step (default: the latest that verifies).
+    prompt: text the samples continue.
+    max_new_tokens: tokens to generate per sample.
+    temperature: softmax temperature; 0 is greedy.
+    top_k: sample among the k most likely tokens; 0 disables top-k.
+    num_samples: samples drawn (in one batch).
+    seed: sampling seed.
+    json: print one JSON object instead of text.
+  """
+  ckpt_dir: str
+  step: Annotated[int | None, tyro.conf.arg(aliases=("--restore_step",))] = None
+  prompt: str = "The "
+  max_new_tokens: int = 200
+  temperature: float = 0.8
+  top_k: int = 40
+  num_samples: int = 1
+  seed: int = 0
+  json: bool = False
+
+
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="carve-generate", description=__doc__.splitlines()[0])
-  ap.add_argument("--ckpt_dir", required=True)
-  ap.add_argument("--step", "--restore_step", dest="step", type=int, default=None,
-                  help="checkpoint step (default: the latest that verifies)")
-  ap.add_argument("--prompt", default="The ")
-  ap.add_argument("--max_new_tokens", type=int, default=200)
-  ap.add_argument("--temperature", type=float, default=0.8)
-  ap.add_argument("--top_k", type=int, default=40, help="0 disables top-k")
-  ap.add_argument("--num_samples", type=int, default=1)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-  args = ap.parse_args(argv)
+  prog = "carve-generate"
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = flags.cli(GenerateFlags, flags.normalise_argv(argv), prog=prog,
+                   description=__doc__.splitlines()[0])
   if args.max_new_tokens < 0:
-    ap.error(f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
+    flags.usage_error(prog, f"--max_new_tokens must be >= 0, got {args.max_new_tokens}")
   if args.num_samples < 1:
-    ap.error(f"--num_samples must be >= 1, got {args.num_samples}")
+    flags.usage_error(prog, f"--num_samples must be >= 1, got {args.num_samples}")
   if args.temperature < 0:
-    ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    flags.usage_error(prog, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
   from carve_jax.data.tokenizer import get_tokenizer
   from carve_jax.train.checkpoint import CheckpointError
   from carve_jax.train.eval import load_trained
   try:
     cfg, model, step = load_trained(args.ckpt_dir, args.step, mesh=dist.make_mesh(jax.local_devices()[:1]))
   except CheckpointError as e:
-    print(f"carve-generate: error: {e}", file=sys.stderr)
+    print(f"{prog}: error: {e}", file=sys.stderr)
     return 1
   tok = get_tokenizer(cfg.data.tokenizer)
   n_prompt = max(len(tok.encode(args.prompt)), 1)
   if cfg.model.mixer == "attention" and n_prompt + args.max_new_tokens > cfg.model.max_seq_len:
-    ap.error(f"--max_new_tokens {args.max_new_tokens} + the prompt's {n_prompt} tokens exceed this attention "
-             f"model's max_seq_len={cfg.model.max_seq_len} (its RoPE and KV cache are sized for it)")
+    flags.usage_error(prog, f"--max_new_tokens {args.max_new_tokens} + the prompt's {n_prompt} tokens exceed "
+                      f"this attention model's max_seq_len={cfg.model.max_seq_len} (its RoPE and KV cache are sized for it)")
   texts = sample(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k or None, seed=args.seed, num_samples=args.num_samples)
   if args.json:

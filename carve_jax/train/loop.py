@@ -38,6 +38,7 @@ from carve_jax.model import LM, param_count
 from carve_jax.train import distributed as dist
 from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
 from carve_jax.train.config import DataConfig, TrainConfig
+from carve_jax.train.meter import ThroughputMeter
 from carve_jax.train.metrics import MetricsLogger, format_bytes, mfu, read_jsonl, truncate_jsonl
 from carve_jax.train.runlock import RunLock
 from carve_jax.train.optim import lr_schedule, make_optimizer
@@ -147,6 +148,60 @@ def _logged_results(path: str) -> dict:
   return out
 
 
+class _StepLog:
+  """The one host sync of the hot loop: `flush` fetches the pending steps' metrics (still on the
+  device until then), logs one train record per step and a perf record, and counts non-finite
+  steps in a row (`max_consecutive_skips` of them raise TrainingDivergedError)."""
+
+  def __init__(self, cfg: TrainConfig, logger: MetricsLogger, meter: ThroughputMeter, bar, *, has_lr: bool,
+               on_step, latest_checkpoint: Callable[[], int | None]):
+    self.cfg, self.logger, self.meter, self.bar = cfg, logger, meter, bar
+    self.has_lr, self.on_step, self.latest_checkpoint = has_lr, on_step, latest_checkpoint
+    self.pending: list[tuple[int, jax.Array]] = []  # (step, packed metrics on the device)
+    self.consecutive = 0
+    self.last_train = math.nan  # mean finite loss of the last flushed steps
+
+  def flush(self, step_now: int) -> None:
+    if not self.pending:
+      return
+    host = np.asarray(jax.device_get([m for _, m in self.pending])).reshape(len(self.pending), len(METRICS))
+    host_ms = self.meter.lap()
+    losses = []
+    for (s, _), vec in zip(self.pending, host):
+      rec = unpack_metrics(vec)
+      if not self.has_lr:
+        del rec["lr"]
+      self.consecutive = 0 if rec["finite"] else self.consecutive + 1
+      self.logger.log(s, "train", **rec)
+      losses.append(rec["loss"])
+      if self.on_step is not None:
+        self.on_step(s, rec)
+      if self.consecutive >= self.cfg.max_consecutive_skips:
+        raise TrainingDivergedError(
+            f"{self.consecutive} consecutive steps up to step {s} had a non-finite loss or gradient; stopping. "
+            f"Checkpoints under {self.cfg.checkpoint_dir} are kept (latest: {self.latest_checkpoint()}).")
+    self.pending.clear()
+    finite = [x for x in losses if math.isfinite(x)]
+    self.last_train = float(np.mean(finite)) if finite else math.nan
+    tps = self.meter.tokens_per_s
+    self.logger.log(step_now, "perf", tokens_per_s=tps, peak_device_bytes=dist.peak_memory_bytes() or 0,
+                    host_peak_rss_bytes=dist.host_peak_rss_bytes(), host_ms_per_step=host_ms)
+    self.bar.set_postfix(loss=f"{self.last_train:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+
+def _restored_state(cfg: TrainConfig, ckpt: Checkpointer, state, train_iter, mesh):
+  """(state, start step, whether a checkpoint was restored); moves `train_iter` to its position."""
+  restore_step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
+  restored = _restore(ckpt, abstract_like(state, dist.replicated(mesh)), cfg) if restore_step is not None else None
+  if restored is None:
+    return state, 0, False
+  state, data_state, _ = restored
+  train_iter.set_state(data_state)
+  if jax.process_index() == 0:
+    print(f"resumed from {cfg.checkpoint_dir} step {int(state.step)}")
+  return state, int(state.step), True
+
+
 def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
            on_step: Callable[[int, dict], None] | None = None) -> dict:
   t_start = time.time()
@@ -169,18 +224,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   ckpt = Checkpointer(cfg.checkpoint_dir, config=cfg.to_dict(), every=cfg.ckpt.ckpt_every,
                       keep=cfg.ckpt.ckpt_keep, async_save=cfg.ckpt.ckpt_async)
   train_iter = batch_iterator(train_tokens, cfg.data, local_bs)
-  restore_step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
-  start = 0
-  restored = _restore(ckpt, abstract_like(state, dist.replicated(mesh)), cfg) if restore_step is not None else None
-  if restored is None:
-    restore_step = None
-  else:
-    state, data_state, _ = restored
-    train_iter.set_state(data_state)
-    start = int(state.step)
-    if main:
-      print(f"resumed from {cfg.checkpoint_dir} step {start}")
-
+  state, start, resumed = _restored_state(cfg, ckpt, state, train_iter, mesh)
   step_fn = FlatTrainStep(graphdef, rest, optimizer, mesh, state, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
                           schedule=schedule)
   leaves = step_fn.flatten(state)
@@ -194,57 +238,19 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   if logged is not None:
     print(f"the run under {cfg.out_dir} already finished its {cfg.steps} steps: nothing to train "
           "(to train for more steps, see carve-train --help)")
-  last_eval_s = None
   if main:
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as fh:
       fh.write(cfg.to_json())
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step",
              dynamic_ncols=True)
-  pending: list[tuple[int, jax.Array]] = []  # (step, packed metrics still on the device)
-  last_train, val_loss, consecutive = math.nan, None, 0
-  # Throughput counts steps after the first (which includes compilation), timed between flushes.
-  timed_steps, timed_s, t_mark, since_mark, compile_s = 0, 0.0, None, 0, None
-  host_s = 0.0  # host time inside the timed steps' loop bodies (data, transfer, dispatch): see `perf`
-  every = cfg.ckpt.ckpt_every
+  meter = ThroughputMeter(tokens_per_step)  # steps after the first (which includes compilation)
+  log = _StepLog(cfg, logger, meter, bar, has_lr=schedule is not None, on_step=on_step,
+                 latest_checkpoint=ckpt.latest_step)
+  val_loss, compile_s, last_eval_s = None, None, None
 
-  def flush(step_now: int):
-    """The one host sync of the hot loop: fetch the pending steps' metrics, log them."""
-    nonlocal last_train, consecutive, timed_steps, timed_s, t_mark, since_mark, host_s
-    host = np.asarray(jax.device_get([m for _, m in pending])).reshape(len(pending), len(METRICS))
-    t_now = time.time()
-    timed_now = since_mark
-    if t_mark is not None and since_mark:
-      timed_steps += since_mark
-      timed_s += t_now - t_mark
-    t_mark, since_mark = t_now, 0
-    losses = []
-    for (s, _), vec in zip(pending, host):
-      rec = unpack_metrics(vec)
-      if schedule is None:
-        del rec["lr"]
-      consecutive = 0 if rec["finite"] else consecutive + 1
-      logger.log(s, "train", **rec)
-      losses.append(rec["loss"])
-      if on_step is not None:
-        on_step(s, rec)
-      if consecutive >= cfg.max_consecutive_skips:
-        raise TrainingDivergedError(
-            f"{consecutive} consecutive steps up to step {s} had a non-finite loss or gradient; stopping. "
-            f"Checkpoints under {cfg.checkpoint_dir} are kept (latest: {ckpt.latest_step()}).")
-    pending.clear()
-    finite = [x for x in losses if math.isfinite(x)]
-    last_train = float(np.mean(finite)) if finite else math.nan
-    tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
-    mem = dist.peak_memory_bytes()
-    logger.log(step_now, "perf", tokens_per_s=tps, peak_device_bytes=mem or 0,
-               host_peak_rss_bytes=dist.host_peak_rss_bytes(),
-               host_ms_per_step=1e3 * host_s / timed_now if timed_now else float("nan"))
-    host_s = 0.0
-    bar.set_postfix(loss=f"{last_train:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-
-  # The hot loop has no host sync but `flush` (every log_every steps): the next batch is read and
-  # sent to the device while the current step runs (one batch ahead), checkpoint decisions are
+  # The hot loop has no host sync but `log.flush` (every log_every steps): the next batch is read
+  # and sent to the device while the current step runs (one batch ahead), checkpoint decisions are
   # arithmetic (no orbax query per step), metrics stay on the device until a log point.
   next_batch = dist.global_batch(mesh, next(train_iter)) if start < cfg.steps else None
   try:
@@ -253,50 +259,44 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       leaves, metrics = step_fn(leaves, next_batch)
       done = step + 1
       out_of_time = cfg.time_limit_s is not None and time.time() - t_start + _eval_reserve_s(
-          last_eval_s, timed_s / timed_steps if timed_steps else None, compile_s,
-          cfg.eval_batches) > cfg.time_limit_s
-      save_now = done % every == 0 or done == cfg.steps or out_of_time
+          last_eval_s, meter.step_s, compile_s, cfg.eval_batches) > cfg.time_limit_s
+      save_now = done % cfg.ckpt.ckpt_every == 0 or done == cfg.steps or out_of_time
       data_state = train_iter.get_state() if save_now else None  # the position after batch `done`
       next_batch = dist.global_batch(mesh, next(train_iter)) if done < cfg.steps and not out_of_time else None
       if compile_s is None:
         jax.block_until_ready(metrics)
         compile_s = time.time() - t_start
-        t_mark = time.time()
+        meter.start()
       else:
-        since_mark += 1
-        host_s += time.perf_counter() - t_body
-      pending.append((done, metrics))
+        meter.count(time.perf_counter() - t_body)
+      log.pending.append((done, metrics))
       bar.update(1)
       if done % cfg.log_every == 0 or done == cfg.steps:
-        flush(done)
+        log.flush(done)
       if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-        if pending:
-          flush(done)
+        log.flush(done)
         t_eval = time.time()
         val_loss = evaluate(eval_fn, step_fn.unflatten(leaves).params, mesh, val_tokens, cfg.data, local_bs,
                             cfg.eval_batches)
         logger.log(done, "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
         if main:
           bar.write(f"step {done}: val loss {val_loss:.4f}  ppl {math.exp(min(val_loss, 50.0)):.2f}")
-        t_mark = time.time()  # evaluation time is not training time
-        last_eval_s = t_mark - t_eval
+        meter.start()  # evaluation time is not training time
+        last_eval_s = time.time() - t_eval
       if save_now:
         ckpt.save(done, step_fn.unflatten(leaves), data_state, force=True)
       if out_of_time and done < cfg.steps:
-        if pending:
-          flush(done)
+        log.flush(done)
         if main:
           bar.write(f"time limit of {cfg.time_limit_s:.0f}s reached at step {done}: checkpoint saved; "
                     "run the same command again to continue")
         break
-    if pending:
-      flush(int(pending[-1][0]))
+    if log.pending:
+      log.flush(int(log.pending[-1][0]))
     state = step_fn.unflatten(leaves)
     val_loss = evaluate(eval_fn, state.params, mesh, val_tokens, cfg.data, local_bs, cfg.eval_batches)
     if not finished:
       logger.log(int(state.step), "val", loss=val_loss, ppl=math.exp(min(val_loss, 50.0)))
-    elif logged is not None:
-      last_train = logged["train_loss"]
     ckpt.wait()
   finally:
     bar.close()
@@ -309,12 +309,11 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       if not failing:
         raise
 
-  tps = tokens_per_step * timed_steps / timed_s if timed_s > 0 else float("nan")
-  if logged is not None:
-    tps = logged["tokens_per_s"]
+  tps = logged["tokens_per_s"] if logged is not None else meter.tokens_per_s
   return {
-      "steps": int(state.step), "resumed_from": start if restore_step is not None else None,
-      "train_loss": last_train, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+      "steps": int(state.step), "resumed_from": start if resumed else None,
+      "train_loss": logged["train_loss"] if logged is not None else log.last_train,
+      "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
       "skipped_steps": int(state.skipped), "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
       "mfu": mfu(tps, cfg.model, cfg.data.seq_len, mesh.devices.size),
       "compile_s": compile_s, "wall_s": time.time() - t_start,
