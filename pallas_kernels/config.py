@@ -16,7 +16,7 @@ def _pow2(x: int) -> bool:
 class TuningConfig:
   """Launch parameters of the kernels (`forward.py`, `backward.py`).
 
-  Defaults, from the H200 runs in experiments/results/bench_kernel.md (B=8 T=2048 H=16 K=V=128 bf16):
+  Defaults, from the H200 runs in experiments/results/bench_kernel/bench_kernel.md (B=8 T=2048 H=16 K=V=128 bf16):
   the chunk-parallel kernels take the end-to-end best (`pallas_carve_nw4`: key blocks of 32, 4 warps,
   the gradient kernel one program per key block at 8 warps); the sequential passes take the best
   per-kernel times (CARVE's state pass over the whole key axis at 8 warps: 3.0-3.2 ms against 4.2 ms
