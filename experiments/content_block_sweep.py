@@ -40,7 +40,7 @@ from experiments.paper import PAPER
 from experiments.scoring import make_loss_eval
 from experiments.stats import fit_power_law, mean_std
 from experiments.task_models import compile_threads
-from experiments.windows import fixed_batches, load_stream, window_batches
+from experiments.windows import DOCUMENT_RESETS, fixed_batches, load_stream, window_batches
 
 PAPER_RANGE = (16, 32, 64, 128)
 
@@ -251,7 +251,8 @@ def _write(args, Gs, sources, trained) -> dict:
              "perturbation": sources, "train": trained, "train_summary": summarize_train(trained) if trained else [],
              "train_shape": ({"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
                               "d_model": args.d_model, "n_layers": args.n_layers, "n_heads": args.n_heads}
-                             if args.train else None)}
+                             if args.train else None),
+             "document_resets": DOCUMENT_RESETS if args.train else None}
   report.write_results("content_block_sweep" + args.tag, args.out_dir or report.results_dir("content_block_sweep"),
                        payload, _markdown(args, sources, trained), _figure(sources, trained))
   return payload

@@ -28,7 +28,7 @@ from experiments.gpu_lock import GpuLock
 from experiments.scoring import make_loss_eval
 from experiments.stats import mean_std
 from experiments.task_models import compile_threads
-from experiments.windows import fixed_batches, load_stream, window_batches
+from experiments.windows import DOCUMENT_RESETS, fixed_batches, load_stream, window_batches
 
 CORPUS_TRAIN_BYTES = 113_435_798  # docs/DATA.md: the "full" corpus, byte tokenizer
 
@@ -140,14 +140,14 @@ def _write(name, args, impl, train_src, runs) -> dict:
                        "n_layers": args.n_layers, "n_heads": args.n_heads, "vocab": 256},
              "steps": args.steps, "lr": args.lr, "tokens_per_run": tokens,
              "epochs_of_full_corpus": tokens / CORPUS_TRAIN_BYTES, "summary": summary, "carve_vs_gdn2": diff,
-             "runs": runs}
+             "document_resets": DOCUMENT_RESETS, "runs": runs}
   rows = [[k, v["seeds"], v["params"], f"{v['val_loss_mean']:.4f} ± {v['val_loss_std']:.4f}", v["val_ppl_mean"],
            f"{v['tokens_per_s_mean']:,.0f}", report.fmt_bytes(v["step_memory_bytes"])] for k, v in summary.items()]
   md = (f"Byte-level LMs, d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, batch "
         f"{args.batch_size} x {args.seq_len}, {args.steps} AdamW steps (lr {args.lr}, warmup 10%, cosine) = "
         f"{tokens:,} training bytes per run ({tokens / CORPUS_TRAIN_BYTES:.3f} epochs of the 113.4M-byte corpus; "
         f"windows sampled at random, seed = run seed). Data: {train_src}. Validation: {args.eval_batches} fixed "
-        f"batches of held-out documents. impl={impl}.\n\n"
+        f"batches of held-out documents. impl={impl}. Document resets: {DOCUMENT_RESETS}.\n\n"
         + report.md_table(["mixer", "seeds", "params", "val loss (nats/byte) mean ± std", "val ppl", "tokens/s",
                       "XLA step memory"], rows))
   if diff:

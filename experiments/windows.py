@@ -5,6 +5,9 @@
     val = fixed_batches(stream, seq_len=512, batch_size=32, n_batches=8)     # consecutive windows
 
 Every batch is {"inputs": int32 [B, T], "targets": int32 [B, T]} with targets the next tokens.
+No segment ids: windows cut from the concatenated stream cross document boundaries and nothing is
+reset there (`DOCUMENT_RESETS`, which the experiments write into their results); `carve-train`
+resets by default (`DataConfig.reset_documents`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+DOCUMENT_RESETS = ("none: windows of the concatenated byte stream cross document boundaries and the state, "
+                   "short conv and attention are not reset there (as reset_documents=False in carve-train)")
 
 
 def load_stream(tokens_dir: str | None, split: str) -> tuple[np.ndarray, str]:
