@@ -21,7 +21,7 @@ measured in the same run. Writes <out>.md and <out>.json.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -216,20 +216,39 @@ def run_fla(args, shapes):
   return rows, (p.stdout + p.stderr)[-3000:]
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", default="experiments/results/bench_kernel/bench_kernel")
-  ap.add_argument("--shapes", default="8x2048,2x8192")
-  ap.add_argument("--impls", default="pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,xla_chunk_carve,"
-                  "cudnn_attention")
-  ap.add_argument("--variants", default="", help="extra impls, timed at the first shape only")
-  ap.add_argument("--fla-bench", default=None)
-  ap.add_argument("--fla-seed", default=None)
-  ap.add_argument("--fla-path", default=None)
-  ap.add_argument("--fla-timeout", type=int, default=240)
-  ap.add_argument("--reps", type=int, default=20)
-  ap.add_argument("--breakdown", action="store_true", help="time each kernel alone at the first shape")
-  args = ap.parse_args()
+@dataclasses.dataclass
+class BenchKernelFlags:
+  """Flags of the kernel benchmark (hyphens or underscores: --fla-bench = --fla_bench).
+
+  Attributes:
+    out: results path without extension (<out>.md, <out>.json).
+    shapes: comma list of BxT.
+    impls: comma list of rows (`ops`' names) timed at every shape.
+    variants: extra impls (one TuningConfig knob changed each), timed at the first shape only.
+    fla_bench: FLA's benchmark script (../shared/peers/fla_bench.py), run in its own process first.
+    fla_seed: tgz of FLA's Triton autotune results for this GPU.
+    fla_path: a site folder holding fla-core, put on FLA's PYTHONPATH.
+    fla_timeout: seconds for the FLA process.
+    reps: timed repetitions per row (median).
+    breakdown: time each kernel alone at the first shape.
+  """
+  out: str = "experiments/results/bench_kernel/bench_kernel"
+  shapes: str = "8x2048,2x8192"
+  impls: str = "pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,xla_chunk_carve,cudnn_attention"
+  variants: str = ""
+  fla_bench: str | None = None
+  fla_seed: str | None = None
+  fla_path: str | None = None
+  fla_timeout: int = 240
+  reps: int = 20
+  breakdown: bool = False
+
+
+def main(argv=None):
+  from carve_jax.train import flags as train_flags  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = train_flags.cli(BenchKernelFlags, train_flags.normalise_argv(argv), prog="python -m experiments.bench_kernel",
+                         description=__doc__)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}; jax {jax.__version__}", flush=True)

@@ -33,7 +33,7 @@ Writes <out_dir>/bench_train<tag>.{json,md,png} after every row (a cut run keeps
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,6 +41,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
+
+import tyro
 
 
 MIXERS = ("carve", "gdn2", "kda", "attention")
@@ -393,32 +396,65 @@ def write(args, results):
                 None if args.compile_scaling else figure(results))
 
 
+@dataclasses.dataclass
+class BenchTrainFlags:
+  """Flags of the training-throughput benchmark (the tiny defaults are applied where a flag keeps its default).
+
+  Attributes:
+    worker: internal: one row's JSON spec, run in this process.
+    tiny: CPU-sized rows (tiny model, T 32/64), < 1 minute.
+    mixers: comma list.
+    sizes: comma list of model sizes.
+    seq_lens: comma list of T.
+    tokens_per_step: batch x T of every row (the batch follows T).
+    rows: filter: comma-separated SIZE[:T[:MIXER]] terms, e.g. 50m:8192,350m.
+    remat_policies: comma-separated; each adds a set of rows.
+    no_scan: unrolled blocks (scan_layers=False).
+    impl: carve_jax.ops implementation.
+    loop_steps: timed loop steps after the first.
+    log_every: the loop's logging interval (steps).
+    device_reps: steps per timed run (3 runs, median).
+    budget_s: no row starts with less than --min_row_s left of this budget.
+    min_row_s: the least time a row needs.
+    compile_scaling: first-step time at 12 vs 48 layers.
+    compile_seq_len: T of the compile-scaling rows.
+    compile_layers: comma list of depths of the compile-scaling rows.
+    compile_scan: scan over layers in the compile-scaling rows.
+    tokens_dir: byte export for the loop's text (default: the fixture).
+    cache_dir: XLA's persistent compile cache.
+    out_dir: where the results go.
+    tag: suffix of the result file names.
+  """
+  worker: tyro.conf.Suppress[str | None] = None
+  tiny: bool = False
+  mixers: str = ",".join(MIXERS)
+  sizes: str = ",".join(SIZES)
+  seq_lens: str = ",".join(map(str, SEQ_LENS))
+  tokens_per_step: int = 32768
+  rows: str = ""
+  remat_policies: str = "none"
+  no_scan: bool = False
+  impl: Literal["auto", "chunk", "pallas", "recurrent"] = "auto"
+  loop_steps: int = 20
+  log_every: int = 10
+  device_reps: int = 5
+  budget_s: float = 450
+  min_row_s: float = 45
+  compile_scaling: bool = False
+  compile_seq_len: int = 2048
+  compile_layers: str = "12,48"
+  compile_scan: Literal["both", "on", "off"] = "both"
+  tokens_dir: str | None = None
+  cache_dir: str = "/tmp/bench_train_xla_cache"
+  out_dir: str = str(Path(__file__).resolve().parent / "results" / "bench_train")
+  tag: str = ""
+
+
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-  ap.add_argument("--tiny", action="store_true", help="CPU-sized rows (tiny model, T 32/64), < 1 minute")
-  ap.add_argument("--mixers", default=",".join(MIXERS))
-  ap.add_argument("--sizes", default=",".join(SIZES))
-  ap.add_argument("--seq_lens", default=",".join(map(str, SEQ_LENS)))
-  ap.add_argument("--tokens_per_step", type=int, default=32768)
-  ap.add_argument("--rows", default="", help="filter: comma-separated SIZE[:T[:MIXER]] terms, e.g. 50m:8192,350m")
-  ap.add_argument("--remat_policies", default="none", help="comma-separated; each adds a set of rows")
-  ap.add_argument("--no_scan", action="store_true", help="unrolled blocks (scan_layers=False)")
-  ap.add_argument("--impl", default="auto", choices=("auto", "chunk", "pallas", "recurrent"))
-  ap.add_argument("--loop_steps", type=int, default=20, help="timed loop steps after the first")
-  ap.add_argument("--log_every", type=int, default=10)
-  ap.add_argument("--device_reps", type=int, default=5, help="steps per timed run (3 runs, median)")
-  ap.add_argument("--budget_s", type=float, default=450, help="no row starts with less than --min_row_s left")
-  ap.add_argument("--min_row_s", type=float, default=45)
-  ap.add_argument("--compile_scaling", action="store_true", help="first-step time at 12 vs 48 layers")
-  ap.add_argument("--compile_seq_len", type=int, default=2048)
-  ap.add_argument("--compile_layers", default="12,48")
-  ap.add_argument("--compile_scan", default="both", choices=("both", "on", "off"))
-  ap.add_argument("--tokens_dir", default=None, help="byte export for the loop's text (default: the fixture)")
-  ap.add_argument("--cache_dir", default="/tmp/bench_train_xla_cache")
-  ap.add_argument("--out_dir", default=str(Path(__file__).resolve().parent / "results" / "bench_train"))
-  ap.add_argument("--tag", default="")
-  args = ap.parse_args(argv)
+  from carve_jax.train import flags as train_flags  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = train_flags.cli(BenchTrainFlags, train_flags.normalise_argv(argv), prog="python -m experiments.bench_train",
+                         description=__doc__)
   if args.worker:
     spec = json.loads(args.worker)
     res = compile_worker(spec) if spec.get("kind") == "compile" else worker(spec)

@@ -27,7 +27,7 @@ chunk-kernel autotuning at H=16, K=V=128, bf16.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import glob
 import os
 import subprocess
@@ -43,37 +43,52 @@ MIXERS = ("gdn2", "kda", "gdn")
 WHEELS = ("flash_linear_attention-0.6.0-*.whl", "fla_core-0.6.0-*.whl")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--models", default="gdn2,kda,gdn", help=f"comma list from {MIXERS}")
-  ap.add_argument("--lengths", default="64,512", help="comma list of sequence lengths T")
-  ap.add_argument("--batch", type=int, default=2)
-  ap.add_argument("--d_model", type=int, default=2048)
-  ap.add_argument("--n_heads", type=int, default=16)
-  ap.add_argument("--n_layers", type=int, default=2)
-  ap.add_argument("--vocab_size", type=int, default=256)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--wheels", default=os.path.join(ROOT, ".peers"), help="folder holding the two FLA wheels")
-  ap.add_argument("--autotune_seed", default=None, help="tgz of Triton *.autotune.json (default: "
-                  ".peers/fla_autotune_h200.tgz if present)")
-  ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "interop", "interop_fla_check.md"))
-  ap.add_argument("--export_only", action="store_true", help="export and compute our logits only (CPU check)")
-  a = ap.parse_args(argv)
-  try:
-    a.models = [m for m in a.models.split(",") if m]
-    a.lengths = [int(t) for t in a.lengths.split(",") if t]
-  except ValueError:
-    ap.error(f"--lengths must be a comma list of ints, got {a.lengths!r}")
-  bad = [m for m in a.models if m not in MIXERS]
-  if bad or not a.models:
-    ap.error(f"--models must be a non-empty comma list from {MIXERS}, got {a.models}")
+@dataclasses.dataclass
+class InteropFlags:
+  """Flags of the FLA interop check.
+
+  Attributes:
+    models: which of our mixers to export and check (comma list).
+    lengths: sequence lengths T (comma list).
+    batch: rows of random tokens.
+    d_model: model width.
+    n_heads: heads (head size d_model / n_heads).
+    n_layers: blocks.
+    vocab_size: vocabulary.
+    seed: parameter and token seed.
+    wheels: folder holding the two FLA wheels.
+    autotune_seed: tgz of Triton *.autotune.json (default: <wheels>/fla_autotune_h200.tgz if present).
+    out: the results file (markdown).
+    export_only: export and compute our logits only (CPU check).
+  """
+  models: tuple[str, ...] = MIXERS
+  lengths: tuple[int, ...] = (64, 512)
+  batch: int = 2
+  d_model: int = 2048
+  n_heads: int = 16
+  n_layers: int = 2
+  vocab_size: int = 256
+  seed: int = 0
+  wheels: str = os.path.join(ROOT, ".peers")
+  autotune_seed: str | None = None
+  out: str = os.path.join(ROOT, "experiments", "results", "interop", "interop_fla_check.md")
+  export_only: bool = False
+
+
+def parse_args(argv=None) -> InteropFlags:
+  from carve_jax.train import flags as train_flags  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  a = train_flags.cli(InteropFlags, train_flags.normalise_argv(argv), prog="python -m experiments.interop_fla_check",
+                      description=__doc__)
+  if not a.models or any(m not in MIXERS for m in a.models):
+    raise SystemExit(f"interop_fla_check: --models must be a non-empty comma list from {MIXERS}, got {a.models}")
   if not a.lengths or min(a.lengths) < 1:
-    ap.error(f"--lengths must be positive ints, got {a.lengths}")
+    raise SystemExit(f"interop_fla_check: --lengths must be positive ints, got {a.lengths}")
   for name in ("batch", "d_model", "n_heads", "n_layers", "vocab_size"):
     if getattr(a, name) < 1:
-      ap.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+      raise SystemExit(f"interop_fla_check: --{name} must be >= 1, got {getattr(a, name)}")
   if a.d_model % a.n_heads:
-    ap.error(f"--n_heads must divide --d_model={a.d_model}, got {a.n_heads}")
+    raise SystemExit(f"interop_fla_check: --n_heads must divide --d_model={a.d_model}, got {a.n_heads}")
   if a.autotune_seed is None:
     seed = os.path.join(a.wheels, "fla_autotune_h200.tgz")
     a.autotune_seed = seed if os.path.isfile(seed) else ""

@@ -18,9 +18,10 @@ exactly once and exits (for `ncu --kernel-name regex:...`, which then profiles o
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -55,16 +56,33 @@ def patched(variant: str):
     fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__ = saved
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--B", type=int, default=8)
-  ap.add_argument("--T", type=int, default=2048)
-  ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--variants", default="base,noinv,diagdecay")
-  ap.add_argument("--carve-configs", default="", help="';'-separated TuningConfig overrides for CARVE's state pass")
-  ap.add_argument("--once", action="store_true", help="run each kernel once (for ncu) and exit")
-  ap.add_argument("--out", default=None)
-  args = ap.parse_args()
+@dataclasses.dataclass
+class ProbeFlags:
+  """Flags of the kernel probe (hyphens or underscores).
+
+  Attributes:
+    B: batch.
+    T: sequence length.
+    reps: timed repetitions per kernel (median).
+    variants: comma list of stand-ins (base, noinv, diagdecay, nosig, bfinv).
+    carve_configs: ';'-separated TuningConfig overrides (k=v,k=v) for CARVE's state pass.
+    once: run each kernel once (for ncu) and exit.
+    out: a JSON file for the timings.
+  """
+  B: int = 8
+  T: int = 2048
+  reps: int = 10
+  variants: str = "base,noinv,diagdecay"
+  carve_configs: str = ""
+  once: bool = False
+  out: str | None = None
+
+
+def main(argv=None):
+  from carve_jax.train import flags as train_flags  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = train_flags.cli(ProbeFlags, train_flags.normalise_argv(argv), prog="python -m experiments.kernel_probe",
+                         description=__doc__)
   x = inputs(args.B, args.T)
   if args.once:
     for name, f in kernel_steps(x).items():

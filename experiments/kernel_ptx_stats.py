@@ -13,9 +13,11 @@ registers per thread, spill stores/loads and the stack frame.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import sys
 import time
 import types
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -106,13 +108,27 @@ def kernels(dt, cfg):
   }
 
 
-def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--kernels", default="prep,carve_prep,state,carve_state,output,bprep,bstate,grads")
-  ap.add_argument("--num-warps", default="", help="comma list overriding every kernel's warps")
-  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-  ap.add_argument("--block-k", type=int, default=TuningConfig().block_k)
-  a = ap.parse_args()
+@dataclasses.dataclass
+class PtxFlags:
+  """Flags of the offline compile statistics (hyphens or underscores).
+
+  Attributes:
+    kernels: comma list of kernels (prep, carve_prep, state, carve_state, output, bprep, bstate, grads).
+    num_warps: comma list overriding every kernel's warps (empty: each kernel's own).
+    dtype: input dtype of the kernels.
+    block_k: TuningConfig.block_k.
+  """
+  kernels: str = "prep,carve_prep,state,carve_state,output,bprep,bstate,grads"
+  num_warps: str = ""
+  dtype: Literal["bfloat16", "float32"] = "bfloat16"
+  block_k: int = TuningConfig().block_k
+
+
+def main(argv=None):
+  from carve_jax.train import flags as train_flags  # noqa: PLC0415
+  argv = sys.argv[1:] if argv is None else list(argv)
+  a = train_flags.cli(PtxFlags, train_flags.normalise_argv(argv), prog="python -m experiments.kernel_ptx_stats",
+                      description=__doc__)
   dt = jnp.dtype(a.dtype)
   for nw in ([int(w) for w in a.num_warps.split(",")] if a.num_warps else [None]):
     cfg = TuningConfig(block_k=a.block_k) if nw is None else TuningConfig(

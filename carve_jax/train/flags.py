@@ -43,12 +43,14 @@ def _none_any_case(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
 
 @REGISTRY.primitive_rule
 def _comma_tuple(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
-  """tuple[str, ...] from `a,b,c` or `a b c`."""
-  if info.type != tuple[str, ...]:
+  """tuple[str, ...] or tuple[int, ...] from `a,b,c` or `a b c`."""
+  item = {tuple[str, ...]: str, tuple[int, ...]: int}.get(info.type)
+  if item is None:
     return None
   return PrimitiveConstructorSpec(
-      nargs="*", metavar="A,B,...", instance_from_str=lambda args: tuple(x for a in args for x in a.split(",") if x),
-      is_instance=lambda x: isinstance(x, tuple), str_from_instance=lambda t: [",".join(t)])
+      nargs="*", metavar="A,B,...",
+      instance_from_str=lambda args: tuple(item(x) for a in args for x in a.split(",") if x),
+      is_instance=lambda x: isinstance(x, tuple), str_from_instance=lambda t: [",".join(map(str, t))])
 
 
 def normalise_argv(argv: list[str], sections=(), aliases=None) -> list[str]:
