@@ -43,9 +43,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import tyro
-
-
 MIXERS = ("carve", "gdn2", "kda", "attention")
 SIZES = ("50m", "350m")
 SEQ_LENS = (8192, 32768, 2048)  # row order: the most informative first, so a cut budget keeps them
@@ -425,7 +422,7 @@ class BenchTrainFlags:
     out_dir: where the results go.
     tag: suffix of the result file names.
   """
-  worker: tyro.conf.Suppress[str | None] = None
+  worker: str | None = None
   tiny: bool = False
   mixers: str = ",".join(MIXERS)
   sizes: str = ",".join(SIZES)

@@ -75,20 +75,26 @@ class InteropFlags:
   export_only: bool = False
 
 
+def _bad(msg: str):
+  """Exit 2 with the message on stderr, as a bad flag does."""
+  print(f"interop_fla_check: {msg}", file=sys.stderr)
+  raise SystemExit(2)
+
+
 def parse_args(argv=None) -> InteropFlags:
   from carve_jax.train import flags as train_flags  # noqa: PLC0415
   argv = sys.argv[1:] if argv is None else list(argv)
   a = train_flags.cli(InteropFlags, train_flags.normalise_argv(argv), prog="python -m experiments.interop_fla_check",
                       description=__doc__)
   if not a.models or any(m not in MIXERS for m in a.models):
-    raise SystemExit(f"interop_fla_check: --models must be a non-empty comma list from {MIXERS}, got {a.models}")
+    _bad(f"--models must be a non-empty comma list from {MIXERS}, got {a.models}")
   if not a.lengths or min(a.lengths) < 1:
-    raise SystemExit(f"interop_fla_check: --lengths must be positive ints, got {a.lengths}")
+    _bad(f"--lengths must be positive ints, got {a.lengths}")
   for name in ("batch", "d_model", "n_heads", "n_layers", "vocab_size"):
     if getattr(a, name) < 1:
-      raise SystemExit(f"interop_fla_check: --{name} must be >= 1, got {getattr(a, name)}")
+      _bad(f"--{name} must be >= 1, got {getattr(a, name)}")
   if a.d_model % a.n_heads:
-    raise SystemExit(f"interop_fla_check: --n_heads must divide --d_model={a.d_model}, got {a.n_heads}")
+    _bad(f"--n_heads must divide --d_model={a.d_model}, got {a.n_heads}")
   if a.autotune_seed is None:
     seed = os.path.join(a.wheels, "fla_autotune_h200.tgz")
     a.autotune_seed = seed if os.path.isfile(seed) else ""
@@ -105,7 +111,7 @@ def install_fla(wheels: str) -> str:
   found = [sorted(glob.glob(os.path.join(wheels, w))) for w in WHEELS]
   missing = [w for w, f in zip(WHEELS, found) if not f]
   if missing:
-    raise SystemExit(f"interop_fla_check: --wheels {wheels} lacks {missing} (pip download --no-deps "
+    _bad(f"--wheels {wheels} lacks {missing} (pip download --no-deps "
                      "flash-linear-attention==0.6.0 fla-core==0.6.0 -d .peers)")
   site = "/tmp/fla_site"
   subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target", site,

@@ -216,9 +216,9 @@ def test_gpu_lock_without_a_path_is_a_no_op(monkeypatch):
 
 def test_bench_train_plan_and_row_filter():
   from experiments import bench_train as bt
-  args = bt.argparse.Namespace(compile_scaling=False, mixers="carve,gdn2", tiny=False, sizes="50m,350m",
-                               seq_lens="8192,2048", rows="50m:8192,350m:2048:gdn2", remat_policies="none",
-                               tokens_per_step=32768, no_scan=False)
+  args = bt.BenchTrainFlags(compile_scaling=False, mixers="carve,gdn2", tiny=False, sizes="50m,350m",
+                            seq_lens="8192,2048", rows="50m:8192,350m:2048:gdn2", remat_policies="none",
+                            tokens_per_step=32768, no_scan=False)
   rows = bt.plan(args)
   assert [(r["size"], r["seq_len"], r["mixer"], r["batch"]) for r in rows] == [
       ("50m", 8192, "carve", 4), ("50m", 8192, "gdn2", 4), ("350m", 2048, "gdn2", 16)]
