@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 BENCH_S=${1:-330}
 TEST_S=${2:-200}
 shift 2 2>/dev/null || true
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps a caller's site folder (carried wheels: tyro)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .peers/fla_core-*.whl
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files" | tee -a "$OUT/gpu.txt"
