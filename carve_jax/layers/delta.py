@@ -52,7 +52,7 @@ from carve_jax.layers.norms import GatedRMSNorm, l2norm
 from carve_jax.ops.gates import content_signal
 from carve_jax.ops.segments import document_positions
 from carve_jax.ops.step import carve_step, gated_delta_step
-from carve_jax.ops.variants import VARIANTS, Variant
+from carve_jax.ops.variants import Variant, variant
 
 _F32 = jnp.float32
 
@@ -65,13 +65,14 @@ def _dt_bias_init(key, n: int) -> jax.Array:
 
 
 class DeltaMixer(nnx.Module):
-  """Token mixer of the delta-rule family; `cfg.mixer` names a row of `carve_jax.ops.variants.VARIANTS`."""
+  """Token mixer of the delta-rule family; `cfg.mixer` names a row of `carve_jax.ops.variants.VARIANTS`.
+
+  `variant` is that row (static); its fields pick the parameters, the gates and the op.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.mixer not in VARIANTS:
-      raise ValueError(f"DeltaMixer: argument `cfg.mixer` must be one of {tuple(VARIANTS)}, got {cfg.mixer!r}")
     self.cfg = cfg
-    self.variant: Variant = VARIANTS[cfg.mixer]
+    self.variant: Variant = variant(cfg.mixer, "DeltaMixer", "cfg.mixer")
     row = self.variant
     d, H, K = cfg.d_model, cfg.n_heads, cfg.head_k
     V, HK, HV = K, H * K, H * K
