@@ -11,17 +11,17 @@ computed (compute dtype, ops implementation, chunk tile). Parameters are always 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-MIXERS = ("carve", "gdn2", "kda", "gdn", "attention")
-DELTA_MIXERS = ("carve", "gdn2", "kda", "gdn")
+from carve_jax.ops.validate import CONTENT_GRADS, IMPLS, ContentGrad, Impl
+from carve_jax.ops.variants import VARIANTS, VariantName
+
+Mixer = Literal[VariantName, "attention"]  # the delta-rule variants (`carve_jax.ops.variants`) and softmax attention
+MIXERS: tuple[str, ...] = get_args(Mixer)
+DELTA_MIXERS: tuple[str, ...] = tuple(VARIANTS)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-IMPLS = ("auto", "recurrent", "chunk", "pallas")
-CONTENT_GRADS = ("stop", "full")
 OUTPUT_GATES = ("lowrank_sigmoid", "full_swish", "full_sigmoid")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "save_mixer_outputs", "save_dots_and_mixer")
-
-Mixer = Literal["carve", "gdn2", "kda", "gdn", "attention"]
 
 
 def _fail(name: str, expected: str, got: Any) -> ValueError:
@@ -85,7 +85,7 @@ class ModelConfig:
   head_dim: int | None = None
   conv_size: int = 4
   content_block: int = 64
-  content_grad: str = "stop"
+  content_grad: ContentGrad = "stop"
   chunk_size: int = 64
   mlp_hidden: int | None = None
   mlp_ratio: float = 4.0
@@ -94,7 +94,7 @@ class ModelConfig:
   output_gate: str = "lowrank_sigmoid"
   tie_embeddings: bool = False
   compute_dtype: str = "float32"
-  impl: str = "auto"
+  impl: Impl = "auto"
   norm_eps: float = 1e-6
   init_std: float = 0.02
   max_seq_len: int = 2048
@@ -132,7 +132,7 @@ class ModelConfig:
                   f"equal d_model)", self.head_dim)
     if self.content_grad not in CONTENT_GRADS:
       raise _fail("content_grad", f"one of {CONTENT_GRADS}", self.content_grad)
-    if "carve" in self.mixer_kinds and self.content_block % self.chunk_size != 0:
+    if self.content_aware and self.content_block % self.chunk_size != 0:
       raise _fail("chunk_size", f"a divisor of content_block={self.content_block} (CARVE's content signal is "
                   "taken at content-block boundaries)", self.chunk_size)
     if self.output_gate not in OUTPUT_GATES:
@@ -170,6 +170,11 @@ class ModelConfig:
   def pattern(self) -> tuple[str, ...]:
     """The repeating unit of the stack: `layer_pattern`, or (mixer,) for a plain model."""
     return (self.mixer,) if self.layer_pattern is None else self.layer_pattern
+
+  @property
+  def content_aware(self) -> bool:
+    """Some block's erase gate reads the state (CARVE): content_block and content_grad matter."""
+    return any(VARIANTS[m].content_aware for m in self.mixer_kinds if m in VARIANTS)
 
   @property
   def mixer_kinds(self) -> tuple[str, ...]:

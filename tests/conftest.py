@@ -1,12 +1,47 @@
-"""Shared fixtures: float64 on demand, tolerances per dtype, relative-error helper."""
+"""Shared fixtures: float64 on demand, the tolerance table per dtype, relative-error helper."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# Relative-error bounds ||fast - slow|| / ||slow|| for the reference paths (spec: "What counts as done").
-TOL = {jnp.float64: 1e-10, jnp.float32: 1e-5}
+
+@dataclasses.dataclass(frozen=True)
+class Tol:
+  """Largest relative error `rel_err(fast, slow)` = ||fast - slow|| / ||slow|| allowed in one dtype.
+
+  out, grad: two algorithms for one function (chunk form vs recurrence, the kernels vs the chunk path,
+    decoding token by token vs the parallel form): outputs / gradients (spec, "What counts as done":
+    float64 ~1e-10, float32 ~1e-5). bfloat16: bf16 matmul operands against a float32 reference.
+  rounding: the same math in another order or layout (other chunk, tile or block sizes, a split
+    sequence, one document packed vs alone, scanned vs unrolled layers, a step vs the recurrence):
+    outputs, and gradients where the backward is the same program too (else `grad`);
+    bfloat16: only the bf16 rounding of inputs and outputs differs.
+  Thresholds that a test must EXCEED (the check can fail: "G changes the function") stay inline.
+  """
+
+  out: float
+  grad: float
+  rounding: float
+
+
+class _ByDtype(dict):
+  """A dict keyed by dtype name that takes any dtype-like key: TOL[jnp.float32], TOL[x.dtype]."""
+
+  def __getitem__(self, dtype):
+    return super().__getitem__(jnp.dtype(dtype).name)
+
+
+TOL = _ByDtype(
+    float64=Tol(out=1e-10, grad=1e-10, rounding=1e-13),
+    float32=Tol(out=1e-5, grad=1e-5, rounding=1e-6),
+    bfloat16=Tol(out=2e-2, grad=5e-2, rounding=1e-2),
+)
+# The compiled GPU kernels (head size 128, T = 300) against the float32 "highest"-precision chunk path,
+# outputs and gradients: bf16 operands; float32 runs TF32x3 dots.
+GPU_KERNEL_TOL = _ByDtype(bfloat16=3e-2, float32=1e-4)
 
 
 @pytest.fixture

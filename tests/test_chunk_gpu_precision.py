@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from carve_jax.ops.sample_inputs import family_inputs, run_family
+from conftest import TOL
 
 
 def _grads(family, inputs, co, cs):
@@ -37,4 +38,4 @@ def test_chunk_path_float32_gradients_on_gpu(family):
   got = _grads(family, inputs32, co32, cs32)
   errs = {n: float(np.linalg.norm(np.asarray(got[n], np.float64) - ref[n]) / np.linalg.norm(ref[n])) for n in ref}
   print(f"chunk path float32 on GPU, gradient errors vs float64 ({family}): {errs}")
-  assert max(errs.values()) < 2e-5, errs
+  assert max(errs.values()) < 2 * TOL[jnp.float32].grad, errs  # T = 256, K = 64 on the GPU: twice the bound

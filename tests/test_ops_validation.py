@@ -96,3 +96,34 @@ def test_chunk_size_far_above_T_is_clamped(family):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
   assert elapsed < 10.0, elapsed  # unclamped: a 4096 x 4096 triangular solve per chunk
+
+
+def test_variant_table_is_the_one_list_of_names():
+  """The configs, the layer and the samplers read `ops.VARIANTS`; the option tuples come from the Literals."""
+  import typing
+
+  from carve_jax import configs
+  from carve_jax.ops import sample_inputs, validate
+  names = tuple(ops.VARIANTS)
+  assert names == ("carve", "gdn2", "kda", "gdn")
+  assert configs.DELTA_MIXERS == sample_inputs.FAMILIES == names and configs.MIXERS == (*names, "attention")
+  hints = typing.get_type_hints(configs.ModelConfig)
+  assert typing.get_args(hints["mixer"]) == configs.MIXERS and hints["impl"] is validate.Impl
+  assert configs.IMPLS is validate.IMPLS and configs.CONTENT_GRADS is validate.CONTENT_GRADS
+  assert [n for n, v in ops.VARIANTS.items() if v.content_aware] == ["carve"]
+  assert ops.variant("kda").decay == "per_channel" and ops.variant("gdn").decay == "scalar"
+  with pytest.raises(ValueError, match=r"family_inputs: argument `family` must be one of .*'gdn'\), got 'gla'"):
+    family_inputs(jax.random.key(0), "gla", B=1, T=2, H=1, K=2, V=2)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(decay="vector", erase="beta", write="beta"), r"field `decay` must be one of \('scalar', 'per_channel'\)"),
+    (dict(decay="scalar", erase="beta", write="gate"), r"field `write` must be 'beta' with erase='beta'"),
+    (dict(decay="scalar", erase="gate", write="gate"), r"field `decay` must be 'per_channel' with erase='gate'"),
+    (dict(decay="per_channel", erase="gate", write="beta"), r"field `write` must be 'gate' with erase='gate'"),
+    (dict(decay="per_channel", erase="content_gate", write="beta"), r"field `write, extra_params` must be"),
+    (dict(decay="per_channel", erase="beta", write="beta", extra_params=("gamma",)), r"field `extra_params`"),
+])
+def test_variant_rows_must_be_what_the_ops_take(fields, match):
+  with pytest.raises(ValueError, match=r"Variant 'new': " + match):
+    ops.Variant("new", **fields)

@@ -100,10 +100,11 @@ def test_packed_equals_documents_alone_float64(x64, family, content_grad):
   ref, ref_grads = _value_and_grads(lambda x: _per_document(family, x, LENGTHS, **kw), inputs)
   for impl in ("recurrent", "chunk"):
     out, grads = _value_and_grads(lambda x: _packed(family, x, impl, seg, **kw), inputs)
-    assert rel_err(out, ref) < TOL[jnp.float64], (family, impl, rel_err(out, ref))
+    assert rel_err(out, ref) < TOL[jnp.float64].out, (family, impl, rel_err(out, ref))
     for n in grads:
       assert np.all(np.isfinite(np.asarray(grads[n]))), (family, impl, n)
-      assert rel_err(grads[n], ref_grads[n]) < TOL[jnp.float64], (family, impl, n, rel_err(grads[n], ref_grads[n]))
+      err = rel_err(grads[n], ref_grads[n])
+      assert err < TOL[jnp.float64].grad, (family, impl, n, err)
 
 
 def test_reset_restarts_the_content_block_at_the_zero_state_signal(x64):
@@ -116,7 +117,7 @@ def test_reset_restarts_the_content_block_at_the_zero_state_signal(x64):
   run = jax.jit(lambda x: run_family("carve", impl="recurrent", content_block=G, **x))
   alone, _ = run({n: (x if n == "gamma" else x[:, 9:]) for n, x in inputs.items()})
   carried, _ = run(inputs)
-  assert rel_err(o[:, 9:], alone) < TOL[jnp.float64]
+  assert rel_err(o[:, 9:], alone) < TOL[jnp.float64].out
   assert rel_err(carried[:, 9:], alone) > 1e-3  # the test can tell a reset from none
 
 
@@ -126,7 +127,7 @@ def test_one_document_is_the_unpacked_call(x64):
   f = jax.jit(lambda x: (run_family("carve", impl="chunk", chunk_size=C, content_block=G, **x),
                          _packed("carve", x, "chunk", seg)))
   plain, packed = f(inputs)
-  assert rel_err(packed, plain) < 1e-13
+  assert rel_err(packed, plain) < TOL[jnp.float64].rounding
 
 
 def test_cu_seqlens_is_converted_to_segment_ids(x64):
@@ -218,7 +219,7 @@ def test_model_packed_row_equals_documents_alone(mixer):
           for s, e in zip(bounds[:-1], bounds[1:]) for b in range(2)]
   out = run(model, jnp.asarray(np.stack(docs)), None)
   alone = jnp.stack([jnp.concatenate([out[2 * i + b, :L] for i, L in enumerate(DOCS)]) for b in range(2)])
-  assert rel_err(packed, alone) < 1e-5
+  assert rel_err(packed, alone) < TOL[jnp.float32].out
   assert rel_err(mixed, alone) > 1e-3  # without segment ids the documents do mix
 
 
@@ -236,7 +237,7 @@ def test_decode_with_new_documents_matches_packed_forward(mixer):
   for t in range(tokens.shape[1]):
     logits, cache = _decode(model, tokens[:, t], cache, new_document=starts[:, t])
     outs.append(logits)
-  assert rel_err(jnp.stack(outs, 1), ref) < 1e-5
+  assert rel_err(jnp.stack(outs, 1), ref) < TOL[jnp.float32].out
 
 
 def test_model_rejects_bad_segment_ids():
@@ -296,4 +297,4 @@ def test_lm_loss_passes_segment_ids_to_the_model():
   want = optax.softmax_cross_entropy_with_integer_labels(nnx.jit(lambda m: m(tokens, seg))(model), targets).mean()
   got = loss(model, {"inputs": tokens, "targets": targets, "segment_ids": seg})
   plain = loss(model, {"inputs": tokens, "targets": targets})
-  assert float(jnp.abs(got - want)) < 1e-6 and float(jnp.abs(got - plain)) > 1e-4
+  assert float(jnp.abs(got - want)) < TOL[jnp.float32].rounding and float(jnp.abs(got - plain)) > 1e-4

@@ -1,4 +1,4 @@
-r"""The delta-rule token mixer: one nnx layer for GDN, KDA, GDN-2 and CARVE (`variant` is static).
+r"""The delta-rule token mixer: one nnx layer for GDN, KDA, GDN-2 and CARVE (the row `variant` is static).
 
 Structure of flash-linear-attention 0.6.0's `GatedDeltaNet2` layer (spec, CARVE.md):
 
@@ -9,7 +9,8 @@ Structure of flash-linear-attention 0.6.0's `GatedDeltaNet2` layer (spec, CARVE.
     y       = W_o [ rmsnorm(o) * sigmoid(W_g2 W_g1 x + b_g) ]             per head, then heads joined
               (cfg.output_gate "full_swish" / "full_sigmoid": rmsnorm(o) * act(W_g x), FLA's GatedDeltaNet)
 
-with, per variant (H heads, K = V = head_dim, x in R^d):
+with, per variant (H heads, K = V = head_dim, x in R^d; the rows of `carve_jax.ops.variants`, whose
+fields `decay`, `erase`, `write`, `extra_params` this layer reads):
 
 | variant | decay f(x)                  | erase b                          | write w                 |
 |---------|-----------------------------|----------------------------------|-------------------------|
@@ -44,13 +45,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from carve_jax import ops
-from carve_jax.configs import DELTA_MIXERS, ModelConfig
+from carve_jax.configs import ModelConfig
 from carve_jax.layers.conv import ShortConv
 from carve_jax.layers.dense import compute_dtype, dense
 from carve_jax.layers.norms import GatedRMSNorm, l2norm
 from carve_jax.ops.gates import content_signal
 from carve_jax.ops.segments import document_positions
 from carve_jax.ops.step import carve_step, gated_delta_step
+from carve_jax.ops.variants import Variant, variant
 
 _F32 = jnp.float32
 
@@ -63,13 +65,15 @@ def _dt_bias_init(key, n: int) -> jax.Array:
 
 
 class DeltaMixer(nnx.Module):
-  """Token mixer of the delta-rule family; `cfg.mixer` in ("carve", "gdn2", "kda", "gdn")."""
+  """Token mixer of the delta-rule family; `cfg.mixer` names a row of `carve_jax.ops.variants.VARIANTS`.
+
+  `variant` is that row (static); its fields pick the parameters, the gates and the op.
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.mixer not in DELTA_MIXERS:
-      raise ValueError(f"DeltaMixer: argument `cfg.mixer` must be one of {DELTA_MIXERS}, got {cfg.mixer!r}")
     self.cfg = cfg
-    self.variant = cfg.mixer
+    self.variant: Variant = variant(cfg.mixer, "DeltaMixer", "cfg.mixer")
+    row = self.variant
     d, H, K = cfg.d_model, cfg.n_heads, cfg.head_k
     V, HK, HV = K, H * K, H * K
     cdt = compute_dtype(cfg)
@@ -80,24 +84,24 @@ class DeltaMixer(nnx.Module):
     self.k_conv = ShortConv(HK, cfg.conv_size, std=cfg.init_std, dtype=cdt, rngs=rngs)
     self.v_conv = ShortConv(HV, cfg.conv_size, std=cfg.init_std, dtype=cdt, rngs=rngs)
     # Decay: A_log per head, dt_bias per decay channel.
-    a_lo = 0.0 if self.variant == "gdn" else 1.0  # FLA: GDN uniform(0, 16), KDA / GDN-2 uniform(1, 16)
+    a_lo = 0.0 if row.decay == "scalar" else 1.0  # FLA: GDN uniform(0, 16), KDA / GDN-2 uniform(1, 16)
     self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (H,), _F32, a_lo, 16.0)))
-    if self.variant == "gdn":
+    if row.decay == "scalar":
       self.a_proj = dense(d, H, cfg, rngs=rngs)
       self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), H))
     else:
       self.f_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
       self.f_proj2 = dense(cfg.rank, HK, cfg, rngs=rngs)
       self.dt_bias = nnx.Param(_dt_bias_init(rngs.params(), HK))
-    # Erase / write gates.
-    if self.variant in ("gdn2", "carve"):
+    # Erase / write gates (created in this order: the parameter init draws depend on it).
+    if row.erase != "beta":  # "gate" / "content_gate": W_b, d x HK
       self.b_proj = dense(d, HK, cfg, rngs=rngs)
-    if self.variant == "gdn2":
+    if row.write == "gate":
       self.w_proj = dense(d, HV, cfg, rngs=rngs)
-    else:
+    if row.uses_beta:
       self.beta_proj = dense(d, H, cfg, rngs=rngs)
-    if self.variant == "carve":
-      self.gamma = nnx.Param(jnp.zeros((H,), _F32))
+    for name in row.extra_params:  # CARVE's gamma [H], 0 at init
+      setattr(self, name, nnx.Param(jnp.zeros((H,), _F32)))
     # Output: gated RMSNorm per head, then projection.
     if cfg.output_gate == "lowrank_sigmoid":
       self.g_proj1 = dense(d, cfg.rank, cfg, rngs=rngs)
@@ -124,7 +128,8 @@ class DeltaMixer(nnx.Module):
     k, tk = self.k_conv(self.k_proj(x), tails.get("k"), positions)
     v, tv = self.v_conv(self.v_proj(x), tails.get("v"), positions)
     A = jnp.exp(self.A_log[...])
-    if self.variant == "gdn":
+    row = self.variant
+    if row.decay == "scalar":
       g = -A * jax.nn.softplus(self.a_proj(x).astype(_F32) + self.dt_bias[...])  # [B, T, H]
     else:
       f = self.f_proj2(self.f_proj1(x)).astype(_F32) + self.dt_bias[...]
@@ -132,15 +137,14 @@ class DeltaMixer(nnx.Module):
     inp = dict(q=l2norm(self._heads(q)), k=l2norm(self._heads(k)), v=self._heads(v), g=g)
     cdt = compute_dtype(cfg)
     gate = lambda z: jax.nn.sigmoid(z.astype(_F32)).astype(cdt)  # sigmoid in float32, stored like FLA's gates
-    match self.variant:
-      case "gdn2":
-        inp["b"] = gate(self._heads(self.b_proj(x)))
-        inp["w"] = gate(self._heads(self.w_proj(x)))
-      case "carve":
-        inp["erase_logits"] = self._heads(self.b_proj(x))
-        inp["beta"] = gate(self.beta_proj(x))
-      case _:
-        inp["beta"] = gate(self.beta_proj(x))
+    if row.erase == "gate":
+      inp["b"] = gate(self._heads(self.b_proj(x)))
+    elif row.erase == "content_gate":  # the logits: `ops.carve` adds gamma c_n before the sigmoid
+      inp["erase_logits"] = self._heads(self.b_proj(x))
+    if row.write == "gate":
+      inp["w"] = gate(self._heads(self.w_proj(x)))
+    if row.uses_beta:
+      inp["beta"] = gate(self.beta_proj(x))
     return inp, dict(q=tq, k=tk, v=tv)
 
   def _mix(self, inp, initial_state=None, output_final_state=False, segment_ids=None):
@@ -149,16 +153,14 @@ class DeltaMixer(nnx.Module):
     kw = dict(initial_state=initial_state, output_final_state=output_final_state, impl=cfg.impl,
               chunk_size=cfg.chunk_size, segment_ids=segment_ids)
     q, k, v, g = inp["q"], inp["k"], inp["v"], inp["g"]
-    match self.variant:
-      case "gdn2":
-        return ops.gated_delta(q, k, v, g, inp["b"], inp["w"], **kw)
-      case "kda":
-        return ops.kda(q, k, v, g, inp["beta"], **kw)
-      case "gdn":
-        return ops.gdn(q, k, v, g, inp["beta"], **kw)
-      case "carve":
-        return ops.carve(q, k, v, g, inp["erase_logits"], inp["beta"], self.gamma[...],
-                         content_block=cfg.content_block, content_grad=cfg.content_grad, **kw)
+    row = self.variant
+    if row.content_aware:
+      return ops.carve(q, k, v, g, inp["erase_logits"], inp["beta"], self.gamma[...],
+                       content_block=cfg.content_block, content_grad=cfg.content_grad, **kw)
+    if row.erase == "gate":  # and write "gate" (`Variant` admits no other)
+      return ops.gated_delta(q, k, v, g, inp["b"], inp["w"], **kw)
+    beta_rule = ops.gdn if row.decay == "scalar" else ops.kda  # b = w = beta
+    return beta_rule(q, k, v, g, inp["beta"], **kw)
 
   def project_output(self, x, o):
     """The layer output from the recurrence output. x: [B, T, d]; o: [B, T, H, V] -> y: [B, T, d]."""
@@ -190,7 +192,7 @@ class DeltaMixer(nnx.Module):
     cache = dict(state=jnp.zeros((batch_size, H, K, K), _F32),
                  conv=dict(q=self.q_conv.empty_tail(batch_size), k=self.k_conv.empty_tail(batch_size),
                            v=self.v_conv.empty_tail(batch_size)))
-    if self.variant == "carve":
+    if self.variant.content_aware:
       cache["content"] = content_signal(cache["state"])
     return cache
 
@@ -203,7 +205,7 @@ class DeltaMixer(nnx.Module):
     """
     inp, tails = self.op_inputs(x)
     T = x.shape[1]
-    if self.variant != "carve":
+    if not self.variant.content_aware:
       o, S = self._mix(inp, output_final_state=True)
       return self.project_output(x, o), dict(state=S, conv=tails)
     split = (T // self.cfg.content_block) * self.cfg.content_block
@@ -233,17 +235,15 @@ class DeltaMixer(nnx.Module):
     inp, tails = self.op_inputs(x[:, None], cache["conv"], positions)
     t = {n: a[:, 0] for n, a in inp.items()}  # drop the time axis
     q, k, v = t["q"], t["k"], t["v"]
-    g = t["g"] if t["g"].ndim == 3 else jnp.broadcast_to(t["g"][..., None], q.shape)
+    row = self.variant
+    g = t["g"] if row.decay == "per_channel" else jnp.broadcast_to(t["g"][..., None], q.shape)
     new = dict(conv=tails)
-    match self.variant:
-      case "gdn2":
-        o, new["state"] = gated_delta_step(cache["state"], q, k, v, g, t["b"], t["w"])
-      case "kda" | "gdn":
-        beta = t["beta"][..., None]
-        o, new["state"] = gated_delta_step(cache["state"], q, k, v, g, jnp.broadcast_to(beta, q.shape),
-                                           jnp.broadcast_to(beta, v.shape))
-      case "carve":
-        o, new["state"], new["content"] = carve_step(
-            cache["state"], cache["content"], pos, q, k, v, g, t["erase_logits"], t["beta"], self.gamma[...],
-            content_block=self.cfg.content_block)
+    if row.content_aware:
+      o, new["state"], new["content"] = carve_step(
+          cache["state"], cache["content"], pos, q, k, v, g, t["erase_logits"], t["beta"], self.gamma[...],
+          content_block=self.cfg.content_block)
+    else:
+      b = t["b"] if row.erase == "gate" else jnp.broadcast_to(t["beta"][..., None], q.shape)
+      w = t["w"] if row.write == "gate" else jnp.broadcast_to(t["beta"][..., None], v.shape)
+      o, new["state"] = gated_delta_step(cache["state"], q, k, v, g, b, w)
     return self.project_output(x, o), new

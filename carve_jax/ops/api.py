@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 
@@ -24,8 +22,7 @@ from carve_jax.ops import validate as vd
 from carve_jax.ops.chunk import chunk_gated_delta
 from carve_jax.ops.recurrent import recurrent_gated_delta
 from carve_jax.ops.segments import segment_ids_from_cu_seqlens
-
-Impl = Literal["auto", "recurrent", "chunk", "pallas"]
+from carve_jax.ops.validate import ContentGrad, Impl, KernelBwd
 
 
 def pallas_available() -> bool:
@@ -40,7 +37,7 @@ def pallas_available() -> bool:
 
 
 def resolve_impl(impl: str, *, K: int | None = None, V: int | None = None, chunk_size: int | None = None,
-                 dtype=None, content_grad: str = "stop", packed: bool = False) -> str:
+                 dtype=None, content_grad: ContentGrad = "stop", packed: bool = False) -> str:
   """'auto' -> 'pallas' on a GPU where the kernels import and support the call, 'chunk' elsewhere.
 
   Given K, V, chunk_size and dtype, 'auto' also asks `pallas_kernels.supported` (power-of-two head
@@ -127,7 +124,7 @@ def _chunk_reference(q, k, v, g, b, w, gamma, S0, *, dt, chunk_size, scale, cont
 
 def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_final_state=False,
                 impl: Impl = "chunk", chunk_size: int = 64, segment_ids=None, cu_seqlens=None,
-                kernel_bwd: str = "kernels"):
+                kernel_bwd: KernelBwd = "kernels"):
   r"""The general gated delta rule (GDN-2 form; GDN and KDA are special cases).
 
       S_t = (I - k_t (b_t * k_t)^T) Diag(exp g_t) S_{t-1} + k_t (w_t * v_t)^T,   o_t = S_t^T (scale q_t)
@@ -162,9 +159,9 @@ def gated_delta(q, k, v, g, b, w, *, scale=None, initial_state=None, output_fina
               kernel_bwd=kernel_bwd)
 
 
-def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, content_grad: str = "stop",
+def carve(q, k, v, g, erase_logits, beta, gamma, *, content_block: int = 64, content_grad: ContentGrad = "stop",
           scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-          chunk_size: int | None = None, segment_ids=None, cu_seqlens=None, kernel_bwd: str = "kernels"):
+          chunk_size: int | None = None, segment_ids=None, cu_seqlens=None, kernel_bwd: KernelBwd = "kernels"):
   r"""CARVE: GDN-2 with a content-aware erase gate and a scalar write gate per head.
 
       b_t = sigmoid(erase_logits_t + gamma_h * c_n),   w_t = beta_t * 1_V
@@ -214,7 +211,7 @@ def gdn(q, k, v, g, beta, **kwargs):
 
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, impl: Impl = "chunk",
-        chunk_size: int = 64, segment_ids=None, cu_seqlens=None, kernel_bwd: str = "kernels"):
+        chunk_size: int = 64, segment_ids=None, cu_seqlens=None, kernel_bwd: KernelBwd = "kernels"):
   """Kimi Delta Attention: per-channel decay g [B, T, H, K], scalar beta [B, T, H] (b = w = beta).
 
   The write gate goes to `_run` as beta itself: the kernels take a scalar write gate per token (no

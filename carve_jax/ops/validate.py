@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ("auto", "recurrent", "chunk", "pallas")
-CONTENT_GRADS = ("stop", "full")
-KERNEL_BWDS = ("kernels", "reference")  # impl="pallas": the kernels' backward, or the chunk path's VJP
+# The ops' option names, once: each Literal types the argument, its tuple is what the checks accept.
+Impl = Literal["auto", "recurrent", "chunk", "pallas"]
+ContentGrad = Literal["stop", "full"]  # CARVE: gradient through the content signal into the state, or not
+KernelBwd = Literal["kernels", "reference"]  # impl="pallas": the kernels' backward, or the chunk path's VJP
+IMPLS: tuple[str, ...] = get_args(Impl)
+CONTENT_GRADS: tuple[str, ...] = get_args(ContentGrad)
+KERNEL_BWDS: tuple[str, ...] = get_args(KernelBwd)
 
 
 def _fail(fn: str, name: str, expected: str, got: Any) -> ValueError:
