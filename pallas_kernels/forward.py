@@ -41,6 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import intra
 from pallas_kernels.config import TuningConfig
 from pallas_kernels.intra import F32, Decay, block_unit_lower_inv, content_signal, lower_masks, mm
+from pallas_kernels.segments import NO_CARRY, Segments
 
 
 class Dtypes:
@@ -65,7 +66,8 @@ def tiles(C):
       tok1=pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
       vec=lambda K: pl.BlockSpec((None, None, None, K), lambda b, h, n: (b, h, n, 0)),
       state=lambda K, V: pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0)),
-      head=lambda K: pl.BlockSpec((None, K), lambda b, h, n: (h, 0)))
+      head=lambda K: pl.BlockSpec((None, K), lambda b, h, n: (h, 0)),
+      doc=pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
 
 
 def seq_specs(Tp, N):
@@ -130,14 +132,20 @@ def wy_w(A, k_ref, g_ref, gate, W_ref, *, dt, block_k):
 # ---- 1. chunk-parallel preparation ----
 
 def _prep_kernel(*, q_ref, k_ref, g_ref, aqk_ref, qe_ref, kd_ref, gc_ref, b_ref=None, w_ref=None, v_ref=None,
-                 W_ref=None, U_ref=None, A_ref=None, kr_ref=None, kc_ref=None, ke_ref=None, has_beta, dt, block_k):
+                 doc_ref=None, W_ref=None, U_ref=None, A_ref=None, kr_ref=None, kc_ref=None, ke_ref=None, has_beta,
+                 dt, block_k):
   """Everything of a chunk that does not need the state. All families: Aqk (lower, unscaled), q e^G,
   Kd, G_C. Gamma-free (b_ref given): L -> A, W, U. CARVE (kr_ref given): the gate-independent factors
-  of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G."""
+  of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G.
+  Packed documents (doc_ref given, `segments.py`): Aqk and L within documents, q e^G and k e^G of the
+  chunk's first document, Kd of its last, G_C = NO_CARRY when a document starts in the chunk."""
   cdt = dt.cdt
   C, K = k_ref.shape
   lower, strict = lower_masks(C)
   carve = kr_ref is not None
+  pk = None if doc_ref is None else packed_masks(doc_ref[...])
+  first = (lambda x: x) if pk is None else (lambda x: jnp.where(pk.first, x, 0.0))
+  last = (lambda x: x) if pk is None else (lambda x: jnp.where(pk.last, x, 0.0))
 
   def block(sl, carry):
     Aqk, L = carry
@@ -155,20 +163,36 @@ def _prep_kernel(*, q_ref, k_ref, g_ref, aqk_ref, qe_ref, kd_ref, gc_ref, b_ref=
         kc_ref[p, :, sl] = kc.astype(kc_ref.dtype)
       else:
         L = L + m(mm(bk * rf, kc, dt.dot, trans_b=True))
-    qe_ref[:, sl] = (q * eG).astype(qe_ref.dtype)
-    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
-    gc_ref[sl] = GC.astype(gc_ref.dtype)
+    qe_ref[:, sl] = first(q * eG).astype(qe_ref.dtype)
+    kd_ref[:, sl] = last(k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
+    gc_ref[sl] = (GC if pk is None else jnp.where(pk.carry, GC, NO_CARRY)).astype(gc_ref.dtype)
     if carve:
-      ke_ref[:, sl] = (k * eG).astype(ke_ref.dtype)
+      ke_ref[:, sl] = first(k * eG).astype(ke_ref.dtype)
     return Aqk, L
   Aqk, L = kloop(K, block_k, block, (jnp.zeros((C, C), cdt), jnp.zeros((C, C), cdt)))
-  aqk_ref[...] = jnp.where(lower, Aqk, 0.0).astype(aqk_ref.dtype)
+  aqk_ref[...] = jnp.where(lower if pk is None else lower & pk.same, Aqk, 0.0).astype(aqk_ref.dtype)
   if carve:
     return
-  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
+  A = block_unit_lower_inv(jnp.where(strict if pk is None else strict & pk.same, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-  wy_w(A, k_ref, g_ref, lambda sl: b_ref[:, sl].astype(cdt), W_ref, dt=dt, block_k=block_k)
+  wy_w(A, k_ref, g_ref, lambda sl: first(b_ref[:, sl].astype(cdt)), W_ref, dt=dt, block_k=block_k)
+
+
+class PackedMasks(NamedTuple):
+  """Masks of one chunk from its in-chunk document numbers d [C] (`segments.py`): same [C, C] (d_r = d_c),
+  first [C, 1] (d_r = 0: rows the entering state reaches), last [C, 1] (rows of the chunk's last
+  document: they alone reach the state leaving it), carry (scalar: no document starts in the chunk)."""
+  same: jax.Array
+  first: jax.Array
+  last: jax.Array
+  carry: jax.Array
+
+
+def packed_masks(d):
+  d_last = jnp.max(d)
+  return PackedMasks(same=d[:, None] == d[None, :], first=(d == 0)[:, None], last=(d == d_last)[:, None],
+                     carry=d_last == 0)
 
 
 def n_parts(C):
@@ -176,8 +200,9 @@ def n_parts(C):
   return len(intra.part_masks(C))
 
 
-def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """The chunk-parallel preparation; b = w = v = None for CARVE (whose gate needs the state).
+def prep(q, k, g, b, w, v, doc=None, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """The chunk-parallel preparation; b = w = v = None for CARVE (whose gate needs the state); doc: None,
+  or the in-chunk document numbers [B, Tp] of packed documents (`Segments.doc`).
 
   Returns a dict: aqk [B, Tp, H, C], qe, kd [B, Tp, H, K] (dt.store), gc [B, H, N, K] (float32); gamma-free:
   W [B, Tp, H, K], U [B, Tp, H, V] (dt.store), A [B, Tp, H, C] (float32); CARVE: kr, kc [P, B, Tp, H, K]
@@ -189,9 +214,9 @@ def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   t = tiles(C)
   sd = jax.ShapeDtypeStruct
   tok = lambda D: sd((B, Tp, H, D), dt.store)
-  names = ["q", "k", "g"] + ([] if carve else ["b", "w", "v"])
+  names = ["q", "k", "g"] + ([] if carve else ["b", "w", "v"]) + ([] if doc is None else ["doc"])
   in_specs = [t["tok"](K)] * 3 + ([] if carve else [t["tok"](K), t["tok1"] if w.ndim == 3 else t["tok"](V),
-                                                    t["tok"](V)])
+                                                    t["tok"](V)]) + ([] if doc is None else [t["doc"]])
   outs = {"aqk": (t["tok"](C), tok(C)), "qe": (t["tok"](K), tok(K)), "kd": (t["tok"](K), tok(K)),
           "gc": (t["vec"](K), sd((B, H, N, K), dt.cdt))}
   if carve:
@@ -207,7 +232,7 @@ def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
       kernel, grid=(B, H, N), in_specs=in_specs, out_specs=[o[0] for o in outs.values()],
       out_shape=[o[1] for o in outs.values()], compiler_params=params(cfg.num_warps, cfg.num_stages),
       interpret=interpret, name="carve_prep" if carve else "gated_delta_prep",
-  )(*([q, k, g] + ([] if carve else [b, w, v])))
+  )(*([q, k, g] + ([] if carve else [b, w, v]) + ([] if doc is None else [doc])))
   return dict(zip(outs, res))
 
 
@@ -338,8 +363,9 @@ class Residuals(NamedTuple):
   h [B, H, N, K, V]: the state entering each chunk; vn [B, Tp, H, V]: V_new; c [B, H, N, K]: CARVE's
   content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32); aqk [B, Tp, H, C]: the
   lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and k e^{G_C - G}; gc [B, H, N, K]:
-  G_C; W [B, Tp, H, K]: A (b k e^G) for the gamma-free families (None for CARVE, whose backward
-  forms it from A and the saved gate)."""
+  G_C (`segments.NO_CARRY` where a packed document starts in the chunk); W [B, Tp, H, K]: A (b k e^G)
+  for the gamma-free families (None for CARVE, whose backward forms it from A and the saved gate);
+  c2 [B, H, N, K]: CARVE's signal of the content block begun mid-chunk (packed documents only, else None)."""
   h: jax.Array
   vn: jax.Array
   c: jax.Array | None
@@ -349,23 +375,29 @@ class Residuals(NamedTuple):
   kd: jax.Array
   gc: jax.Array
   W: jax.Array | None
+  c2: jax.Array | None = None
 
 
-def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cfg: TuningConfig, interpret):
+def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, chunk_size, content_block,
+            cfg: TuningConfig, interpret):
   """Forward over padded inputs (Tp a multiple of chunk_size), public layout.
 
   q, k, g, b: [B, Tp, H, K]; v: [B, Tp, H, V]; w: [B, Tp, H, V] or beta [B, Tp, H] (when gamma [H] is
   given, b holds erase logits and w is beta). S0: [B, H, K, V] float32 (float64 under x64).
+  seg: None, or the packed documents' `Segments` (`segments.py`).
   Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], `Residuals`).
   """
   dt = Dtypes(q, interpret)
   kw = dict(C=chunk_size, cfg=cfg, dt=dt, interpret=interpret)
+  doc = None if seg is None else seg.doc
   if gamma is not None:
-    pre = prep(q, k, g, None, None, None, **kw)
+    if seg is not None:
+      raise NotImplementedError("CARVE with segment ids: TODO")
+    pre = prep(q, k, g, None, None, None, doc, **kw)
     h, vn, c, A, S = carve_state_pass(b, w, v, pre, gamma, S0, cb=content_block, **kw)
     W = None
   else:
-    pre = prep(q, k, g, b, w, v, **kw)
+    pre = prep(q, k, g, b, w, v, doc, **kw)
     h, vn, S = state_pass(pre["W"], pre["U"], pre["kd"], pre["gc"], S0, **kw)
     c, A, W = None, pre["A"], pre["W"]
   o = output(pre["qe"], pre["aqk"], h, vn, scale=scale, out_dtype=q.dtype, **kw)
