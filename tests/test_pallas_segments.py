@@ -82,7 +82,7 @@ def _per_document(family, inputs, lengths_per_row):
   return jnp.stack(outs), jnp.stack(states)
 
 
-@pytest.mark.parametrize("family", ["gdn2", "kda"])
+@pytest.mark.parametrize("family", ["carve", "gdn2", "kda"])
 def test_kernels_equal_chunk_path_float64(x64, family):
   """Forward, final state and the gradients of every input (initial state included) == the chunk path."""
   inputs, seg = _inputs(family), _segment_ids(LENGTHS)
@@ -91,7 +91,7 @@ def test_kernels_equal_chunk_path_float64(x64, family):
   _assert_close(got, want, 1e-11, family)
 
 
-@pytest.mark.parametrize("family", ["gdn2"])
+@pytest.mark.parametrize("family", ["carve", "gdn2"])
 def test_packed_equals_documents_alone_float64(x64, family):
   """The packed kernels == the unpacked kernels on each document alone (forward and gradients)."""
   inputs, seg = _inputs(family), _segment_ids(LENGTHS)
@@ -104,7 +104,7 @@ def test_packed_equals_documents_alone_float64(x64, family):
 
 def test_one_document_is_the_unpacked_call(x64):
   """Constant segment ids (no start): the packed kernels give the unpacked result to rounding."""
-  for family in ("gdn2",):
+  for family in ("carve", "gdn2"):
     inputs = _inputs(family, B=1, T=40)
     seg = jnp.full((1, 40), 3, jnp.int32)
     got = _value_and_grads(lambda x: _run(family, "pallas", x, seg), inputs)
