@@ -13,6 +13,7 @@ import pytest
 
 from carve_jax.ops.sample_inputs import family_inputs, run_family
 from conftest import rel_err
+from pallas_kernels import TuningConfig, pallas_gated_delta
 from pallas_kernels.segments import AT_CHUNK, AT_START, CARRIED, MID, segments
 
 C, G = 16, 32
@@ -62,7 +63,7 @@ def _assert_close(got, want, tol, what):
 
 
 def _per_document(family, inputs, lengths_per_row):
-  """Each document alone through the unpacked kernels, outputs concatenated (one batched call; each
+  """Each document alone (impl="recurrent", unpacked), outputs concatenated (one batched call; each
   document padded at its end with zero tokens, which change nothing). The row's initial state feeds its
   first document; the final state is its last document's."""
   docs = [(b, sum(ls[:i]), L, i == 0) for b, ls in enumerate(lengths_per_row) for i, L in enumerate(ls)]
@@ -73,7 +74,7 @@ def _per_document(family, inputs, lengths_per_row):
     batch["gamma"] = inputs["gamma"]
   S0 = inputs["initial_state"]
   batch["initial_state"] = jnp.stack([S0[b] if first else jnp.zeros_like(S0[b]) for b, _, _, first in docs])
-  o, S = _run(family, "pallas", batch)
+  o, S = _run(family, "recurrent", batch)
   outs, states, d = [], [], 0
   for ls in lengths_per_row:
     outs.append(jnp.concatenate([o[d + i, :L] for i, L in enumerate(ls)]))
@@ -82,34 +83,36 @@ def _per_document(family, inputs, lengths_per_row):
   return jnp.stack(outs), jnp.stack(states)
 
 
-@pytest.mark.parametrize("family", ["carve", "gdn2", "kda"])
-def test_kernels_equal_chunk_path_float64(x64, family):
-  """Forward, final state and the gradients of every input (initial state included) == the chunk path."""
-  inputs, seg = _inputs(family), _segment_ids(LENGTHS)
-  want = _value_and_grads(lambda x: _run(family, "chunk", x, seg), inputs)
-  got = _value_and_grads(lambda x: _run(family, "pallas", x, seg), inputs)
-  _assert_close(got, want, 1e-11, family)
+def _kernels(family, inputs, seg, config):
+  """The kernel entry point itself (to pass a TuningConfig), with the public op's arguments of `family`."""
+  x = dict(inputs)
+  K = x["q"].shape[-1]
+  if family == "carve":
+    b, w, gamma = x["erase_logits"], x["beta"], x["gamma"]
+  else:
+    b, w, gamma = x["b"], x["w"], None
+  return pallas_gated_delta(x["q"], x["k"], x["v"], x["g"], b, w, gamma, scale=K**-0.5, initial_state=x["initial_state"],
+                            chunk_size=C, content_block=G, segment_ids=seg, config=config)
 
 
-@pytest.mark.parametrize("family", ["carve", "gdn2"])
-def test_packed_equals_documents_alone_float64(x64, family):
-  """The packed kernels == the unpacked kernels on each document alone (forward and gradients)."""
-  inputs, seg = _inputs(family), _segment_ids(LENGTHS)
-  want = _value_and_grads(lambda x: _per_document(family, x, LENGTHS), inputs)
-  got = _value_and_grads(lambda x: _run(family, "pallas", x, seg), inputs)
-  _assert_close(got, want, 1e-11, family)
-  # the test can tell a reset from none: without segment ids the documents mix
-  assert rel_err(_run(family, "pallas", inputs)[0], want[0][0]) > 1e-3
-
-
-def test_one_document_is_the_unpacked_call(x64):
-  """Constant segment ids (no start): the packed kernels give the unpacked result to rounding."""
-  for family in ("carve", "gdn2"):
-    inputs = _inputs(family, B=1, T=40)
-    seg = jnp.full((1, 40), 3, jnp.int32)
+# carve and gdn2 at K = 32 in key blocks of 16 (every kernel's loop over key blocks); kda through the public op
+@pytest.mark.parametrize("family, K", [("carve", 32), ("gdn2", 32), ("kda", 16)])
+def test_kernels_equal_chunk_path_and_documents_alone_float64(x64, family, K):
+  """Forward, final state and the gradients of every input (initial state and gamma included) == the chunk
+  path with the same segment ids, and == each document alone (recurrent) concatenated (not for kda)."""
+  inputs, seg = _inputs(family, H=1 if K == 32 else 2, K=K), _segment_ids(LENGTHS)
+  if family == "kda":
     got = _value_and_grads(lambda x: _run(family, "pallas", x, seg), inputs)
-    want = _value_and_grads(lambda x: _run(family, "pallas", x), inputs)
-    _assert_close(got, want, 1e-13, family)
+  else:
+    cfg = TuningConfig(block_k=16, grad_block_k=16, carve_block_k=16)
+    got = _value_and_grads(lambda x: _kernels(family, x, seg, cfg), inputs)
+  _assert_close(got, _value_and_grads(lambda x: _run(family, "chunk", x, seg), inputs), 1e-11, f"{family} chunk")
+  if family == "kda":  # = gdn2 with b = w = beta (the kernels' scalar write gate): the chunk path suffices
+    return
+  alone = _value_and_grads(lambda x: _per_document(family, x, LENGTHS), inputs)
+  _assert_close(got, alone, 1e-11, f"{family} documents alone")
+  # the test can tell a reset from none: without segment ids the documents mix
+  assert rel_err(jax.jit(lambda x: _run(family, "recurrent", x))(inputs)[0], alone[0][0]) > 1e-3
 
 
 def test_segments_classes():
@@ -125,9 +128,9 @@ def test_segments_classes():
 
 
 def test_reference_backward_with_segment_ids(x64):
-  """kernel_bwd="reference" passes the segment ids to the chunk path's VJP."""
-  family = "gdn2"
-  inputs, seg = _inputs(family, H=1), _segment_ids(LENGTHS)
+  """kernel_bwd="reference" passes the (padded) segment ids to the chunk path's VJP."""
+  family, lengths = "gdn2", [(5, 12, 20)]
+  inputs, seg = _inputs(family, B=1, T=37, H=1), _segment_ids(lengths)
   want = _value_and_grads(lambda x: _run(family, "chunk", x, seg), inputs)
   got = _value_and_grads(lambda x: _run(family, "pallas", x, seg, kernel_bwd="reference"), inputs)
   _assert_close(got, want, 1e-11, family)
