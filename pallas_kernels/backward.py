@@ -20,6 +20,11 @@ cotangents dO and dS_out of the state leaving it (and W, A, Aqk, Kd of `forward.
 
 CARVE: b = sigmoid(logit + gamma c) with c constant: dlogit = db b (1 - b); each chunk writes
 sum_t dlogit_t * c_n [K], and dgamma_h sums these (outside the kernel).
+
+Packed documents (`segments.py`): the forward's residuals are already masked, so the state pass is
+unchanged; the gradient kernel masks dAqk, dL to pairs within a document, d(q e^G), d(b k e^G) to the
+chunk's first document, dKd to its last, and the e^{G_C} S term of dG_C where a document starts; CARVE's
+gate takes each row's content signal (`content_rows`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Per chunk of C tokens entering with state S (the math of `carve_jax.ops.chunk.ch
    axis): per chunk it forms c_n, the gate, L, A and V_new = A (beta v - b k e^G S) in the loop.
 3. `_output_kernel`, chunk-parallel: O = scale [(q e^G) h + Aqk V_new] (two matmuls).
 
+Packed documents (optional `Segments`, `segments.py`): the same passes with per-token document masks
+in the preparation (Aqk, L, q e^G, k e^G, Kd, G_C) and, for CARVE, a per-row content signal in the
+state loop; without them nothing of this is traced.
+
 Code size matters as much as arithmetic: per-key-block work runs in rolled loops (`kloop`), the
 inverse's steps too (ncu on the v4 preparation kernel: 59% of issue slots lost to instruction fetch).
 
