@@ -42,13 +42,15 @@ from pallas_kernels.intra import CONTENT_EPS, Decay, lower_masks, mm, revcumsum
 from pallas_kernels.segments import AT_START, MID
 
 
-def _gate(b_ref, c, gam_ref, sl, cdt):
-  """Erase gate [C, BK] of key block sl: b itself (c None), or CARVE's sigmoid(logits + gamma_h c) with the
-  content signal c [1, BK] (one per chunk) or [C, BK] (per row, packed documents)."""
+def _gate(b_ref, c_ref, gam_ref, sl, cdt, c2_ref=None, blk_ref=None):
+  """Erase gate [C, BK] of key block sl: b itself (c_ref None), or CARVE's sigmoid(logits + gamma_h c) with
+  the chunk's content signal c_n, or with packed documents (blk_ref given) each row's (`content_rows`)."""
   b = b_ref[:, sl].astype(cdt)
-  if c is None:
+  if c_ref is None:
     return b
-  return jax.nn.sigmoid(b + gam_ref[sl].astype(cdt)[None, :] * c)
+  if blk_ref is None:
+    return jax.nn.sigmoid(b + (gam_ref[sl].astype(cdt) * c_ref[sl].astype(cdt))[None, :])
+  return jax.nn.sigmoid(b + gam_ref[sl].astype(cdt)[None, :] * content_rows(c_ref, c2_ref, blk_ref, sl, cdt))
 
 
 def content_rows(c_ref, c2_ref, blk_ref, sl, cdt):
@@ -75,7 +77,7 @@ def _bprep_kernel(*, aqk_ref, do_ref, dvl_ref, A_ref=None, k_ref=None, g_ref=Non
   first = None if doc_ref is None else packed_masks(doc_ref[...]).first
 
   def gate(sl):
-    b = _gate(b_ref, content_rows(c_ref, c2_ref, blk_ref, sl, dt.cdt), gam_ref, sl, dt.cdt)
+    b = _gate(b_ref, c_ref, gam_ref, sl, dt.cdt, c2_ref, blk_ref)
     return b if first is None else jnp.where(first, b, 0.0)
   wy_w(A_ref[...], k_ref, g_ref, gate, W_ref, dt=dt, block_k=block_k)
 
@@ -167,8 +169,7 @@ def _grad_kernel(*, q_ref, k_ref, g_ref, b_ref, w_ref, v_ref, h_ref, dh_ref, vn_
   q, k, g = q_ref[:, sl].astype(cdt), k_ref[:, sl].astype(cdt), g_ref[:, sl].astype(cdt)
   G = jnp.cumsum(g, axis=0)
   dec = Decay(G)
-  c = None if c_ref is None else content_rows(c_ref, c2_ref, blk_ref, sl, cdt)
-  gate = _gate(b_ref, c, gam_ref, sl, cdt)
+  gate = _gate(b_ref, c_ref, gam_ref, sl, cdt, c2_ref, blk_ref)
   bk = gate * k
   eG, kdf = jnp.exp(G), jnp.exp(dec.GC[None, :] - G)
   S, dS = h_ref[sl, :].astype(cdt), dh_ref[sl, :].astype(cdt)
@@ -188,9 +189,10 @@ def _grad_kernel(*, q_ref, k_ref, g_ref, b_ref, w_ref, v_ref, h_ref, dh_ref, vn_
   dk_ref[:, sl] = (dKd * kdf + dk_p + dbk * gate).astype(dk_ref.dtype)
   dg_ref[:, sl] = (revcumsum(dG) + dGC[None, :]).astype(dg_ref.dtype)
   dgate = dbk * k
-  if c is not None:
+  if c_ref is not None:
     dlogit = dgate * gate * (1.0 - gate)
     db_ref[:, sl] = dlogit.astype(db_ref.dtype)
+    c = c_ref[sl].astype(cdt)[None, :] if blk_ref is None else content_rows(c_ref, c2_ref, blk_ref, sl, cdt)
     dgam_ref[sl] = jnp.sum(dlogit * c, axis=0).astype(dgam_ref.dtype)
   else:
     db_ref[:, sl] = dgate.astype(db_ref.dtype)
@@ -215,11 +217,11 @@ def grads(q, k, v, g, b, w, c, gamma, h, dh, vn, dvn, do, A, seg=None, c2=None, 
   veck = pl.BlockSpec((None, None, None, BK), lambda b_, h_, n, j: (b_, h_, n, j))
   statek = pl.BlockSpec((None, None, None, BK, V), lambda b_, h_, n, j: (b_, h_, n, j, 0))
   tokd = pl.BlockSpec((None, C), lambda b_, h_, n, j: (b_, n))
-  ins = dict(q=(tokk, q), k=(tokk, k), g=(tokk, g), b=(tokk, b), w=(wspec, w), v=(tok(V), v), h=(statek, h),
-             dh=(statek, dh), vn=(tok(V), vn), dvn=(tok(V), dvn), do=(tok(V), do), A=(tok(C), A))
+  ins = dict(q=(tokk, q), k=(tokk, k), g=(tokk, g), b=(tokk, b), w=(wspec, w), v=(tok(V), v))
   if carve:
     ins |= dict(c=(veck, c), gam=(pl.BlockSpec((None, BK), lambda b_, h_, n, j: (h_, j)),
                                   jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))))
+  ins |= dict(h=(statek, h), dh=(statek, dh), vn=(tok(V), vn), dvn=(tok(V), dvn), do=(tok(V), do), A=(tok(C), A))
   if seg is not None:
     ins |= dict(doc=(tokd, seg.doc))
     if carve:

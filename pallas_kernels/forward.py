@@ -305,14 +305,18 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
   r, col = intra.iota(C, C, 0), intra.iota(C, C, 1)
 
   def gate_of(rows, sl, c):  # c: [BK] (one signal per chunk) or [C, BK] (per row, packed documents)
+    logits = l_ref[rows, sl].astype(cdt)
     gc = (gam_ref[sl].astype(cdt) * c)[None, :] if c.ndim == 1 else gam_ref[sl].astype(cdt)[None, :] * c
-    return jax.nn.sigmoid(l_ref[rows, sl].astype(cdt) + gc)
+    return jax.nn.sigmoid(logits + gc)
 
-  def solve(rows, Ss, cs, keep):
+  def solve(rows, Ss, cs, keep, store=None):
     """(A, V_new) of the chunk at `rows` entering with the states Ss and content signals cs by key block;
-    keep: the [C, C] mask of L (strictly lower; within documents when packed)."""
+    keep: the [C, C] mask of L (strictly lower; within documents when packed); store: None, or (sl, S) ->
+    writes h and c, and A -> writes A (at the same points as before packed documents: live ranges)."""
     L = jnp.zeros((C, C), cdt)
-    for sl, c in zip(ks, cs):
+    for sl, S, c in zip(ks, Ss, cs):
+      if store is not None:
+        store[0](sl, S)
       gate = gate_of(rows, sl, c)
 
       def part(p, L, gate=gate, sl=sl):  # part p's products kept inside blocks of 16 * 2^p (`intra.part_masks`)
@@ -321,6 +325,8 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
         return L + jnp.where(r // size == col // size, Lp, 0.0)
       L = lax.fori_loop(0, n_parts, part, L)
     A = block_unit_lower_inv(jnp.where(keep, L, 0.0), dt.inv)
+    if store is not None:
+      store[1](A)
     X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt)
     for sl, S, c in zip(ks, Ss, cs):
       X = X - mm(gate_of(rows, sl, c) * ke_ref[rows, sl].astype(cdt), S, dt.dot)
@@ -339,11 +345,12 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
                                               lambda sl: kj_ref[rows, sl], lambda sl: gj_ref[n, sl], ks, dt)
       for sl, c2 in zip(ks, c2s):
         c2_ref[n, sl] = c2.astype(c2_ref.dtype)
-    for sl, S, c in zip(ks, Ss, cs):
+    def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
       h_ref[n, sl, :] = S.astype(h_ref.dtype)
-      c_ref[n, sl] = c.astype(c_ref.dtype)
-    A, vn = solve(rows, Ss, row_cs, keep)
-    A_ref[rows, :] = A.astype(A_ref.dtype)
+      c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
+    def store_A(A):
+      A_ref[rows, :] = A.astype(A_ref.dtype)
+    _, vn = solve(rows, Ss, row_cs, keep, (store, store_A))
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     Ss = tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
                for sl, S in zip(ks, Ss))
