@@ -321,6 +321,7 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
 
       def part(p, L, gate=gate, sl=sl):  # part p's products kept inside blocks of 16 * 2^p (`intra.part_masks`)
         Lp = mm(gate * kr_ref[p, rows, sl].astype(cdt), kc_ref[p, rows, sl], dt.dot, trans_b=True)
+        p = p if p.dtype == jnp.int32 else p.astype(jnp.int32)  # the loop index is int64 under x64
         size = lax.shift_left(jnp.int32(intra.DECAY_GROUP), p)
         return L + jnp.where(r // size == col // size, Lp, 0.0)
       L = lax.fori_loop(0, n_parts, part, L)
