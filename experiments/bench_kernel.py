@@ -10,6 +10,10 @@ B=8 T=2048 and B=2 T=8192, H=16, K=V=128, bf16 (decay g in float32, as FLA's lay
                        sigmoid, which a GDN-2 layer runs in XLA, is inside the timed function
   pallas_gdn2          gated_delta(..., impl="pallas") with a full write gate w [B, T, H, V]
   pallas_kda           kda(..., impl="pallas"): b = w = beta (the kernels take w as the scalar beta)
+  pallas_carve_packed  carve(..., impl="pallas", segment_ids=...): packed documents of random lengths
+  pallas_gdn2_packed   the same for gated_delta (lengths uniform in [doc_len/5, 9 doc_len/5], --doc_len
+                       500: the cost of the document resets, next to the unpacked rows)
+  xla_chunk_carve_packed  carve(..., impl="chunk", segment_ids=...) (not in the default --impls)
   xla_chunk_carve      carve(..., impl="chunk") under XLA
   cudnn_attention      jax.nn.dot_product_attention(causal, implementation="cudnn")
   fla_chunk_kda/gdn2   flash-linear-attention 0.6.0 in a separate process (torch; its own script)
@@ -33,6 +37,7 @@ import traceback
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from carve_jax.ops import carve, gated_delta, kda
 from pallas_kernels import TuningConfig, pallas_gated_delta
@@ -65,7 +70,17 @@ def peak_gib(f, *args):
     return float("nan")
 
 
-def inputs(B, T, key=0):
+def packed_ids(B, T, doc_len, seed=0):
+  """int32 [B, T] segment ids: documents of lengths uniform in [doc_len / 5, 9 doc_len / 5] (fixed seed)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(B):
+    lengths = rng.integers(max(doc_len // 5, 1), 9 * doc_len // 5 + 1, size=T // max(doc_len // 5, 1) + 1)
+    rows.append(np.repeat(np.arange(len(lengths)), lengths)[:T])
+  return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def inputs(B, T, key=0, doc_len=500):
   ks = jax.random.split(jax.random.PRNGKey(key), 9)
   bf = jnp.bfloat16
   q = jax.random.normal(ks[0], (B, T, H, D), bf)
@@ -77,7 +92,7 @@ def inputs(B, T, key=0):
   beta = jax.random.uniform(ks[5], (B, T, H), bf)
   w = jax.random.uniform(ks[6], (B, T, H, D), bf)
   gamma = 0.5 * jax.random.normal(ks[7], (H,), jnp.float32)
-  return dict(q=q, k=k, v=v, g=g, logits=logits, beta=beta, w=w, gamma=gamma)
+  return dict(q=q, k=k, v=v, g=g, logits=logits, beta=beta, w=w, gamma=gamma, seg=packed_ids(B, T, doc_len))
 
 
 def ops(x):
@@ -113,6 +128,10 @@ def ops(x):
                                                         chunk_size=64)[0], nocontent_args),
       "pallas_gdn2": (lambda a: gated_delta(*gated(a), impl="pallas")[0], base + (x["logits"], x["w"])),
       "pallas_kda": (lambda a: kda(*a, impl="pallas")[0], base + (x["beta"],)),
+      "pallas_carve_packed": (lambda a: carve(*a, impl="pallas", segment_ids=x["seg"])[0], carve_args),
+      "pallas_gdn2_packed": (lambda a: gated_delta(*gated(a), impl="pallas", segment_ids=x["seg"])[0],
+                             base + (x["logits"], x["w"])),
+      "xla_chunk_carve_packed": (lambda a: carve(*a, impl="chunk", segment_ids=x["seg"])[0], carve_args),
       "xla_chunk_carve": (lambda a: carve(*a, impl="chunk")[0], carve_args),
       "cudnn_attention": (lambda a: jax.nn.dot_product_attention(*a, is_causal=True, implementation="cudnn"),
                           (x["q"], x["k"], x["v"])),
@@ -231,10 +250,12 @@ class BenchKernelFlags:
     fla_timeout: seconds for the FLA process.
     reps: timed repetitions per row (median).
     breakdown: time each kernel alone at the first shape.
+    doc_len: mean document length of the *_packed rows (lengths uniform in [doc_len/5, 9 doc_len/5]).
   """
   out: str = "experiments/results/bench_kernel/bench_kernel"
   shapes: str = "8x2048,2x8192"
-  impls: str = "pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,xla_chunk_carve,cudnn_attention"
+  impls: str = ("pallas_carve,pallas_nocontent,pallas_gdn2,pallas_kda,pallas_carve_packed,pallas_gdn2_packed,"
+                "xla_chunk_carve,cudnn_attention")
   variants: str = ""
   fla_bench: str | None = None
   fla_seed: str | None = None
@@ -242,6 +263,7 @@ class BenchKernelFlags:
   fla_timeout: int = 240
   reps: int = 20
   breakdown: bool = False
+  doc_len: int = 500
 
 
 def main(argv=None):
@@ -263,7 +285,7 @@ def main(argv=None):
   variants = [v for v in args.variants.split(",") if v]
   plan = [(B, T, args.impls.split(",")) for B, T in shapes] + ([(*shapes[0], variants)] if variants else [])
   for B, T, names in plan:
-    x = inputs(B, T)
+    x = inputs(B, T, doc_len=args.doc_len)
     ffl, fbfl, detail = floors(B, T, bw, rate)
     table = ops(x)
     for name in names:
@@ -359,6 +381,10 @@ def write(args, results, shapes, bw, rate, dev, quiet=False):
       t["goal: CARVE forward / FLA chunk_kda forward (<= 1.0)"] = cf / kdaf
     if cf:
       t["CARVE forward / roofline floor"] = cf / ffl
+    for name, plain in (("pallas_carve_packed", c), ("pallas_gdn2_packed", ours_gdn2)):
+      packed = _get(results, name, B, T, "fb_ms")
+      if packed and plain:
+        t[f"{name} fwd+bwd / unpacked (document reset cost)"] = packed / plain
     targets[f"{B}x{T}"] = t
     for k, v in t.items():
       lines.append(f"- B={B} T={T}: {k}: {v:.3f}")

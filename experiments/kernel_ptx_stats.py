@@ -2,7 +2,8 @@
 
     python -m experiments.kernel_ptx_stats [--kernels prep,grads] [--num-warps 4,8] [--dtype bfloat16]
 
-Lowers the forward and backward kernels to Triton IR with jax's Pallas lowering (a compute
+Lowers the forward and backward kernels (`--kernels ..._packed`: their packed-document forms) to Triton IR
+with jax's Pallas lowering (a compute
 capability of 9.0 is faked, so this runs on a CPU-only machine), compiles that IR for sm_90 with
 the `triton` package installed here (the GPU image compiles with jaxlib's own Triton, so counts are
 indicative), and prints per chunk-loop body: CTA barriers (bar.sync), shared-memory staging
@@ -27,6 +28,7 @@ from jax._src.pallas.triton import pallas_call_registration as pcr
 from pallas_kernels import backward as bw
 from pallas_kernels import forward as fw
 from pallas_kernels.config import TuningConfig
+from pallas_kernels.segments import Segments
 
 
 def ttir_of(fn, args) -> str:
@@ -88,7 +90,24 @@ def kernels(dt, cfg):
   x, xg, beta, gam = sd((B, T, H, K)), sd((B, T, H, K), f32), sd((B, T, H)), sd((H,), f32)
   st, vec, S0, A = sd((B, H, N, K, K)), sd((B, H, N, K), f32), sd((B, H, K, K), f32), sd((B, T, H, C), f32)
   parts = sd((fw.n_parts(C), B, T, H, K))
-  return {
+  i32 = sd((B, T), jnp.int32)
+  seg = lambda doc, blk=None: Segments(ids=doc, doc=doc, blk=blk)
+  packed = {  # packed documents (segment ids): the kernels that take them
+      "prep_packed": (lambda q, k, g, b, w, v, doc: fw.prep(q, k, g, b, w, v, seg(doc), **kw),
+                      (x, x, xg, x, beta, x, i32), cfg.num_warps),
+      "carve_prep_packed": (lambda q, k, g, doc, blk: fw.prep(q, k, g, None, None, None, seg(doc, blk), **kw),
+                            (x, x, xg, i32, i32), cfg.num_warps),
+      "carve_state_packed": (lambda l, b, v, kr, kc, ke, kd, gc, gm, S, kj, gj, doc, blk: fw.carve_state_pass(
+          l, b, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc, kj=kj, gj=gj), gm, S, seg(doc, blk), cb=64, **kw),
+                             (x, beta, x, parts, parts, x, x, vec, gam, S0, x, vec, i32, i32), cfg.carve_num_warps),
+      "bprep_packed": (lambda aqk, do, A, k, g, b, c, gm, c2, doc, blk: bw.bprep(
+          fw.Residuals(h=None, vn=None, c=c, A=A, aqk=aqk, qe=None, kd=None, gc=None, W=None, c2=c2), k, g, b, gm, do,
+          seg(doc, blk), scale=0.1, **kw), (sd((B, T, H, C)), x, A, x, xg, x, vec, gam, vec, i32, i32), cfg.num_warps),
+      "grads_packed": (lambda *a: bw.grads(*a[:14], seg(a[15], a[16]), a[14], scale=0.1, **kw),
+                       (x, x, x, xg, x, beta, vec, gam, st, st, x, sd((B, T, H, K), f32), x, A, vec, i32, i32),
+                       cfg.grad_num_warps),
+  }
+  return packed | {
       "prep": (lambda q, k, g, b, w, v: fw.prep(q, k, g, b, w, v, **kw), (x, x, xg, x, beta, x), cfg.num_warps),
       "carve_prep": (lambda q, k, g: fw.prep(q, k, g, None, None, None, **kw), (x, x, xg), cfg.num_warps),
       "state": (lambda W, U, kd, gc, S: fw.state_pass(W, U, kd, gc, S, **kw), (x, x, x, vec, S0),
@@ -113,7 +132,8 @@ class PtxFlags:
   """Flags of the offline compile statistics (hyphens or underscores).
 
   Attributes:
-    kernels: comma list of kernels (prep, carve_prep, state, carve_state, output, bprep, bstate, grads).
+    kernels: comma list of kernels (prep, carve_prep, state, carve_state, output, bprep, bstate, grads; the
+      packed-document forms prep_packed, carve_prep_packed, carve_state_packed, bprep_packed, grads_packed).
     num_warps: comma list overriding every kernel's warps (empty: each kernel's own).
     dtype: input dtype of the kernels.
     block_k: TuningConfig.block_k.

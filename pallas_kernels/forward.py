@@ -19,6 +19,10 @@ Per chunk of C tokens entering with state S (the math of `carve_jax.ops.chunk.ch
    axis): per chunk it forms c_n, the gate, L, A and V_new = A (beta v - b k e^G S) in the loop.
 3. `_output_kernel`, chunk-parallel: O = scale [(q e^G) h + Aqk V_new] (two matmuls).
 
+Packed documents (optional `Segments`, `segments.py`): the same passes with per-token document masks
+in the preparation (Aqk, L, q e^G, k e^G, Kd, G_C) and, for CARVE, a per-row content signal in the
+state loop; without them nothing of this is traced.
+
 Code size matters as much as arithmetic: per-key-block work runs in rolled loops (`kloop`), the
 inverse's steps too (ncu on the v4 preparation kernel: 59% of issue slots lost to instruction fetch).
 
@@ -40,7 +44,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import intra
 from pallas_kernels.config import TuningConfig
-from pallas_kernels.intra import F32, Decay, block_unit_lower_inv, content_signal, lower_masks, mm
+from pallas_kernels.intra import CONTENT_EPS, F32, Decay, block_unit_lower_inv, content_signal, lower_masks, mm
+from pallas_kernels.segments import AT_CHUNK, AT_START, MID, NO_CARRY, Segments
 
 
 class Dtypes:
@@ -65,7 +70,8 @@ def tiles(C):
       tok1=pl.BlockSpec((None, C, None), lambda b, h, n: (b, n, h)),
       vec=lambda K: pl.BlockSpec((None, None, None, K), lambda b, h, n: (b, h, n, 0)),
       state=lambda K, V: pl.BlockSpec((None, None, None, K, V), lambda b, h, n: (b, h, n, 0, 0)),
-      head=lambda K: pl.BlockSpec((None, K), lambda b, h, n: (h, 0)))
+      head=lambda K: pl.BlockSpec((None, K), lambda b, h, n: (h, 0)),
+      doc=pl.BlockSpec((None, C), lambda b, h, n: (b, n)))
 
 
 def seq_specs(Tp, N):
@@ -130,14 +136,23 @@ def wy_w(A, k_ref, g_ref, gate, W_ref, *, dt, block_k):
 # ---- 1. chunk-parallel preparation ----
 
 def _prep_kernel(*, q_ref, k_ref, g_ref, aqk_ref, qe_ref, kd_ref, gc_ref, b_ref=None, w_ref=None, v_ref=None,
-                 W_ref=None, U_ref=None, A_ref=None, kr_ref=None, kc_ref=None, ke_ref=None, has_beta, dt, block_k):
+                 doc_ref=None, blk_ref=None, W_ref=None, U_ref=None, A_ref=None, kr_ref=None, kc_ref=None, ke_ref=None,
+                 kj_ref=None, gj_ref=None, has_beta, dt, block_k):
   """Everything of a chunk that does not need the state. All families: Aqk (lower, unscaled), q e^G,
   Kd, G_C. Gamma-free (b_ref given): L -> A, W, U. CARVE (kr_ref given): the gate-independent factors
-  of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G."""
+  of the state pass, k * (row factor) and k * (column factor) of each decay part, and k e^G.
+  Packed documents (doc_ref given, `segments.py`): Aqk and L within documents, q e^G and k e^G of the
+  chunk's first document, Kd of its last, G_C = NO_CARRY when a document starts in the chunk; for CARVE
+  (blk_ref given) also G_j (decay to the row before j, the row where a content block begins mid-chunk)
+  and k e^{G_j - G} on the rows before j, from which the state pass forms the state at j."""
   cdt = dt.cdt
   C, K = k_ref.shape
   lower, strict = lower_masks(C)
   carve = kr_ref is not None
+  pk = None if doc_ref is None else packed_masks(doc_ref[...])
+  first = (lambda x: x) if pk is None else (lambda x: jnp.where(pk.first, x, 0.0))
+  last = (lambda x: x) if pk is None else (lambda x: jnp.where(pk.last, x, 0.0))
+  before = None if blk_ref is None else intra.iota(C, 1, 0) < mid_row(blk_ref[...])  # [C, 1]: rows < j
 
   def block(sl, carry):
     Aqk, L = carry
@@ -155,20 +170,45 @@ def _prep_kernel(*, q_ref, k_ref, g_ref, aqk_ref, qe_ref, kd_ref, gc_ref, b_ref=
         kc_ref[p, :, sl] = kc.astype(kc_ref.dtype)
       else:
         L = L + m(mm(bk * rf, kc, dt.dot, trans_b=True))
-    qe_ref[:, sl] = (q * eG).astype(qe_ref.dtype)
-    kd_ref[:, sl] = (k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
-    gc_ref[sl] = GC.astype(gc_ref.dtype)
+    qe_ref[:, sl] = first(q * eG).astype(qe_ref.dtype)
+    kd_ref[:, sl] = last(k * jnp.exp(GC[None, :] - G)).astype(kd_ref.dtype)
+    gc_ref[sl] = (GC if pk is None else jnp.where(pk.carry, GC, NO_CARRY)).astype(gc_ref.dtype)
     if carve:
-      ke_ref[:, sl] = (k * eG).astype(ke_ref.dtype)
+      ke_ref[:, sl] = first(k * eG).astype(ke_ref.dtype)
+    if before is not None:
+      Gj = jnp.sum(jnp.where(before, g, 0.0), axis=0)
+      gj_ref[sl] = Gj.astype(gj_ref.dtype)
+      kj_ref[:, sl] = jnp.where(before, k * jnp.exp(jnp.where(before, Gj[None, :] - G, 0.0)), 0.0).astype(kj_ref.dtype)
     return Aqk, L
   Aqk, L = kloop(K, block_k, block, (jnp.zeros((C, C), cdt), jnp.zeros((C, C), cdt)))
-  aqk_ref[...] = jnp.where(lower, Aqk, 0.0).astype(aqk_ref.dtype)
+  aqk_ref[...] = jnp.where(lower if pk is None else lower & pk.same, Aqk, 0.0).astype(aqk_ref.dtype)
   if carve:
     return
-  A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
+  A = block_unit_lower_inv(jnp.where(strict if pk is None else strict & pk.same, L, 0.0), dt.inv)
   A_ref[...] = A.astype(A_ref.dtype)
   U_ref[...] = mm(A, write_gate(w_ref, has_beta, cdt) * v_ref[...].astype(cdt), dt.inv).astype(U_ref.dtype)
-  wy_w(A, k_ref, g_ref, lambda sl: b_ref[:, sl].astype(cdt), W_ref, dt=dt, block_k=block_k)
+  wy_w(A, k_ref, g_ref, lambda sl: first(b_ref[:, sl].astype(cdt)), W_ref, dt=dt, block_k=block_k)
+
+
+class PackedMasks(NamedTuple):
+  """Masks of one chunk from its in-chunk document numbers d [C] (`segments.py`): same [C, C] (d_r = d_c),
+  first [C, 1] (d_r = 0: rows the entering state reaches), last [C, 1] (rows of the chunk's last
+  document: they alone reach the state leaving it), carry (scalar: no document starts in the chunk)."""
+  same: jax.Array
+  first: jax.Array
+  last: jax.Array
+  carry: jax.Array
+
+
+def mid_row(blk):
+  """j: the row where a content block begins mid-chunk (class MID), C when none; blk [C] int."""
+  return jnp.min(jnp.where(blk == MID, lax.broadcasted_iota(jnp.int32, blk.shape, 0), blk.shape[0]))
+
+
+def packed_masks(d):
+  d_last = jnp.max(d)
+  return PackedMasks(same=d[:, None] == d[None, :], first=(d == 0)[:, None], last=(d == d_last)[:, None],
+                     carry=d_last == 0)
 
 
 def n_parts(C):
@@ -176,8 +216,9 @@ def n_parts(C):
   return len(intra.part_masks(C))
 
 
-def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
-  """The chunk-parallel preparation; b = w = v = None for CARVE (whose gate needs the state).
+def prep(q, k, g, b, w, v, seg=None, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
+  """The chunk-parallel preparation; b = w = v = None for CARVE (whose gate needs the state); seg: None,
+  or the packed documents' `Segments` (then CARVE also gets kj [B, Tp, H, K] and gj [B, H, N, K]).
 
   Returns a dict: aqk [B, Tp, H, C], qe, kd [B, Tp, H, K] (dt.store), gc [B, H, N, K] (float32); gamma-free:
   W [B, Tp, H, K], U [B, Tp, H, V] (dt.store), A [B, Tp, H, C] (float32); CARVE: kr, kc [P, B, Tp, H, K]
@@ -189,25 +230,29 @@ def prep(q, k, g, b, w, v, *, C, cfg: TuningConfig, dt: Dtypes, interpret):
   t = tiles(C)
   sd = jax.ShapeDtypeStruct
   tok = lambda D: sd((B, Tp, H, D), dt.store)
-  names = ["q", "k", "g"] + ([] if carve else ["b", "w", "v"])
-  in_specs = [t["tok"](K)] * 3 + ([] if carve else [t["tok"](K), t["tok1"] if w.ndim == 3 else t["tok"](V),
-                                                    t["tok"](V)])
+  ins = dict(q=(t["tok"](K), q), k=(t["tok"](K), k), g=(t["tok"](K), g))
+  if not carve:
+    ins |= dict(b=(t["tok"](K), b), w=(t["tok1"] if w.ndim == 3 else t["tok"](V), w), v=(t["tok"](V), v))
+  if seg is not None:
+    ins |= dict(doc=(t["doc"], seg.doc)) | (dict(blk=(t["doc"], seg.blk)) if carve else {})
   outs = {"aqk": (t["tok"](C), tok(C)), "qe": (t["tok"](K), tok(K)), "kd": (t["tok"](K), tok(K)),
           "gc": (t["vec"](K), sd((B, H, N, K), dt.cdt))}
   if carve:
     part = pl.BlockSpec((P, None, C, None, K), lambda b_, h_, n: (0, b_, n, h_, 0))
     outs |= {"kr": (part, sd((P, B, Tp, H, K), dt.store)), "kc": (part, sd((P, B, Tp, H, K), dt.store)),
              "ke": (t["tok"](K), tok(K))}
+    if seg is not None:
+      outs |= {"kj": (t["tok"](K), tok(K)), "gj": (t["vec"](K), sd((B, H, N, K), dt.cdt))}
   else:
     outs |= {"W": (t["tok"](K), tok(K)), "U": (t["tok"](V), tok(V)), "A": (t["tok"](C), sd((B, Tp, H, C), dt.cdt))}
 
-  kernel = by_name(_prep_kernel, [n + "_ref" for n in names + list(outs)], has_beta=not carve and w.ndim == 3,
+  kernel = by_name(_prep_kernel, [n + "_ref" for n in list(ins) + list(outs)], has_beta=not carve and w.ndim == 3,
                    dt=dt, block_k=cfg.block_k)
   res = pl.pallas_call(
-      kernel, grid=(B, H, N), in_specs=in_specs, out_specs=[o[0] for o in outs.values()],
+      kernel, grid=(B, H, N), in_specs=[sp for sp, _ in ins.values()], out_specs=[o[0] for o in outs.values()],
       out_shape=[o[1] for o in outs.values()], compiler_params=params(cfg.num_warps, cfg.num_stages),
       interpret=interpret, name="carve_prep" if carve else "gated_delta_prep",
-  )(*([q, k, g] + ([] if carve else [b, w, v])))
+  )(*[x for _, x in ins.values()])
   return dict(zip(outs, res))
 
 
@@ -239,8 +284,9 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
       name="gated_delta_state")(W, U, kd, gc, S0)
 
 
-def _carve_state_kernel(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref,
-                        h_ref, vn_ref, c_ref, A_ref, sf_ref, *, C, N, cb, dt, ks):
+def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref,
+                        h_ref, vn_ref, c_ref, A_ref, sf_ref, doc_ref=None, blk_ref=None, kj_ref=None, gj_ref=None,
+                        c2_ref=None, C, N, cb, dt, ks):
   """Per chunk: c_n (at a content-block start), gate = sigmoid(logits + gamma c_n),
   L = sum_p mask_p [(gate * kr_p) kc_p^T], A = (I + L)^{-1}, V_new = A (beta v - (gate * ke) S),
   S <- e^{G_C} S + Kd^T V_new. Every gate-independent factor comes from `prep` (small loop body).
@@ -249,40 +295,69 @@ def _carve_state_kernel(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, 
   the decay parts of L run as a rolled loop (their factors are loaded part by part, not all hoisted
   to the top of the body), and X = beta v - (gate ke) S is formed after the inverse, with the gate
   recomputed, so no [C, V] float32 accumulator is live across it. Offline compile (sm_90, 8 warps):
-  2024 -> ~500-630 bytes of stack, 570 -> ~100-140 spill stores."""
+  2024 -> ~500-630 bytes of stack, 570 -> ~100-140 spill stores.
+
+  Packed documents (doc_ref given): L within documents, and each row takes its content block's signal
+  (`_carve_packed_signals`)."""
   cdt = dt.cdt
   _, strict = lower_masks(C)
   n_parts = len(intra.part_masks(C))
   r, col = intra.iota(C, C, 0), intra.iota(C, C, 1)
 
-  def gate_of(rows, sl, c):
-    return jax.nn.sigmoid(l_ref[rows, sl].astype(cdt) + (gam_ref[sl].astype(cdt) * c)[None, :])
+  def gate_of(rows, sl, c):  # c: [BK] (one signal per chunk) or [C, BK] (per row, packed documents)
+    logits = l_ref[rows, sl].astype(cdt)
+    gc = (gam_ref[sl].astype(cdt) * c)[None, :] if c.ndim == 1 else gam_ref[sl].astype(cdt)[None, :] * c
+    return jax.nn.sigmoid(logits + gc)
 
-  def body(n, carry):
-    Ss, cs = carry                                  # state and content signal, by key block
-    rows = pl.ds(n * C, C)
-    new_block = lax.rem(n * C, cb) == 0
-    cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
+  def solve(rows, Ss, cs, keep, store=None):
+    """(A, V_new) of the chunk at `rows` entering with the states Ss and content signals cs by key block;
+    keep: the [C, C] mask of L (strictly lower; within documents when packed); store: None, or (sl, S) ->
+    writes h and c, and A -> writes A (at the same points as before packed documents: live ranges)."""
     L = jnp.zeros((C, C), cdt)
     for sl, S, c in zip(ks, Ss, cs):
-      h_ref[n, sl, :] = S.astype(h_ref.dtype)
-      c_ref[n, sl] = c.astype(c_ref.dtype)
+      if store is not None:
+        store[0](sl, S)
       gate = gate_of(rows, sl, c)
 
       def part(p, L, gate=gate, sl=sl):  # part p's products kept inside blocks of 16 * 2^p (`intra.part_masks`)
         Lp = mm(gate * kr_ref[p, rows, sl].astype(cdt), kc_ref[p, rows, sl], dt.dot, trans_b=True)
+        p = p if p.dtype == jnp.int32 else p.astype(jnp.int32)  # the loop index is int64 under x64
         size = lax.shift_left(jnp.int32(intra.DECAY_GROUP), p)
         return L + jnp.where(r // size == col // size, Lp, 0.0)
       L = lax.fori_loop(0, n_parts, part, L)
-    A = block_unit_lower_inv(jnp.where(strict, L, 0.0), dt.inv)
-    A_ref[rows, :] = A.astype(A_ref.dtype)
+    A = block_unit_lower_inv(jnp.where(keep, L, 0.0), dt.inv)
+    if store is not None:
+      store[1](A)
     X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt)
     for sl, S, c in zip(ks, Ss, cs):
       X = X - mm(gate_of(rows, sl, c) * ke_ref[rows, sl].astype(cdt), S, dt.dot)
-    vn = mm(A, X, dt.inv)
+    return A, mm(A, X, dt.inv)
+
+  def body(n, carry):
+    Ss, cs = carry                                  # state and content signal, by key block
+    rows = pl.ds(n * C, C)
+    if doc_ref is None:
+      new_block = lax.rem(n * C, cb) == 0
+      cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
+      row_cs, keep = cs, strict
+    else:
+      keep = strict & packed_masks(doc_ref[rows]).same
+      cs, c2s, row_cs = _carve_packed_signals(blk_ref[rows], Ss, cs, lambda *a: solve(rows, *a, keep)[1],
+                                              lambda sl: kj_ref[rows, sl], lambda sl: gj_ref[n, sl], ks, dt)
+      for sl, c2 in zip(ks, c2s):
+        c2_ref[n, sl] = c2.astype(c2_ref.dtype)
+    def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
+      h_ref[n, sl, :] = S.astype(h_ref.dtype)
+      c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
+    def store_A(A):
+      A_ref[rows, :] = A.astype(A_ref.dtype)
+    _, vn = solve(rows, Ss, row_cs, keep, (store, store_A))
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
-    return tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
-                 for sl, S in zip(ks, Ss)), cs
+    Ss = tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
+               for sl, S in zip(ks, Ss))
+    if doc_ref is not None:  # the signal carried on: the last row's
+      cs = tuple(intra.row_of(c, C - 1) for c in row_cs)
+    return Ss, cs
 
   S0 = tuple(s0_ref[sl, :].astype(cdt) for sl in ks)
   c0 = tuple(jnp.zeros((sl.stop - sl.start,), cdt) for sl in ks)
@@ -291,25 +366,56 @@ def _carve_state_kernel(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, 
     sf_ref[sl, :] = S.astype(sf_ref.dtype)
 
 
-def carve_state_pass(logits, beta, v, pre, gamma, S0, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
-  """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final): CARVE's state pass,
-  the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and V_new in dt.store."""
+def _carve_packed_signals(blk, Ss, c_prev, vnew, kj, gj, ks, dt):
+  """CARVE's content signals of one chunk of packed documents (classes `blk` [C] of `segments.py`).
+
+  c1 (stored as c): the signal of the state entering the chunk where a block begins at row 0 (AT_CHUNK),
+  else the one carried in (CARRIED). c2: where a block begins at row j > 0 (MID), the signal of the state
+  at j, S_j = e^{G_j} S + (k e^{G_j - G})_{<j}^T V_new, V_new of rows < j from the gate with c1 (those rows
+  do not depend on c2): a first solve, run only in such chunks (`lax.cond`). The chunk is then solved once
+  with every row's signal, which is exact for any per-row gate.
+  vnew(Ss, cs) -> V_new of the chunk; kj(sl), gj(sl): `prep`'s k e^{G_j - G} [C, BK] and G_j [BK] (loaded
+  in the branch that needs them). Returns (c1, c2 by key block [BK], the per-row signals [C, BK] by key block)."""
+  cdt = dt.cdt
+  at_chunk = jnp.max(jnp.where(blk == AT_CHUNK, 1, 0)) > 0
+  c1 = tuple(jnp.where(at_chunk, content_signal(S), c) for S, c in zip(Ss, c_prev))
+  b = blk[:, None]
+  per_row = lambda c1, c2: jnp.where(b == AT_START, CONTENT_EPS**0.5, jnp.where(b == MID, c2[None, :], c1[None, :]))
+
+  def at_j():
+    vn = vnew(Ss, [per_row(c, c) for c in c1])
+    return tuple(content_signal(jnp.exp(gj(sl).astype(cdt))[:, None] * S + mm(kj(sl), vn, dt.dot, trans_a=True))
+                 for sl, S in zip(ks, Ss))
+  c2 = lax.cond(jnp.max(jnp.where(b == MID, 1, 0)) > 0, at_j, lambda: c1)
+  return c1, c2, [per_row(x, y) for x, y in zip(c1, c2)]
+
+
+def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
+  """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final[, c2 [B, H, N, K]]):
+  CARVE's state pass, the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and
+  V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks)."""
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, n_parts(C)
   s = seq_specs(Tp, N)
   sd = jax.ShapeDtypeStruct
   gam = jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))
   parts = pl.BlockSpec((P, None, Tp, None, K), lambda b, h, j: (0, b, 0, h, 0))
+  seqd = pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0))
+  ins = dict(l=(s["tok"](K), logits), beta=(s["tok1"], beta), v=(s["tokv"](V), v), kr=(parts, pre["kr"]),
+             kc=(parts, pre["kc"]), ke=(s["tok"](K), pre["ke"]), kd=(s["tok"](K), pre["kd"]),
+             gc=(s["vecs"](K), pre["gc"]), gam=(s["head"](K), gam), s0=(s["state"](K, V), S0))
+  outs = dict(h=(s["states"](K, V), sd((B, H, N, K, V), dt.store)), vn=(s["tokv"](V), sd((B, Tp, H, V), dt.store)),
+              c=(s["vecs"](K), sd((B, H, N, K), dt.cdt)), A=(s["tokv"](C), sd((B, Tp, H, C), dt.cdt)),
+              sf=(s["state"](K, V), sd((B, H, K, V), S0.dtype)))
+  if seg is not None:
+    ins |= dict(doc=(seqd, seg.doc), blk=(seqd, seg.blk), kj=(s["tok"](K), pre["kj"]), gj=(s["vecs"](K), pre["gj"]))
+    outs |= dict(c2=(s["vecs"](K), sd((B, H, N, K), dt.cdt)))
+  kernel = by_name(_carve_state_kernel, [n + "_ref" for n in list(ins) + list(outs)], C=C, N=N, cb=cb, dt=dt,
+                   ks=kblocks(K, cfg.carve_block_k))
   return pl.pallas_call(
-      functools.partial(_carve_state_kernel, C=C, N=N, cb=cb, dt=dt, ks=kblocks(K, cfg.carve_block_k)),
-      grid=(B, H, 1),
-      in_specs=[s["tok"](K), s["tok1"], s["tokv"](V), parts, parts, s["tok"](K), s["tok"](K), s["vecs"](K),
-                s["head"](K), s["state"](K, V)],
-      out_specs=[s["states"](K, V), s["tokv"](V), s["vecs"](K), s["tokv"](C), s["state"](K, V)],
-      out_shape=[sd((B, H, N, K, V), dt.store), sd((B, Tp, H, V), dt.store), sd((B, H, N, K), dt.cdt),
-                 sd((B, Tp, H, C), dt.cdt), sd((B, H, K, V), S0.dtype)],
-      compiler_params=params(cfg.carve_num_warps, cfg.num_stages), interpret=interpret,
-      name="carve_state")(logits, beta, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam, S0)
+      kernel, grid=(B, H, 1), in_specs=[sp for sp, _ in ins.values()], out_specs=[sp for sp, _ in outs.values()],
+      out_shape=[x for _, x in outs.values()], compiler_params=params(cfg.carve_num_warps, cfg.num_stages),
+      interpret=interpret, name="carve_state")(*[x for _, x in ins.values()])
 
 
 # ---- 3. chunk-parallel output ----
@@ -338,8 +444,9 @@ class Residuals(NamedTuple):
   h [B, H, N, K, V]: the state entering each chunk; vn [B, Tp, H, V]: V_new; c [B, H, N, K]: CARVE's
   content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32); aqk [B, Tp, H, C]: the
   lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and k e^{G_C - G}; gc [B, H, N, K]:
-  G_C; W [B, Tp, H, K]: A (b k e^G) for the gamma-free families (None for CARVE, whose backward
-  forms it from A and the saved gate)."""
+  G_C (`segments.NO_CARRY` where a packed document starts in the chunk); W [B, Tp, H, K]: A (b k e^G)
+  for the gamma-free families (None for CARVE, whose backward forms it from A and the saved gate);
+  c2 [B, H, N, K]: CARVE's signal of the content block begun mid-chunk (packed documents only, else None)."""
   h: jax.Array
   vn: jax.Array
   c: jax.Array | None
@@ -349,24 +456,28 @@ class Residuals(NamedTuple):
   kd: jax.Array
   gc: jax.Array
   W: jax.Array | None
+  c2: jax.Array | None = None
 
 
-def forward(q, k, v, g, b, w, gamma, S0, *, scale, chunk_size, content_block, cfg: TuningConfig, interpret):
+def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, chunk_size, content_block,
+            cfg: TuningConfig, interpret):
   """Forward over padded inputs (Tp a multiple of chunk_size), public layout.
 
   q, k, g, b: [B, Tp, H, K]; v: [B, Tp, H, V]; w: [B, Tp, H, V] or beta [B, Tp, H] (when gamma [H] is
   given, b holds erase logits and w is beta). S0: [B, H, K, V] float32 (float64 under x64).
+  seg: None, or the packed documents' `Segments` (`segments.py`).
   Returns (o [B, Tp, H, V] in q's dtype, S_final [B, H, K, V], `Residuals`).
   """
   dt = Dtypes(q, interpret)
   kw = dict(C=chunk_size, cfg=cfg, dt=dt, interpret=interpret)
+  c2 = None
   if gamma is not None:
-    pre = prep(q, k, g, None, None, None, **kw)
-    h, vn, c, A, S = carve_state_pass(b, w, v, pre, gamma, S0, cb=content_block, **kw)
-    W = None
+    pre = prep(q, k, g, None, None, None, seg, **kw)
+    h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
+    W, c2 = None, (c2[0] if c2 else None)
   else:
-    pre = prep(q, k, g, b, w, v, **kw)
+    pre = prep(q, k, g, b, w, v, seg, **kw)
     h, vn, S = state_pass(pre["W"], pre["U"], pre["kd"], pre["gc"], S0, **kw)
     c, A, W = None, pre["A"], pre["W"]
   o = output(pre["qe"], pre["aqk"], h, vn, scale=scale, out_dtype=q.dtype, **kw)
-  return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=W)
+  return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=W, c2=c2)

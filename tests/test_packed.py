@@ -166,22 +166,22 @@ def test_bad_segment_arguments_raise():
     run_family("gdn2", impl="chunk", chunk_size=4, cu_seqlens=jnp.asarray([0, 4, 9]), **one)
 
 
-def test_pallas_is_not_given_segment_ids(monkeypatch):
-  """Explicit impl='pallas' refuses segment ids; 'auto' keeps packed calls on the chunk path."""
+def test_auto_gives_segment_ids_to_the_kernels(monkeypatch):
+  """impl='auto' treats packed calls as unpacked ones (the kernels take segment ids): no warning, the
+  segment ids reach `pallas_gated_delta` (its results: tests/test_pallas_segments.py)."""
+  import warnings
+
+  import pallas_kernels
   inp = family_inputs(jax.random.PRNGKey(0), "carve", B=1, T=8, H=1, K=16, V=16, dtype=jnp.bfloat16)
-  seg = jnp.zeros((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match="does not take `segment_ids`"):
-    run_family("carve", impl="pallas", chunk_size=8, content_block=8, segment_ids=seg, **inp)
+  seg = jnp.asarray([[0, 0, 0, 1, 1, 1, 1, 1]], jnp.int32)
   monkeypatch.setattr(api, "pallas_available", lambda: True)
-  with pytest.warns(UserWarning, match="chunk path"):
-    assert api.resolve_impl("auto", packed=True) == "chunk"
-  assert api.resolve_impl("auto", packed=False) == "pallas"
   called = []
-  monkeypatch.setattr(api, "chunk_gated_delta", lambda *a, **kw: called.append(kw) or (
-      jnp.zeros((1, 1, 8, 16)), jnp.zeros((1, 1, 16, 16))))
-  with pytest.warns(UserWarning, match="chunk path"):
-    run_family("carve", impl="auto", chunk_size=8, content_block=8, segment_ids=seg, **inp)
-  assert called and "segment_ids" in called[0]
+  monkeypatch.setattr(pallas_kernels, "pallas_gated_delta", lambda *a, **kw: called.append(kw) or (
+      jnp.zeros((1, 8, 1, 16), jnp.bfloat16), jnp.zeros((1, 1, 16, 16))))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    run_family("carve", impl="auto", chunk_size=16, content_block=16, segment_ids=seg, **inp)
+  assert called and np.array_equal(called[0]["segment_ids"], seg)
 
 
 # -- the model: layers reset at document starts, decoding too ----------------------------------------

@@ -8,13 +8,13 @@ Packed documents: `segment_ids` int [B, T] (a document begins where the id chang
 resets to zero there and CARVE's content blocks restart), or FLA's `cu_seqlens` int [N + 1] for
 B = 1, converted to segment ids (`carve_jax.ops.segments`). Unlike FLA, `initial_state` stays
 [B, H, K, V] and feeds each row's first document only; the final state is that of the last one.
-The Pallas kernels do not take segment ids yet: "auto" then runs "chunk", "pallas" raises.
+Every implementation takes them (the Pallas kernels: per-token document masks, `pallas_kernels.segments`).
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -37,21 +37,16 @@ def pallas_available() -> bool:
 
 
 def resolve_impl(impl: str, *, K: int | None = None, V: int | None = None, chunk_size: int | None = None,
-                 dtype=None, content_grad: ContentGrad = "stop", packed: bool = False) -> str:
+                 dtype=None, content_grad: ContentGrad = "stop") -> str:
   """'auto' -> 'pallas' on a GPU where the kernels import and support the call, 'chunk' elsewhere.
 
   Given K, V, chunk_size and dtype, 'auto' also asks `pallas_kernels.supported` (power-of-two head
-  sizes, 16-bit inputs) and keeps content_grad="full" and packed calls (segment ids) on the chunk
-  path; without them only the platform decides.
+  sizes, 16-bit inputs) and keeps content_grad="full" on the chunk path; without them only the
+  platform decides. Packed documents (segment ids) run on either.
   """
   if impl != "auto":
     return impl
   if not pallas_available() or content_grad != "stop":
-    return "chunk"
-  if packed:
-    warnings.warn("carve_jax.ops: impl='auto' runs calls with segment ids on the XLA chunk path (the Pallas "
-                  "kernels do not take them yet); pass no segment ids (DataConfig.reset_documents=False) "
-                  "to use the kernels", stacklevel=3)
     return "chunk"
   if K is None:
     return "pallas"
@@ -83,11 +78,7 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   if T == 0:  # nothing to do (the chunked forms would divide by the number of chunks)
     return jnp.zeros((B, 0, H, V), q.dtype), (S0 if output_final_state else None)
   kw = dict(scale=scale, initial_state=S0, content_block=content_block, content_grad=content_grad)
-  impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad,
-                      packed=segment_ids is not None)
-  if impl == "pallas" and segment_ids is not None:
-    raise ValueError(f"{fn}: argument `impl`='pallas' does not take `segment_ids`/`cu_seqlens` yet (the kernels "
-                     "have no document reset); use impl='chunk' or 'auto' (which runs 'chunk' for packed calls)")
+  impl = resolve_impl(impl, K=K, V=V, chunk_size=chunk_size, dtype=q.dtype, content_grad=content_grad)
   if segment_ids is not None:
     kw["segment_ids"] = segment_ids
   vd.check_choice(fn, "kernel_bwd", kernel_bwd, vd.KERNEL_BWDS)
@@ -113,12 +104,14 @@ def _run(fn, q, k, v, g, b, w, gamma, *, scale, initial_state, output_final_stat
   return o.astype(q.dtype), (S if output_final_state else None)
 
 
-def _chunk_reference(q, k, v, g, b, w, gamma, S0, *, dt, chunk_size, scale, content_block, content_grad):
+def _chunk_reference(q, k, v, g, b, w, gamma, S0, *, dt, chunk_size, scale, content_block, content_grad,
+                     segment_ids=None):
   """The chunk path in the kernels' layout and dtypes: (o [B, T, H, V] in q's dtype, S [B, H, K, V])."""
   w = jnp.broadcast_to(w[..., None], v.shape) if w.ndim == 3 else w
   args = _heads_first(*(x.astype(dt) for x in (q, k, v, g, b, w)))
   o, S = chunk_gated_delta(*args, None if gamma is None else gamma.astype(dt), chunk_size=chunk_size, scale=scale,
-                           initial_state=S0.astype(dt), content_block=content_block, content_grad=content_grad)
+                           initial_state=S0.astype(dt), content_block=content_block, content_grad=content_grad,
+                           segment_ids=segment_ids)
   return jnp.swapaxes(o, 1, 2).astype(q.dtype), S.astype(S0.dtype)
 
 
