@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's GPU experiments, as one script for one or two device calls on one H200 or H100; results under $OUT.
-# Needs, carried (git-ignored): .whl/ (grain, array_record, portpicker, importlib_resources wheels for
+# Needs, carried (git-ignored): .whl/ (grain, array_record, portpicker, importlib_resources, and for the
+# flags tyro 1.0.16, docstring-parser 0.18.0, typeguard 4.6.1, typing-extensions 4.16.0: wheels for
 # Python 3.12; the GPU image has jax, flax, optax, chex, orbax) and .data/exp (byte export:
 # python -m carve_jax.data export --size full --tokenizer byte --max-mb 6 --out .data/exp).
 #   ONLY=lm_compare,content_block_sweep BUDGET=470 bash experiments/gpu_experiments.sh  # 297 s on the H200 (call 4)

@@ -17,6 +17,11 @@ TEST_S=${2:-200}
 shift 2 2>/dev/null || true
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1  # keeps a caller's site folder (carried wheels: tyro)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .peers/fla_core-*.whl
+# The experiments' flags need tyro (not on the GPU image): carry .whl/ with tyro 1.0.16, docstring-parser
+# 0.18.0, typeguard 4.6.1 and typing-extensions 4.16.0 (README, "Pallas kernels").
+if ls .whl/tyro-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/wh .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/wh
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files" | tee -a "$OUT/gpu.txt"
 IFS=, read -ra steps <<< "${STEPS:-bench,tests}"

@@ -7,7 +7,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 \
-#     tensorboardX==2.6.5 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 chex==0.1.92
+#     tensorboardX==2.6.5 flax==0.12.10 optax==0.2.8 orbax-checkpoint==0.12.4 chex==0.1.92 \
+#     tyro==1.0.16 docstring-parser==0.18.0 typeguard==4.6.1 typing-extensions==4.16.0   # the CLIs' flags
 # then: run(carry=[".whl", ".data/train-gpu"], command="bash experiments/gpu_train.sh", timeout_s=420).
 # Logs and metrics land in $OUT. Not yet run: the session that wrote it had no device time left.
 set -uo pipefail
