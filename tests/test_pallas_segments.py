@@ -15,6 +15,7 @@ from carve_jax.ops.sample_inputs import family_inputs, run_family
 from conftest import rel_err
 from pallas_kernels import TuningConfig, pallas_gated_delta
 from pallas_kernels.segments import AT_CHUNK, AT_START, CARRIED, MID, segments
+from test_packed import _value_and_grads  # outputs and the gradients of one fixed projection of them
 
 C, G = 16, 32
 # Row 0 starts at 16 (chunk edge), 17, 18 (length 1 each), 23 (mid-chunk; 40 long: its second block
@@ -36,21 +37,6 @@ def _inputs(family, *, B=2, T=T, H=2, K=16, V=16, dtype=jnp.float64):
 
 def _run(family, impl, inputs, seg=None, **kw):
   return run_family(family, impl=impl, chunk_size=C, content_block=G, segment_ids=seg, **inputs, **kw)
-
-
-def _value_and_grads(f, inputs):
-  """(outputs, gradients of a fixed projection of them w.r.t. every input), jitted."""
-  names = sorted(inputs)
-
-  @jax.jit
-  def run(xs):
-    out, vjp = jax.vjp(lambda xs: f(dict(zip(names, xs))), xs)
-    o, S = out
-    cot = (jnp.cos(jnp.arange(o.size, dtype=o.dtype)).reshape(o.shape),
-           jnp.sin(jnp.arange(S.size, dtype=S.dtype)).reshape(S.shape))
-    return out, dict(zip(names, vjp(cot)[0]))
-
-  return run([inputs[n] for n in names])
 
 
 def _assert_close(got, want, tol, what):
