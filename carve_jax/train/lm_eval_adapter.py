@@ -26,7 +26,7 @@ Tokens are the run's tokenizer (`cfg.data.tokenizer`); its EOS id is lm-eval's p
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import sys
 
@@ -232,32 +232,53 @@ class CarveLM(TemplateLM):
     return texts
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskEvalFlags:
+  """Flags of `carve-eval --tasks` (lm-evaluation-harness tasks on a checkpoint).
+
+  Attributes:
+    ckpt_dir: a run's checkpoint folder (<out_dir>/checkpoints).
+    tasks: comma-separated lm-eval task names, e.g. hellaswag,piqa.
+    step: checkpoint step (default: latest).
+    num_fewshot: few-shot examples (default: each task's own).
+    limit: examples per task (or a fraction if < 1).
+    batch_size: requests scored per forward pass.
+    max_length: tokens per scored window.
+    include_path: a folder of extra task YAML files.
+    output: write lm-eval's full results JSON here.
+    seed: lm-eval's and the sampler's seed.
+  """
+  ckpt_dir: str
+  tasks: str
+  step: int | None = None
+  num_fewshot: int | None = None
+  limit: float | None = None
+  batch_size: int = 8
+  max_length: int = 2048
+  include_path: str | None = None
+  output: str | None = None
+  seed: int = 0
+
+
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="carve-eval", description="lm-evaluation-harness tasks on a checkpoint")
-  ap.add_argument("--ckpt_dir", required=True, help="a run's checkpoint folder (<out_dir>/checkpoints)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  ap.add_argument("--tasks", required=True, help="comma-separated lm-eval task names, e.g. hellaswag,piqa")
-  ap.add_argument("--num_fewshot", type=int, default=None)
-  ap.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction if < 1)")
-  ap.add_argument("--batch_size", type=int, default=8)
-  ap.add_argument("--max_length", type=int, default=2048, help="tokens per scored window")
-  ap.add_argument("--include_path", default=None, help="a folder of extra task YAML files")
-  ap.add_argument("--output", default=None, help="write lm-eval's full results JSON here")
-  ap.add_argument("--seed", type=int, default=0)
-  args = ap.parse_args(argv)
+  from carve_jax.train import flags  # noqa: PLC0415
+  prog = "carve-eval"
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = flags.cli(TaskEvalFlags, flags.normalise_argv(argv), prog=prog,
+                   description="lm-evaluation-harness tasks on a checkpoint")
   for name in ("batch_size", "max_length"):
     if getattr(args, name) < 1:
-      ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+      flags.usage_error(prog, f"--{name} must be >= 1, got {getattr(args, name)}")
   tasks = [t for t in args.tasks.split(",") if t]
   if not tasks:
-    ap.error("--tasks must name at least one task")
+    flags.usage_error(prog, "--tasks must name at least one task")
   from lm_eval import simple_evaluate
   from lm_eval.tasks import TaskManager
   tm = TaskManager(include_path=args.include_path)
   unknown = [t for t in tasks if t not in tm.all_tasks]
   if unknown:
-    ap.error(f"--tasks: unknown lm-eval task(s) {unknown}" + ("" if args.include_path else
-             " (local task YAMLs need --include_path)"))
+    flags.usage_error(prog, f"--tasks: unknown lm-eval task(s) {unknown}" + ("" if args.include_path else
+                      " (local task YAMLs need --include_path)"))
   lm = CarveLM(args.ckpt_dir, args.step, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed)
   res = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit, task_manager=tm,
                         random_seed=args.seed, numpy_random_seed=args.seed, log_samples=False, bootstrap_iters=0)
