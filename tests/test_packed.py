@@ -34,7 +34,7 @@ def _inputs(family, *, initial_state=True, B=2, T=T, H=2, K=8, V=6):
                        initial_state=initial_state)
 
 
-def _per_document(family, inputs, lengths_per_row, **kw):
+def _per_document(family, inputs, lengths_per_row, content_block=G, **kw):
   """Each document alone (recurrent, unpacked), outputs concatenated; the row's initial state feeds
   its first document only; the final state is the last document's.
 
@@ -63,7 +63,7 @@ def _per_document(family, inputs, lengths_per_row, **kw):
   if "initial_state" in inputs:
     S0 = inputs["initial_state"]
     batch["initial_state"] = jnp.stack([S0[b] if first else jnp.zeros_like(S0[b]) for b, _, _, first in docs])
-  o, S = run_family(family, impl="recurrent", content_block=G, **batch, **kw)
+  o, S = run_family(family, impl="recurrent", content_block=content_block, **batch, **kw)
   outs, states, d = [], [], 0
   for lengths in lengths_per_row:
     outs.append(jnp.concatenate([o[d + i, :L] for i, L in enumerate(lengths)]))

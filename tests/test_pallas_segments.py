@@ -15,7 +15,7 @@ from carve_jax.ops.sample_inputs import family_inputs, run_family
 from conftest import rel_err
 from pallas_kernels import TuningConfig, pallas_gated_delta
 from pallas_kernels.segments import AT_CHUNK, AT_START, CARRIED, MID, segments
-from test_packed import _value_and_grads  # outputs and the gradients of one fixed projection of them
+from test_packed import _per_document, _value_and_grads  # each document alone; outputs and their gradients
 
 C, G = 16, 32
 # Row 0 starts at 16 (chunk edge), 17, 18 (length 1 each), 23 (mid-chunk; 40 long: its second block
@@ -48,27 +48,6 @@ def _assert_close(got, want, tol, what):
   assert not bad, f"{what}: errors over {tol:g}: {bad} (all: {errs})"
 
 
-def _per_document(family, inputs, lengths_per_row):
-  """Each document alone (impl="recurrent", unpacked), outputs concatenated (one batched call; each
-  document padded at its end with zero tokens, which change nothing). The row's initial state feeds its
-  first document; the final state is its last document's."""
-  docs = [(b, sum(ls[:i]), L, i == 0) for b, ls in enumerate(lengths_per_row) for i, L in enumerate(ls)]
-  Lmax = max(L for _, _, L, _ in docs)
-  batch = {n: jnp.stack([jnp.pad(x[b, s:s + L], ((0, Lmax - L),) + ((0, 0),) * (x.ndim - 2)) for b, s, L, _ in docs])
-           for n, x in inputs.items() if n not in ("gamma", "initial_state")}
-  if "gamma" in inputs:
-    batch["gamma"] = inputs["gamma"]
-  S0 = inputs["initial_state"]
-  batch["initial_state"] = jnp.stack([S0[b] if first else jnp.zeros_like(S0[b]) for b, _, _, first in docs])
-  o, S = _run(family, "recurrent", batch)
-  outs, states, d = [], [], 0
-  for ls in lengths_per_row:
-    outs.append(jnp.concatenate([o[d + i, :L] for i, L in enumerate(ls)]))
-    d += len(ls)
-    states.append(S[d - 1])
-  return jnp.stack(outs), jnp.stack(states)
-
-
 def _kernels(family, inputs, seg, config):
   """The kernel entry point itself (to pass a TuningConfig), with the public op's arguments of `family`."""
   x = dict(inputs)
@@ -95,7 +74,7 @@ def test_kernels_equal_chunk_path_and_documents_alone_float64(x64, family, K):
   _assert_close(got, _value_and_grads(lambda x: _run(family, "chunk", x, seg), inputs), 1e-11, f"{family} chunk")
   if family == "kda":  # = gdn2 with b = w = beta (the kernels' scalar write gate): the chunk path suffices
     return
-  alone = _value_and_grads(lambda x: _per_document(family, x, LENGTHS), inputs)
+  alone = _value_and_grads(lambda x: _per_document(family, x, LENGTHS, content_block=G), inputs)
   _assert_close(got, alone, 1e-11, f"{family} documents alone")
   # the test can tell a reset from none: without segment ids the documents mix
   assert rel_err(jax.jit(lambda x: _run(family, "recurrent", x))(inputs)[0], alone[0][0]) > 1e-3
