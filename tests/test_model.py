@@ -177,15 +177,22 @@ def test_decode_matches_parallel_forward(mixer):
   # Two layers for CARVE (the cache's per-layer plumbing is the same for every mixer), one elsewhere.
   model = scramble(LM(_cfg(mixer, n_layers=2 if mixer == "carve" else 1), rngs=nnx.Rngs(0)))
   tokens = _tokens()
-  ref = model(tokens)
-  cache = init_cache(model, 2, max_len=T)
+  # CARVE: prefills short of, at and past a block boundary
+  assert_decode_matches_forward(model, tokens, model(tokens), (5, 8, 13) if mixer == "carve" else (13,))
+
+
+def assert_decode_matches_forward(model, tokens, ref, prefixes):
+  """Token-by-token decoding of tokens [B, T] from an empty cache, and from a prefill of each length in
+  `prefixes`, reproduces the parallel logits `ref` (and the cache counts the positions)."""
+  B, T = tokens.shape
+  cache = init_cache(model, B, max_len=T)
   outs = []
   for t in range(T):
     logits, cache = _decode(model, tokens[:, t], cache)
     outs.append(logits)
   assert int(cache["pos"]) == T
   assert rel_err(jnp.stack(outs, 1), ref) < TOL[jnp.float32].out
-  for P in ((5, 8, 13) if mixer == "carve" else (13,)):  # CARVE: short, at and past a block boundary
+  for P in prefixes:
     logits, cache = _prefill(model, tokens[:, :P], max_len=T)
     assert int(cache["pos"]) == P
     assert rel_err(logits, ref[:, :P]) < TOL[jnp.float32].out

@@ -11,13 +11,12 @@ from flax import nnx
 from carve_jax import ops
 from carve_jax.configs import ModelConfig, preset
 from carve_jax.layers.attention import causal_attention
-from carve_jax.model import LM, decode_step, init_cache, prefill
+from carve_jax.model import LM, decode_step, init_cache
 from conftest import TOL, rel_err
-from test_model import scramble
+from test_model import assert_decode_matches_forward, scramble
 
 T, W = 30, 7
 _decode = nnx.jit(decode_step)
-_prefill = nnx.jit(prefill, static_argnames="max_len")
 
 
 def _qkv(seed=0, B=2, H=2, K=8):
@@ -65,22 +64,10 @@ def _tokens():
 def test_windowed_decode_matches_parallel_forward(window):
   model = _model(window)
   tokens = _tokens()
-  ref = model(tokens)
   cache = init_cache(model, 2, max_len=T)
   assert cache["layers"][0]["k"].shape[1] == min(window, T)  # the ring buffer keeps the window only
-  outs = []
-  for t in range(T):
-    logits, cache = _decode(model, tokens[:, t], cache)
-    outs.append(logits)
-  assert rel_err(jnp.stack(outs, 1), ref) < TOL[jnp.float32].out
-  for P in (3, W, 17):  # prefill shorter than, equal to and longer than the window
-    logits, cache = _prefill(model, tokens[:, :P], max_len=T)
-    assert rel_err(logits, ref[:, :P]) < TOL[jnp.float32].out
-    outs = []
-    for t in range(P, T):
-      logits, cache = _decode(model, tokens[:, t], cache)
-      outs.append(logits)
-    assert rel_err(jnp.stack(outs, 1), ref[:, P:]) < TOL[jnp.float32].out, P
+  # prefills shorter than, equal to and longer than the window
+  assert_decode_matches_forward(model, tokens, model(tokens), (3, W, 17))
 
 
 def test_windowed_decode_with_new_documents_matches_packed_forward():
