@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -154,17 +155,15 @@ def make_model(mixer: str, a):
   return nnx.merge(graphdef, params)
 
 
-def gdn2_model(hf_dir: str, dtype):
-  """FLA 0.6.0 has no GDN-2 model class: FLA's KDA model with every `attn` replaced by
+def gdn2_model(hf_dir: str, conf: dict, dtype):
+  """`hf_dir`'s GDN-2 model (its config.json read as `conf`) in FLA 0.6.0, which has no GDN-2 model
+  class: FLA's KDA model with every `attn` replaced by
   `fla.layers.GatedDeltaNet2` (the layout we export), our tensors loaded with a strict key check.
   (A `KDAConfig` subclass registered as "gdn2" does not work under transformers 5: its fields are
   not set on the subclass, "'GDN2Config' object has no attribute 'num_hidden_layers'".)"""
-  import json
   from fla.layers import GatedDeltaNet2
   from fla.models import KDAConfig, KDAForCausalLM
   from safetensors.torch import load_file
-  with open(os.path.join(hf_dir, "config.json")) as fh:
-    conf = json.load(fh)
   conf = {k: v for k, v in conf.items() if k not in ("model_type", "architectures", "carve_jax")}
   config = KDAConfig(**conf)
   model = KDAForCausalLM(config)
@@ -187,11 +186,10 @@ def fla_logits(hf_dir: str, tokens, dtype: str):
   import fla  # noqa: F401  (registers FLA's classes with transformers)
   from transformers import AutoModelForCausalLM
   tdt = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-  import json
   with open(os.path.join(hf_dir, "config.json")) as fh:
-    model_type = json.load(fh)["model_type"]
-  if model_type == "gdn2":
-    model, info = gdn2_model(hf_dir, tdt)
+    conf = json.load(fh)
+  if conf["model_type"] == "gdn2":
+    model, info = gdn2_model(hf_dir, conf, tdt)
   else:
     try:
       model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=tdt, output_loading_info=True)
