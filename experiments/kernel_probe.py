@@ -11,7 +11,9 @@ counters (METHOD.md: "time variants that leave one stage out"):
   nosig      CARVE's content signal (a row reduction of the state) replaced by ones
   bfinv      the inverse and the products with A in bf16 instead of TF32
 `--carve-configs "carve_num_warps=4;carve_num_warps=16"` also times CARVE's state pass under each of
-these TuningConfig overrides.
+these TuningConfig overrides. `--carve-only` times CARVE's state pass alone (base and the variants on it,
+then the configs, each also checked against the default config's outputs: max |difference| of h, V_new,
+c, A and the final state relative to their largest entry), skipping every other kernel.
 The stand-ins compute a different function; they are for timing only. `--once` runs each kernel
 exactly once and exits (for `ncu --kernel-name regex:...`, which then profiles one launch each).
 """
@@ -67,6 +69,7 @@ class ProbeFlags:
     variants: comma list of stand-ins (base, noinv, diagdecay, nosig, bfinv).
     carve_configs: ';'-separated TuningConfig overrides (k=v,k=v) for CARVE's state pass.
     once: run each kernel once (for ncu) and exit.
+    carve_only: time CARVE's state pass only (variants and configs), with an agreement check per config.
     out: a JSON file for the timings.
   """
   B: int = 8
@@ -75,7 +78,50 @@ class ProbeFlags:
   variants: str = "base,noinv,diagdecay"
   carve_configs: str = ""
   once: bool = False
+  carve_only: bool = False
   out: str | None = None
+
+
+def parse_config(spec: str):
+  """A TuningConfig from 'k=v,k=v' (ints, true/false, or strings)."""
+  from pallas_kernels.config import TuningConfig  # noqa: PLC0415
+  val = lambda v: int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+  return TuningConfig(**{k: val(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+
+
+def carve_only(x, args):
+  """CARVE's state pass alone: base, the variants, the configs (each checked against the default)."""
+  from pallas_kernels.config import DEFAULT  # noqa: PLC0415
+  B, T = x["q"].shape[:2]
+  q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
+  S0 = jnp.zeros((B, 16, q.shape[-1], v.shape[-1]), jnp.float32)
+  dt = fw_mod.Dtypes(q, jax.default_backend() != "gpu")
+  kw = dict(C=64, dt=dt, interpret=jax.default_backend() != "gpu")
+  pre = jax.jit(lambda: fw_mod.prep(q, k, g, None, None, None, cfg=DEFAULT, **kw))()
+  step = lambda cfg: jax.jit(lambda: fw_mod.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64, cfg=cfg, **kw))
+  ref = step(DEFAULT)()
+  scale = [float(jnp.max(jnp.abs(r.astype(jnp.float32)))) + 1e-30 for r in ref]
+  rows = {}
+
+  def record(name, f, check):
+    try:
+      rows[name] = {"ms": timeit(f, reps=args.reps)}
+      if check:
+        out = f()
+        rows[name]["max_rel_diff"] = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) / s
+                                         for a, b, s in zip(out, ref, scale))
+    except Exception as e:  # noqa: BLE001 - record, go on
+      rows[name] = f"{type(e).__name__}: {str(e)[:300]}"
+    print(f"probe B={B} T={T} CARVE state {name}: {rows[name]}", flush=True)
+  for variant in args.variants.split(","):
+    with patched(variant):
+      record(f"[{variant}]", step(DEFAULT), check=False)
+  for spec in [c for c in args.carve_configs.split(";") if c]:
+    record(f"[{spec}]", step(parse_config(spec)), check=True)
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, num_sms=fw_mod.num_sms(), carve_state=rows), fh,
+                indent=1)
 
 
 def main(argv=None):
@@ -89,6 +135,8 @@ def main(argv=None):
       jax.tree.map(lambda a: a.block_until_ready(), jax.jit(f)())
       print("ran", name, flush=True)
     return
+  if args.carve_only:
+    return carve_only(x, args)
   rows = {}
   for variant in args.variants.split(","):
     with patched(variant):
@@ -100,9 +148,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001 - record, go on
           rows[f"{name} [{variant}]"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(f"probe B={args.B} T={args.T} {name} [{variant}]: {rows[f'{name} [{variant}]']}", flush=True)
-  from pallas_kernels.config import TuningConfig  # noqa: PLC0415
   for spec in [c for c in args.carve_configs.split(";") if c]:
-    cfg = TuningConfig(**{k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))})
+    cfg = parse_config(spec)
     name = f"fwd state (CARVE, gate in loop) [{spec}]"
     try:
       rows[name] = timeit(jax.jit(kernel_steps(x, cfg)["fwd state (CARVE, gate in loop)"]), reps=args.reps)
