@@ -299,7 +299,8 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
   2024 -> ~500-630 bytes of stack, 570 -> ~100-140 spill stores.
 
   Packed documents (doc_ref given): L within documents, and each row takes its content block's signal
-  (`_carve_packed_signals`).
+  (`_carve_packed_signals`); the loop runs one pass of the solve per step, two steps in a chunk where a
+  content block begins mid-chunk (`packed_step`: one copy of the solve code in the kernel).
 
   split > 1 (grid B x H x split): this program holds V / split columns of the state (v, h, V_new and S
   are its column tiles); the gate, L and A are formed by every program of the sequence alike, and the
@@ -310,8 +311,9 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
   n_parts = len(intra.part_masks(C))
   r, col = intra.iota(C, C, 0), intra.iota(C, C, 1)
 
-  def gate_of(rows, sl, c):  # c: [BK] (one signal per chunk) or [C, BK] (per row, packed documents)
+  def gate_of(rows, sl, c):  # c: [BK] (one signal per chunk), or () -> [C, BK] (per row, packed documents)
     logits = l_ref[rows, sl].astype(cdt)
+    c = c() if callable(c) else c  # per-row signals formed at each use: no [C, BK] value live across the inverse
     gc = (gam_ref[sl].astype(cdt) * c)[None, :] if c.ndim == 1 else gam_ref[sl].astype(cdt)[None, :] * c
     return jax.nn.sigmoid(logits + gc)
 
@@ -361,16 +363,10 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
       new_block = lax.rem(n * C, cb) == 0
       cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
       row_cs, keep = cs, strict
-    elif doc_ref is None:
+    else:
       shared = lambda: _shared_signal(n, Ss, ks, xs_ref, cnt_ref, split=split, V=V, cdt=cdt)
       cs = shared() if cb == C else lax.cond(lax.rem(n * C, cb) == 0, shared, lambda: cs)
       row_cs, keep = cs, strict
-    else:
-      keep = strict & packed_masks(doc_ref[rows]).same
-      cs, c2s, row_cs = _carve_packed_signals(blk_ref[rows], Ss, cs, lambda *a: solve(rows, *a, keep)[1],
-                                              lambda sl: kj_ref[rows, sl], lambda sl: gj_ref[n, sl], ks, dt)
-      for sl, c2 in zip(ks, c2s):
-        c2_ref[n, sl] = c2.astype(c2_ref.dtype)
     lead = (lambda f: f()) if split == 1 else pl.when(pl.program_id(2) == 0)  # c and A: one program stores
 
     def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
@@ -388,15 +384,44 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     Ss = tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
                for sl, S in zip(ks, Ss))
-    if doc_ref is not None:  # the signal carried on: the last row's
-      cs = tuple(intra.row_of(c, C - 1) for c in row_cs)
     for i, x in enumerate(ahead or ()):  # stored (to a scratch output) only now: the loads were not waited for
       touch_ref[i, :, pl.ds(0, x.shape[1])] = x.astype(touch_ref.dtype)
     return Ss, cs
 
+  def packed_step(carry):
+    """One pass of the solve over chunk n of packed documents (split = 1); second = 1 in the second pass of
+    a chunk with a MID row. Each pass stores h, c, A, V_new and c2 (the second pass's overwrite the first's)
+    and forms S_t = e^{g} S + k^T V_new: the state leaving the chunk (g, k = G_C, Kd) after its last pass,
+    else the state at j (g, k = G_j, k e^{G_j - G}), whose signal is c2 of the second pass."""
+    n, second, Ss, c_prev, c2s = carry
+    ahead = None if touch_ref is None else touch(jnp.minimum(n + 1, N - 1))
+    rows = pl.ds(n * C, C)
+    keep = strict & packed_masks(doc_ref[rows]).same
+    cs, c2s, last, row_cs = _carve_packed_signals(blk_ref[rows], Ss, c_prev, c2s, second)
+    def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
+      h_ref[n, sl, :] = S.astype(h_ref.dtype)
+      c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
+      c2_ref[n, sl] = c2s[[x.start for x in ks].index(sl.start)].astype(c2_ref.dtype)
+    def store_A(A):
+      A_ref[rows, :] = A.astype(A_ref.dtype)
+    _, vn = solve(rows, Ss, row_cs, keep, (store, store_A))
+    vn_ref[rows, :] = vn.astype(vn_ref.dtype)
+    Sts = tuple(jnp.exp(jnp.where(last, gc_ref[n, sl], gj_ref[n, sl]).astype(cdt))[:, None] * S
+                + mm(jnp.where(last, kd_ref[rows, sl], kj_ref[rows, sl]), vn, dt.dot, trans_a=True)
+                for sl, S in zip(ks, Ss))
+    Ss = tuple(jnp.where(last, St, S) for St, S in zip(Sts, Ss))
+    c_prev = tuple(jnp.where(last, intra.row_of(c(), C - 1), c0) for c, c0 in zip(row_cs, c_prev))  # the last row's
+    for i, x in enumerate(ahead or ()):  # as in `body`
+      touch_ref[i, :, pl.ds(0, x.shape[1])] = x.astype(touch_ref.dtype)
+    step = last.astype(jnp.int32)
+    return n + step, 1 - step, Ss, c_prev, tuple(content_signal(St) for St in Sts)
+
   S0 = tuple(s0_ref[sl, :].astype(cdt) for sl in ks)
   c0 = tuple(jnp.zeros((sl.stop - sl.start,), cdt) for sl in ks)
-  Ss, _ = lax.fori_loop(0, N, body, (S0, c0))
+  if doc_ref is None:
+    Ss, _ = lax.fori_loop(0, N, body, (S0, c0))
+  else:  # N + (number of chunks with a MID row) steps
+    Ss = lax.while_loop(lambda x: x[0] < N, packed_step, (jnp.int32(0), jnp.int32(0), S0, c0, c0))[2]
   for sl, S in zip(ks, Ss):
     sf_ref[sl, :] = S.astype(sf_ref.dtype)
 
@@ -430,28 +455,26 @@ def num_sms():
     return None
 
 
-def _carve_packed_signals(blk, Ss, c_prev, vnew, kj, gj, ks, dt):
-  """CARVE's content signals of one chunk of packed documents (classes `blk` [C] of `segments.py`).
+def _carve_packed_signals(blk, Ss, c_prev, c2_prev, second):
+  r"""CARVE's content signals of one pass over a chunk of packed documents (classes `blk` [C] of `segments.py`).
 
-  c1 (stored as c): the signal of the state entering the chunk where a block begins at row 0 (AT_CHUNK),
-  else the one carried in (CARRIED). c2: where a block begins at row j > 0 (MID), the signal of the state
-  at j, S_j = e^{G_j} S + (k e^{G_j - G})_{<j}^T V_new, V_new of rows < j from the gate with c1 (those rows
-  do not depend on c2): a first solve, run only in such chunks (`lax.cond`). The chunk is then solved once
-  with every row's signal, which is exact for any per-row gate.
-  vnew(Ss, cs) -> V_new of the chunk; kj(sl), gj(sl): `prep`'s k e^{G_j - G} [C, BK] and G_j [BK] (loaded
-  in the branch that needs them). Returns (c1, c2 by key block [BK], the per-row signals [C, BK] by key block)."""
-  cdt = dt.cdt
+  Row r's signal: c1 (stored as c) where its block was carried in (CARRIED) or begun at row 0 (AT_CHUNK: the
+  signal of the state entering the chunk), sqrt(CONTENT_EPS) in a block begun at a document start
+  (AT_START), c2 in the block begun at row j > 0 (MID): the signal of the state at j,
+  S_j = e^{G_j} S + (k e^{G_j - G})_{<j}^T V_new, where V_new of rows < j does not depend on c2. So a chunk
+  with a MID row takes two passes: the first with c2 = c1 (its V_new of rows < j gives S_j, thus c2), the
+  second with every row's signal, which is exact for any per-row gate; other chunks take one.
+  Ss, c_prev: the state entering the chunk and the signal carried in; c2_prev: the second pass's c2 (the
+  first pass's S_j signal); second: 1 in the second pass. Returns (c1, c2 by key block [BK], last: whether
+  this pass is the chunk's last, the per-row signals by key block as () -> [C, BK], formed at each use)."""
   at_chunk = jnp.max(jnp.where(blk == AT_CHUNK, 1, 0)) > 0
   c1 = tuple(jnp.where(at_chunk, content_signal(S), c) for S, c in zip(Ss, c_prev))
+  c2 = tuple(jnp.where(second > 0, c, c_) for c, c_ in zip(c2_prev, c1))
+  last = (second > 0) | (jnp.max(jnp.where(blk == MID, 1, 0)) == 0)
   b = blk[:, None]
-  per_row = lambda c1, c2: jnp.where(b == AT_START, CONTENT_EPS**0.5, jnp.where(b == MID, c2[None, :], c1[None, :]))
-
-  def at_j():
-    vn = vnew(Ss, [per_row(c, c) for c in c1])
-    return tuple(content_signal(jnp.exp(gj(sl).astype(cdt))[:, None] * S + mm(kj(sl), vn, dt.dot, trans_a=True))
-                 for sl, S in zip(ks, Ss))
-  c2 = lax.cond(jnp.max(jnp.where(b == MID, 1, 0)) > 0, at_j, lambda: c1)
-  return c1, c2, [per_row(x, y) for x, y in zip(c1, c2)]
+  per_row = lambda c1, c2: lambda: jnp.where(b == AT_START, CONTENT_EPS**0.5,
+                                             jnp.where(b == MID, c2[None, :], c1[None, :]))
+  return c1, c2, last, [per_row(x, y) for x, y in zip(c1, c2)]
 
 
 def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):

@@ -35,8 +35,8 @@ def _inputs(family, *, B=2, T=T, H=2, K=16, V=16, dtype=jnp.float64):
                        initial_state=True)
 
 
-def _run(family, impl, inputs, seg=None, **kw):
-  return run_family(family, impl=impl, chunk_size=C, content_block=G, segment_ids=seg, **inputs, **kw)
+def _run(family, impl, inputs, seg=None, content_block=G, **kw):
+  return run_family(family, impl=impl, chunk_size=C, content_block=content_block, segment_ids=seg, **inputs, **kw)
 
 
 def _assert_close(got, want, tol, what):
@@ -48,7 +48,7 @@ def _assert_close(got, want, tol, what):
   assert not bad, f"{what}: errors over {tol:g}: {bad} (all: {errs})"
 
 
-def _kernels(family, inputs, seg, config):
+def _kernels(family, inputs, seg, config, content_block=G):
   """The kernel entry point itself (to pass a TuningConfig), with the public op's arguments of `family`."""
   x = dict(inputs)
   K = x["q"].shape[-1]
@@ -57,7 +57,7 @@ def _kernels(family, inputs, seg, config):
   else:
     b, w, gamma = x["b"], x["w"], None
   return pallas_gated_delta(x["q"], x["k"], x["v"], x["g"], b, w, gamma, scale=K**-0.5, initial_state=x["initial_state"],
-                            chunk_size=C, content_block=G, segment_ids=seg, config=config)
+                            chunk_size=C, content_block=content_block, segment_ids=seg, config=config)
 
 
 # carve and gdn2 at K = 32 in key blocks of 16 (every kernel's loop over key blocks); kda through the public op
@@ -78,6 +78,24 @@ def test_kernels_equal_chunk_path_and_documents_alone_float64(x64, family, K):
   _assert_close(got, alone, 1e-11, f"{family} documents alone")
   # the test can tell a reset from none: without segment ids the documents mix
   assert rel_err(jax.jit(lambda x: _run(family, "recurrent", x))(inputs)[0], alone[0][0]) > 1e-3
+
+
+def test_carve_consecutive_mid_chunk_blocks_float64(x64):
+  """CARVE at content block = chunk (16): a document starting at row 1 (its blocks begin at row 1 of the
+  next chunks), one starting on a chunk's last row (blocks on the last row of each later chunk), a chunk
+  with a mid-chunk block and a document start: runs of consecutive chunks that take two passes of the
+  state loop's solve. Forward, final state and every gradient == the chunk path and each document alone."""
+  lengths, cb = [(1, 40, 30, 12), (15, 68)], C
+  inputs, seg = _inputs("carve", H=1, K=32), _segment_ids(lengths)
+  blk = np.asarray(segments(seg, Tp=96, chunk_size=C, content_block=cb).blk).reshape(2, 6, C)
+  assert (blk[0, 1:4] == MID).any(axis=1).all() and (blk[1, 1:5, -1] == MID).all()  # the layout is as described
+  assert (blk[0, 1, 1:] == MID).all() and (blk[0, 2, 9:] == AT_START).all()
+  cfg = TuningConfig(block_k=16, grad_block_k=16, carve_block_k=16)
+  got = _value_and_grads(lambda x: _kernels("carve", x, seg, cfg, content_block=cb), inputs)
+  _assert_close(got, _value_and_grads(lambda x: _run("carve", "chunk", x, seg, content_block=cb), inputs), 1e-11,
+                "carve chunk")
+  alone = _value_and_grads(lambda x: _per_document("carve", x, lengths, content_block=cb), inputs)
+  _assert_close(got, alone, 1e-11, "carve documents alone")
 
 
 def test_segments_classes():
