@@ -420,8 +420,11 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
   c0 = tuple(jnp.zeros((sl.stop - sl.start,), cdt) for sl in ks)
   if doc_ref is None:
     Ss, _ = lax.fori_loop(0, N, body, (S0, c0))
-  else:  # N + (number of chunks with a MID row) steps
-    Ss = lax.while_loop(lambda x: x[0] < N, packed_step, (jnp.int32(0), jnp.int32(0), S0, c0, c0))[2]
+  else:  # 2N steps: the first N + (number of chunks with a MID row) run a pass, the rest pass the carry on
+    # (not a while_loop: interpret mode cannot discharge one around the prefetch's strided loads; offline
+    # its compile also spills a little more)
+    step = lambda i, x: lax.cond(x[0] < N, packed_step, lambda x: x, x)
+    Ss = lax.fori_loop(0, 2 * N, step, (jnp.int32(0), jnp.int32(0), S0, c0, c0))[2]
   for sl, S in zip(ks, Ss):
     sf_ref[sl, :] = S.astype(sf_ref.dtype)
 
