@@ -121,9 +121,6 @@ def ops(x):
       "pallas_carve_sw8": direct(TuningConfig(state_num_warps=8)),
       "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
       "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
-      "pallas_carve_split1": direct(TuningConfig(carve_split_v=1)),
-      "pallas_carve_apply": direct(TuningConfig(carve_solve="apply")),
-      "pallas_carve_prefetch": direct(TuningConfig(carve_prefetch=True)),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),

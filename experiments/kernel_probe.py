@@ -10,6 +10,7 @@ counters (METHOD.md: "time variants that leave one stage out"):
              instead of 1 + log2(C/16))
   nosig      CARVE's content signal (a row reduction of the state) replaced by ones
   bfinv      the inverse and the products with A in bf16 instead of TF32
+  unrollinv  the same inverse with its loops unrolled (Python loops: no loop-carried tiles, more code)
 `--carve-configs "carve_num_warps=4;carve_num_warps=16"` also times CARVE's state pass under each of
 these TuningConfig overrides. `--carve-only` times CARVE's state pass alone (base and the variants on it,
 then the configs, each also checked against the default config's outputs: max |difference| of h, V_new,
@@ -33,6 +34,24 @@ from experiments.bench_kernel import inputs, kernel_steps, timeit  # noqa: E402
 from pallas_kernels import forward as fw_mod, intra  # noqa: E402
 
 
+def unrolled_block_inv(L, dt, group=intra.DECAY_GROUP):
+  """`intra.block_unit_lower_inv` with Python loops (the same products, unrolled)."""
+  n = L.shape[0]
+  same = intra.iota(n, n, 0) // group == intra.iota(n, n, 1) // group
+  eye = jnp.where(intra.iota(n, n, 0) == intra.iota(n, n, 1), 1.0, 0.0).astype(L.dtype)
+  P = -jnp.where(same, L, 0.0)
+  D = eye + P
+  for _ in range(group.bit_length() - 2):
+    P = intra.mm(P, P, dt)
+    D = D + intra.mm(D, P, dt)
+  Q = -intra.mm(D, jnp.where(same, 0.0, L), dt)
+  term, A = D, D
+  for _ in range(n // group - 1):
+    term = intra.mm(Q, term, dt)
+    A = A + term
+  return A
+
+
 @contextlib.contextmanager
 def patched(variant: str):
   """Swap one stage of the in-chunk math for a stand-in while kernels are traced."""
@@ -49,6 +68,8 @@ def patched(variant: str):
       init(self, x, interpret)
       self.inv = self.dot
     fw_mod.Dtypes.__init__ = bf_init
+  elif variant == "unrollinv":
+    fw_mod.block_unit_lower_inv = unrolled_block_inv
   elif variant == "diagdecay":
     full = intra.Decay.parts
     intra.Decay.parts = lambda self: iter([next(full(self))])
@@ -120,8 +141,7 @@ def carve_only(x, args):
     record(f"[{spec}]", step(parse_config(spec)), check=True)
   if args.out:
     with open(args.out, "w") as fh:
-      json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, num_sms=fw_mod.num_sms(), carve_state=rows), fh,
-                indent=1)
+      json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, carve_state=rows), fh, indent=1)
 
 
 def main(argv=None):

@@ -137,17 +137,11 @@ class PtxFlags:
     num_warps: comma list overriding every kernel's warps (empty: each kernel's own).
     dtype: input dtype of the kernels.
     block_k: TuningConfig.block_k.
-    carve_split: TuningConfig.carve_split_v (programs per sequence in CARVE's state pass; None: 1 here).
-    carve_solve: TuningConfig.carve_solve.
-    carve_prefetch: TuningConfig.carve_prefetch.
   """
   kernels: str = "prep,carve_prep,state,carve_state,output,bprep,bstate,grads"
   num_warps: str = ""
   dtype: Literal["bfloat16", "float32"] = "bfloat16"
   block_k: int = TuningConfig().block_k
-  carve_split: int | None = None
-  carve_solve: Literal["inverse", "apply"] = "inverse"
-  carve_prefetch: bool = False
 
 
 def main(argv=None):
@@ -157,9 +151,8 @@ def main(argv=None):
                       description=__doc__)
   dt = jnp.dtype(a.dtype)
   for nw in ([int(w) for w in a.num_warps.split(",")] if a.num_warps else [None]):
-    warps = {} if nw is None else dict(num_warps=nw, grad_num_warps=nw, state_num_warps=nw, carve_num_warps=nw)
-    cfg = TuningConfig(block_k=a.block_k, carve_split_v=a.carve_split, carve_solve=a.carve_solve,
-                       carve_prefetch=a.carve_prefetch,                        **warps)
+    cfg = TuningConfig(block_k=a.block_k) if nw is None else TuningConfig(
+        block_k=a.block_k, num_warps=nw, grad_num_warps=nw, state_num_warps=nw, carve_num_warps=nw)
     table = kernels(dt, cfg)
     for name in a.kernels.split(","):
       fn, args, warps = table[name]

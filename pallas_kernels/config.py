@@ -8,9 +8,6 @@ from __future__ import annotations
 import dataclasses
 
 
-MAX_SPLIT = 8  # most programs per (batch, head) in CARVE's forward state pass
-
-
 def _pow2(x: int) -> bool:
   return x > 0 and (x & (x - 1)) == 0
 
@@ -41,17 +38,6 @@ class TuningConfig:
     grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
-    carve_solve: how CARVE's state pass applies (I + L)^{-1}: "inverse" forms A and then V_new = A X;
-      "apply" applies the inverse's factors to X, L_o and I side by side (`intra.block_unit_lower_apply`:
-      a shorter dependent chain per chunk, about twice the products).
-    carve_prefetch: in CARVE's state pass, load one element of every 128-byte line of the next chunk's
-      input tiles at the top of each chunk's body (used only at its end), so the body's loads hit the cache.
-    carve_split_v: programs per (batch, head) in CARVE's forward state pass, each holding V / split
-      columns of the state and exchanging the content signal's partial row sums through global-memory
-      atomics once per content block (`forward._shared_signal`). None: as many as fit on the GPU at
-      once (every program of the grid must be resident, B H split <= the number of SMs; at most
-      `MAX_SPLIT`, V / split >= 16), 1 in Pallas interpret mode (its programs run one after another)
-      and with packed documents. An explicit value > 1 is the caller's promise that the grid fits.
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64
@@ -62,9 +48,6 @@ class TuningConfig:
   grad_num_warps: int = 8
   state_num_warps: int = 4
   carve_num_warps: int = 8
-  carve_solve: str = "inverse"
-  carve_prefetch: bool = False
-  carve_split_v: int | None = None
   num_stages: int = 1
 
   def __post_init__(self):
@@ -79,31 +62,12 @@ class TuningConfig:
       x = getattr(self, name)
       if not isinstance(x, int) or x not in (1, 2, 4, 8, 16):
         raise ValueError(f"TuningConfig: `{name}` must be one of 1, 2, 4, 8, 16, got {x!r}")
-    if self.carve_solve not in ("inverse", "apply"):
-      raise ValueError(f"TuningConfig: `carve_solve` must be 'inverse' or 'apply', got {self.carve_solve!r}")
-    x = self.carve_split_v
-    if x is not None and (not isinstance(x, int) or not _pow2(x) or x > MAX_SPLIT):
-      raise ValueError(f"TuningConfig: `carve_split_v` must be None or a power of two <= {MAX_SPLIT}, got {x!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"TuningConfig: `num_stages` must be a positive int, got {self.num_stages!r}")
 
   def value_tile(self, V: int) -> int:
     """Value-axis tile of the state passes that tile V (`state_block_v`, at most V; all of V for None)."""
     return V if self.state_block_v is None else min(self.state_block_v, V)
-
-  def carve_split(self, *, B: int, H: int, V: int, num_sms: int | None, interpret: bool, packed: bool) -> int:
-    """Programs per (batch, head) of CARVE's forward state pass (`carve_split_v`; see there)."""
-    if interpret or packed:
-      return 1
-    if self.carve_split_v is not None:
-      if V // self.carve_split_v < 16:
-        raise ValueError(f"TuningConfig: `carve_split_v` = {self.carve_split_v} leaves fewer than 16 value "
-                         f"columns per program (V = {V})")
-      return self.carve_split_v
-    split = 1
-    while (num_sms and 2 * split <= MAX_SPLIT and B * H * 2 * split <= num_sms and V // (2 * split) >= 16):
-      split *= 2
-    return split
 
   @staticmethod
   def check_shapes(*, chunk_size: int, K: int, V: int) -> None:

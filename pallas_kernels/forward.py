@@ -286,8 +286,7 @@ def state_pass(W, U, kd, gc, S0, *, C, cfg: TuningConfig, dt: Dtypes, interpret)
 
 def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref,
                         h_ref, vn_ref, c_ref, A_ref, sf_ref, doc_ref=None, blk_ref=None, kj_ref=None, gj_ref=None,
-                        c2_ref=None, xs_in_ref=None, cnt_in_ref=None, xs_ref=None, cnt_ref=None, touch_ref=None, C, N,
-                        cb, dt, ks, split=1, V=None, solve_by="inverse"):
+                        c2_ref=None, C, N, cb, dt, ks):
   """Per chunk: c_n (at a content-block start), gate = sigmoid(logits + gamma c_n),
   L = sum_p mask_p [(gate * kr_p) kc_p^T], A = (I + L)^{-1}, V_new = A (beta v - (gate * ke) S),
   S <- e^{G_C} S + Kd^T V_new. Every gate-independent factor comes from `prep` (small loop body).
@@ -300,12 +299,7 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
 
   Packed documents (doc_ref given): L within documents, and each row takes its content block's signal
   (`_carve_packed_signals`); the loop runs one pass of the solve per step, two steps in a chunk where a
-  content block begins mid-chunk (`packed_step`: one copy of the solve code in the kernel).
-
-  split > 1 (grid B x H x split): this program holds V / split columns of the state (v, h, V_new and S
-  are its column tiles); the gate, L and A are formed by every program of the sequence alike, and the
-  content signal's row sums of squares are exchanged through global memory (`_shared_signal`); program 0
-  stores c and A."""
+  content block begins mid-chunk (`packed_step`: one copy of the solve code in the kernel)."""
   cdt = dt.cdt
   _, strict = lower_masks(C)
   n_parts = len(intra.part_masks(C))
@@ -333,68 +327,37 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
         size = lax.shift_left(jnp.int32(intra.DECAY_GROUP), p)
         return L + jnp.where(r // size == col // size, Lp, 0.0)
       L = lax.fori_loop(0, n_parts, part, L)
-    def x_of():
-      X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt)
-      for sl, S, c in zip(ks, Ss, cs):
-        X = X - mm(gate_of(rows, sl, c) * ke_ref[rows, sl].astype(cdt), S, dt.dot)
-      return X
-    if solve_by == "apply":
-      A, vn = intra.block_unit_lower_apply(jnp.where(keep, L, 0.0), x_of(), dt.inv)
-    else:
-      A = block_unit_lower_inv(jnp.where(keep, L, 0.0), dt.inv)
+    A = block_unit_lower_inv(jnp.where(keep, L, 0.0), dt.inv)
     if store is not None:
       store[1](A)
-    return (A, vn) if solve_by == "apply" else (A, mm(A, x_of(), dt.inv))
-
-  def touch(n):
-    """One element of every 128-byte line of chunk n's input tiles, loaded now and stored (to a scratch
-    output) only at the end of the body (`TuningConfig.carve_prefetch`): the lines are in cache when the
-    next body loads them. [C, lines a row] each."""
-    rows = pl.ds(n * C, C)
-    lines = lambda ref: pl.ds(0, max(ref.shape[-1] * ref.dtype.itemsize // 128, 1), max(128 // ref.dtype.itemsize, 1))
-    out = [ref[rows, lines(ref)] for ref in (l_ref, v_ref, ke_ref, kd_ref)]
-    return tuple(out + [ref[jnp.int32(p), rows, lines(ref)] for ref in (kr_ref, kc_ref) for p in range(n_parts)])
+    X = beta_ref[rows].astype(cdt)[:, None] * v_ref[rows, :].astype(cdt)
+    for sl, S, c in zip(ks, Ss, cs):
+      X = X - mm(gate_of(rows, sl, c) * ke_ref[rows, sl].astype(cdt), S, dt.dot)
+    return A, mm(A, X, dt.inv)
 
   def body(n, carry):
     Ss, cs = carry                                  # state and content signal, by key block
-    ahead = None if touch_ref is None else touch(jnp.minimum(n + 1, N - 1))
     rows = pl.ds(n * C, C)
-    if doc_ref is None and split == 1:
-      new_block = lax.rem(n * C, cb) == 0
-      cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
-      row_cs, keep = cs, strict
-    else:
-      shared = lambda: _shared_signal(n, Ss, ks, xs_ref, cnt_ref, split=split, V=V, cdt=cdt)
-      cs = shared() if cb == C else lax.cond(lax.rem(n * C, cb) == 0, shared, lambda: cs)
-      row_cs, keep = cs, strict
-    lead = (lambda f: f()) if split == 1 else pl.when(pl.program_id(2) == 0)  # c and A: one program stores
+    new_block = lax.rem(n * C, cb) == 0
+    cs = tuple(jnp.where(new_block, content_signal(S), c) for S, c in zip(Ss, cs))
 
     def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
       h_ref[n, sl, :] = S.astype(h_ref.dtype)
-
-      @lead
-      def _():
-        c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
-
+      c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
     def store_A(A):
-      @lead
-      def _():
-        A_ref[rows, :] = A.astype(A_ref.dtype)
-    _, vn = solve(rows, Ss, row_cs, keep, (store, store_A))
+      A_ref[rows, :] = A.astype(A_ref.dtype)
+    _, vn = solve(rows, Ss, cs, strict, (store, store_A))
     vn_ref[rows, :] = vn.astype(vn_ref.dtype)
     Ss = tuple(jnp.exp(gc_ref[n, sl].astype(cdt))[:, None] * S + mm(kd_ref[rows, sl], vn, dt.dot, trans_a=True)
                for sl, S in zip(ks, Ss))
-    for i, x in enumerate(ahead or ()):  # stored (to a scratch output) only now: the loads were not waited for
-      touch_ref[i, :, pl.ds(0, x.shape[1])] = x.astype(touch_ref.dtype)
     return Ss, cs
 
   def packed_step(carry):
-    """One pass of the solve over chunk n of packed documents (split = 1); second = 1 in the second pass of
+    """One pass of the solve over chunk n of packed documents; second = 1 in the second pass of
     a chunk with a MID row. Each pass stores h, c, A, V_new and c2 (the second pass's overwrite the first's)
     and forms S_t = e^{g} S + k^T V_new: the state leaving the chunk (g, k = G_C, Kd) after its last pass,
     else the state at j (g, k = G_j, k e^{G_j - G}), whose signal is c2 of the second pass."""
     n, second, Ss, c_prev, c2s = carry
-    ahead = None if touch_ref is None else touch(jnp.minimum(n + 1, N - 1))
     rows = pl.ds(n * C, C)
     keep = strict & packed_masks(doc_ref[rows]).same
     cs, c2s, last, row_cs = _carve_packed_signals(blk_ref[rows], Ss, c_prev, c2s, second)
@@ -411,8 +374,6 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
                 for sl, S in zip(ks, Ss))
     Ss = tuple(jnp.where(last, St, S) for St, S in zip(Sts, Ss))
     c_prev = tuple(jnp.where(last, intra.row_of(c(), C - 1), c0) for c, c0 in zip(row_cs, c_prev))  # the last row's
-    for i, x in enumerate(ahead or ()):  # as in `body`
-      touch_ref[i, :, pl.ds(0, x.shape[1])] = x.astype(touch_ref.dtype)
     step = last.astype(jnp.int32)
     return n + step, 1 - step, Ss, c_prev, tuple(content_signal(St) for St in Sts)
 
@@ -421,41 +382,11 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
   if doc_ref is None:
     Ss, _ = lax.fori_loop(0, N, body, (S0, c0))
   else:  # 2N steps: the first N + (number of chunks with a MID row) run a pass, the rest pass the carry on
-    # (not a while_loop: interpret mode cannot discharge one around the prefetch's strided loads; offline
-    # its compile also spills a little more)
+    # (not a while_loop: offline its compile spills a little more)
     step = lambda i, x: lax.cond(x[0] < N, packed_step, lambda x: x, x)
     Ss = lax.fori_loop(0, 2 * N, step, (jnp.int32(0), jnp.int32(0), S0, c0, c0))[2]
   for sl, S in zip(ks, Ss):
     sf_ref[sl, :] = S.astype(sf_ref.dtype)
-
-
-def _shared_signal(n, Ss, ks, xs_ref, cnt_ref, *, split, V, cdt):
-  """c_n = sqrt(sum_j S[i, j]^2 / V + eps) [BK] by key block, the state's columns spread over the `split`
-  programs of one sequence (grid axis 2), all resident at once (`TuningConfig.carve_split`).
-
-  Each program adds its partial row sums into xs[n] [K] (atomics at L2) and then raises the count cnt[n];
-  the increment is made to depend on every lane's returned add (a cross-thread reduction), so the count
-  rises only after all of this program's adds are performed. It waits for the count to reach `split`
-  and reads the sums back with an atomic add of zeros (coherent at L2, ordered after the wait). Zero
-  xs and cnt are given per call; chunk n uses slot n, so no slot is reused."""
-  olds = [plgpu.atomic_add(xs_ref, (n, sl), jnp.sum(S * S, axis=1)) for sl, S in zip(ks, Ss)]
-  pending = sum(jnp.sum(jnp.where(o == o, 0, 1)) for o in olds)  # 0, but only once every add returned
-  seen = plgpu.atomic_add(cnt_ref, (n,), (1 + jnp.minimum(pending, 0)).astype(jnp.int32)) + 1
-  seen = lax.while_loop(lambda s: s < split, lambda s: plgpu.atomic_add(cnt_ref, (n,), jnp.int32(0)), seen)
-  out = []
-  for sl, S in zip(ks, Ss):
-    ready = jnp.broadcast_to(seen >= split, (S.shape[0],))
-    tot = plgpu.atomic_add(xs_ref, (n, sl), jnp.zeros((S.shape[0],), cdt), mask=ready)
-    out.append(jnp.sqrt(tot / V + CONTENT_EPS))
-  return tuple(out)
-
-
-def num_sms():
-  """Streaming multiprocessors of the first GPU (None when unknown)."""
-  try:
-    return int(jax.devices("gpu")[0].core_count)
-  except Exception:  # noqa: BLE001 - no GPU, or a runtime without core_count
-    return None
 
 
 def _carve_packed_signals(blk, Ss, c_prev, c2_prev, second):
@@ -486,42 +417,26 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
   V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks)."""
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, n_parts(C)
-  split = cfg.carve_split(B=B, H=H, V=V, num_sms=None if interpret else num_sms(), interpret=interpret,
-                          packed=seg is not None)
-  BV = V // split
   s = seq_specs(Tp, N)
   sd = jax.ShapeDtypeStruct
   gam = jnp.broadcast_to(gamma.astype(dt.cdt)[:, None], (H, K))
   parts = pl.BlockSpec((P, None, Tp, None, K), lambda b, h, j: (0, b, 0, h, 0))
   seqd = pl.BlockSpec((None, Tp), lambda b, h, j: (b, 0))
-  ins = dict(l=(s["tok"](K), logits), beta=(s["tok1"], beta), v=(s["tokv"](BV), v), kr=(parts, pre["kr"]),
+  ins = dict(l=(s["tok"](K), logits), beta=(s["tok1"], beta), v=(s["tokv"](V), v), kr=(parts, pre["kr"]),
              kc=(parts, pre["kc"]), ke=(s["tok"](K), pre["ke"]), kd=(s["tok"](K), pre["kd"]),
-             gc=(s["vecs"](K), pre["gc"]), gam=(s["head"](K), gam), s0=(s["state"](K, BV), S0))
-  outs = dict(h=(s["states"](K, BV), sd((B, H, N, K, V), dt.store)),
-              vn=(s["tokv"](BV), sd((B, Tp, H, V), dt.store)),
-              c=(s["vecs"](K), sd((B, H, N, K), dt.cdt)), A=(s["tok"](C), sd((B, Tp, H, C), dt.cdt)),
-              sf=(s["state"](K, BV), sd((B, H, K, V), S0.dtype)))
+             gc=(s["vecs"](K), pre["gc"]), gam=(s["head"](K), gam), s0=(s["state"](K, V), S0))
+  outs = dict(h=(s["states"](K, V), sd((B, H, N, K, V), dt.store)), vn=(s["tokv"](V), sd((B, Tp, H, V), dt.store)),
+              c=(s["vecs"](K), sd((B, H, N, K), dt.cdt)), A=(s["tokv"](C), sd((B, Tp, H, C), dt.cdt)),
+              sf=(s["state"](K, V), sd((B, H, K, V), S0.dtype)))
   if seg is not None:
     ins |= dict(doc=(seqd, seg.doc), blk=(seqd, seg.blk), kj=(s["tok"](K), pre["kj"]), gj=(s["vecs"](K), pre["gj"]))
     outs |= dict(c2=(s["vecs"](K), sd((B, H, N, K), dt.cdt)))
-  aliases = {}
-  if split > 1:  # the exchange slots of `_shared_signal`: zeros in, the same buffers out
-    cnt_spec = pl.BlockSpec((None, None, N), lambda b, h, j: (b, h, 0))
-    ins |= dict(xs_in=(s["vecs"](K), jnp.zeros((B, H, N, K), dt.cdt)), cnt_in=(cnt_spec, jnp.zeros((B, H, N), jnp.int32)))
-    outs |= dict(xs=(s["vecs"](K), sd((B, H, N, K), dt.cdt)), cnt=(cnt_spec, sd((B, H, N), jnp.int32)))
-    aliases = {len(ins) - 2: len(outs) - 2, len(ins) - 1: len(outs) - 1}
-  if cfg.carve_prefetch:  # the sums of the touched lines (`_carve_state_kernel.touch`), kept so they are loaded
-    R = 4 + 2 * P  # l, v, ke, kd and the parts of kr, kc; at most W lines a row
-    W = max(1, max(K, BV) * max(jnp.dtype(x.dtype).itemsize for x in (logits, v, pre["kr"])) // 128)
-    outs |= dict(touch=(pl.BlockSpec((None, None, None, R, C, W), lambda b, h, j: (b, h, j, 0, 0, 0)),
-                        sd((B, H, split, R, C, W), dt.store)))
   kernel = by_name(_carve_state_kernel, [n + "_ref" for n in list(ins) + list(outs)], C=C, N=N, cb=cb, dt=dt,
-                   ks=kblocks(K, cfg.carve_block_k), split=split, V=V, solve_by=cfg.carve_solve)
-  res = pl.pallas_call(
-      kernel, grid=(B, H, split), in_specs=[sp for sp, _ in ins.values()], out_specs=[sp for sp, _ in outs.values()],
+                   ks=kblocks(K, cfg.carve_block_k))
+  return pl.pallas_call(
+      kernel, grid=(B, H, 1), in_specs=[sp for sp, _ in ins.values()], out_specs=[sp for sp, _ in outs.values()],
       out_shape=[x for _, x in outs.values()], compiler_params=params(cfg.carve_num_warps, cfg.num_stages),
-      input_output_aliases=aliases, interpret=interpret, name="carve_state")(*[x for _, x in ins.values()])
-  return res[:5 + (seg is not None)]
+      interpret=interpret, name="carve_state")(*[x for _, x in ins.values()])
 
 
 # ---- 3. chunk-parallel output ----

@@ -109,35 +109,6 @@ def block_unit_lower_inv(L, dt, group=DECAY_GROUP):
   return lax.fori_loop(0, n // group - 1, step, (D, D))[1]
 
 
-def block_unit_lower_apply(L, X, dt, group=DECAY_GROUP):
-  """(A, A X) for A = (I + L)^{-1}, L strictly lower [n, n], X [n, m]: the factors of `block_unit_lower_inv`
-  applied to X, L_o and I side by side, so A X is not behind A on the critical path.
-
-  D = prod_k (I + N^{2^k}) (N = -L_d, k < log2(group)) is applied to X, L_o and I in the same steps
-  (four independent products per step, from the same power of N), then the merge
-  sum_{m < n/group} Q^m = prod_i (I + Q^{2^i}) with Q = -D L_o is applied to D X and D: the path from L to
-  A X is log2(group) + log2(n / group) steps instead of the inverse's 2 log2(group) - 2 + n / group and one
-  more product. Same factors as `block_unit_lower_inv`, so the same rounding bound; ~2x its products."""
-  n = L.shape[0]
-  group = min(group, n)
-  eye = jnp.where(iota(n, n, 0) == iota(n, n, 1), 1.0, 0.0).astype(L.dtype)
-  same = iota(n, n, 0) // group == iota(n, n, 1) // group
-  Nd, Lo = -jnp.where(same, L, 0.0), jnp.where(same, 0.0, L)
-
-  def diag(_, c):  # Nd holds N^{2^k}: every product below uses the same power
-    Nd, Y, Z, D = c
-    return mm(Nd, Nd, dt), Y + mm(Nd, Y, dt), Z + mm(Nd, Z, dt), D + mm(Nd, D, dt)
-  _, Y, Z, D = lax.fori_loop(0, group.bit_length() - 1, diag, (Nd, X.astype(L.dtype), Lo, eye))
-  if n == group:
-    return D, Y
-
-  def merge(_, c):
-    Q, Y, D = c
-    return mm(Q, Q, dt), Y + mm(Q, Y, dt), D + mm(Q, D, dt)
-  _, Y, D = lax.fori_loop(0, (n // group).bit_length() - 1, merge, (-Z, Y, D))
-  return D, Y
-
-
 class Decay:
   """The factors of exp(G_r - G_c) for one chunk, G [C, K] (see the module docstring).
 

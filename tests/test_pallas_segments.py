@@ -80,19 +80,18 @@ def test_kernels_equal_chunk_path_and_documents_alone_float64(x64, family, K):
   assert rel_err(jax.jit(lambda x: _run(family, "recurrent", x))(inputs)[0], alone[0][0]) > 1e-3
 
 
-@pytest.mark.parametrize("knobs", [{}, dict(carve_solve="apply", carve_prefetch=True)])
-def test_carve_consecutive_mid_chunk_blocks_float64(x64, knobs):
+def test_carve_consecutive_mid_chunk_blocks_float64(x64):
   """CARVE at content block = chunk (16): a document starting at row 1 (its blocks begin at row 1 of the
   next chunks), one starting on a chunk's last row (blocks on the last row of each later chunk), a chunk
   with a mid-chunk block and a document start: runs of consecutive chunks that take two passes of the
-  state loop's solve (also with the 'apply' solve and the prefetch). Forward, final state and every
+  state loop's solve. Forward, final state and every
   gradient == the chunk path and each document alone."""
   lengths, cb = [(1, 40, 30, 12), (15, 68)], C
   inputs, seg = _inputs("carve", H=1, K=32), _segment_ids(lengths)
   blk = np.asarray(segments(seg, Tp=96, chunk_size=C, content_block=cb).blk).reshape(2, 6, C)
   assert (blk[0, 1:4] == MID).any(axis=1).all() and (blk[1, 1:5, -1] == MID).all()  # the layout is as described
   assert (blk[0, 1, 1:] == MID).all() and (blk[0, 2, 9:] == AT_START).all()
-  cfg = TuningConfig(block_k=16, grad_block_k=16, carve_block_k=16, **knobs)
+  cfg = TuningConfig(block_k=16, grad_block_k=16, carve_block_k=16)
   got = _value_and_grads(lambda x: _kernels("carve", x, seg, cfg, content_block=cb), inputs)
   _assert_close(got, _value_and_grads(lambda x: _run("carve", "chunk", x, seg, content_block=cb), inputs), 1e-11,
                 "carve chunk")
