@@ -222,6 +222,10 @@ def test_bench_train_plan_and_row_filter():
   rows = bt.plan(args)
   assert [(r["size"], r["seq_len"], r["mixer"], r["batch"]) for r in rows] == [
       ("50m", 8192, "carve", 4), ("50m", 8192, "gdn2", 4), ("350m", 2048, "gdn2", 16)]
+  # a fourth field picks the remat policy: remat rows for CARVE, attention without
+  args.rows, args.mixers, args.remat_policies = "350m:8192:carve:full,350m:8192:attention:none", "carve,attention", \
+      "none,full"
+  assert [(r["mixer"], r["remat_policy"]) for r in bt.plan(args)] == [("attention", "none"), ("carve", "full")]
   args.rows, args.seq_lens = "", "3000"
   with pytest.raises(SystemExit, match="multiple"):
     bt.plan(args)
