@@ -477,6 +477,9 @@ def main(argv=None) -> int:
     args.min_row_s = min(args.min_row_s, 5)
     if not args.tag:
       args.tag = "_tiny"
+  if args.loop_steps < args.log_every:  # the loop's tokens/s is read from its first perf log line
+    raise SystemExit(f"bench_train: --loop_steps ({args.loop_steps}) must be >= --log_every ({args.log_every}): "
+                     "the loop's tokens/s comes from its logged perf lines")
   rows = plan(args)
   print(f"[bench_train] {len(rows)} rows, budget {args.budget_s:.0f} s", flush=True)
   results = run_rows(args, rows)

@@ -48,7 +48,8 @@ def env_info() -> dict:
       "device_count": jax.device_count(),
       "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
       "python": platform.python_version(), "host": platform.node(),
-      "git_commit": _git("rev-parse", "--short", "HEAD"),
+      # CARVE_COMMIT first: the GPU machine's copy of the tree has a stale HEAD (device README)
+      "git_commit": os.environ.get("CARVE_COMMIT") or _git("rev-parse", "--short", "HEAD"),
       "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "command": " ".join(shlex.quote(a) for a in ["python", *prog] + sys.argv[1:]),
   }

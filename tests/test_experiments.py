@@ -229,6 +229,8 @@ def test_bench_train_plan_and_row_filter():
   args.rows, args.seq_lens = "", "3000"
   with pytest.raises(SystemExit, match="multiple"):
     bt.plan(args)
+  with pytest.raises(SystemExit, match="loop_steps"):  # no perf line to read the loop's tokens/s from
+    bt.main(["--loop_steps", "2", "--log_every", "5"])
 
 
 @pytest.mark.slow
