@@ -203,7 +203,7 @@ def compile_scaling_rows(args) -> list[dict]:
   for layers in (int(x) for x in args.compile_layers.split(",")):
     for scan in scans:
       rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
-                       batch=max(1, args.tokens_per_step // args.compile_seq_len), scan_layers=scan, n_layers=layers,
+                       batch=args.compile_batch, scan_layers=scan, n_layers=layers,
                        remat_policy="none"))
   return rows
 
@@ -320,6 +320,13 @@ def _row_line(r: dict) -> str:
           f"(x{_fmt(r.get('loop_over_device'), '{:.3f}')}), first step {r['first_step_s']:.1f} s")
 
 
+def _error_cell(err: str) -> str:
+  """A row's error in one table cell: "out of memory" for the allocator's messages, else its first 80 chars."""
+  if any(m in err for m in ("out of memory", "RESOURCE_EXHAUSTED", "bfc_allocator")):
+    return "out of memory"
+  return " ".join(err.split())[:80].replace("|", "/")
+
+
 def markdown(results: list[dict]) -> str:
   from experiments.report import fmt_bytes, md_table
   comp = [r for r in results if r.get("kind") == "compile" and not r.get("error")]
@@ -336,7 +343,7 @@ def markdown(results: list[dict]) -> str:
   for r in results:
     if r.get("error"):
       rows.append([r["size"], r["mixer"], r["seq_len"], r["batch"], r.get("remat_policy"), "", "", "", "", "", "", "",
-                   "", r["error"][:80]])
+                   "", _error_cell(r["error"])])
       continue
     rows.append([r["size"], r["mixer"], r["seq_len"], r["batch"], r["remat_policy"], _fmt(r["device_ms"]),
                  _fmt(r.get("device_ms_text")), f"{r['device_tokens_per_s']:,.0f}",
@@ -346,6 +353,8 @@ def markdown(results: list[dict]) -> str:
                  fmt_bytes(r.get("peak_device_bytes")), f"{r['first_step_s']:.1f}"])
   head = ["size", "mixer", "T", "B", "remat", "device ms", "device ms (text)", "device tok/s", "loop tok/s",
           "loop/device", "loop host ms/step", "MFU (loop)", "peak mem", "first step s"]
+  if any("source" in r for r in results):  # merged files: which run each row is from
+    head, rows = head + ["run"], [row + [r.get("source", "")] for row, r in zip(rows, results)]
   out = md_table(head, rows)
   out += ("\nMFU = tokens/s x train FLOPs per token (`carve_jax.train.metrics.train_flops_per_token`: 3 x (2 x "
           "matmul weights + per-layer mixer FLOPs)) / dense bf16 peak (989.4 TFLOP/s on H100/H200). device ms: "
@@ -372,12 +381,20 @@ def markdown(results: list[dict]) -> str:
 
 
 def figure(results: list[dict]):
+  """Loop tokens/s against T per mixer, one panel per size; at each point the fastest remat policy measured
+  (the 350M delta-mixer rows fit only with one)."""
   from experiments.report import plt
-  ok = [r for r in results if not r.get("error") and r.get("kind") == "train" and r.get("remat_policy") == "none"]
+  best = {}
+  for r in results:
+    if not r.get("error") and r.get("kind", "train") == "train":
+      key, tps = (r["size"], r["mixer"], r["seq_len"]), r.get("loop_tokens_per_s") or r["device_tokens_per_s"]
+      if key not in best or tps > best[key][0]:
+        best[key] = (tps, r)
+  ok = [dict(r, loop_tokens_per_s=tps) for tps, r in best.values()]
   if not ok:
     return None
   p = plt()
-  sizes = sorted({r["size"] for r in ok})
+  sizes = [s_ for s_ in SIZES if any(r["size"] == s_ for r in ok)] or sorted({r["size"] for r in ok})
   fig, axes = p.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
   for ax, size in zip(axes[0], sizes):
     for mixer in MIXERS:
@@ -391,6 +408,24 @@ def figure(results: list[dict]):
     ax.set_title(size)
     ax.legend()
   return fig
+
+
+def merge(paths: list[str], out_dir: str, tag: str) -> dict[str, str]:
+  """One table and plot from several bench_train result files (rows measured in different device calls
+  on the same kind of device); the file lists every source's command, commit and time."""
+  from experiments.report import write_results
+  srcs = [json.loads(Path(p).read_text()) for p in paths]
+  devices = {s_["env"]["device"] for s_ in srcs}
+  if len(devices) != 1:
+    raise SystemExit(f"bench_train --merge: the files come from different devices {sorted(devices)}")
+  rows = [dict(r, source=i) for i, s_ in enumerate(srcs) for r in s_["rows"] if r.get("kind", "train") == "train"]
+  rows.sort(key=lambda r: (SIZES.index(r["size"]) if r["size"] in SIZES else -1, r["seq_len"], r["source"]))
+  env = dict(srcs[-1]["env"], git_commit=",".join(dict.fromkeys(s_["env"]["git_commit"] for s_ in srcs)),
+             command=f"python -m experiments.bench_train --merge {','.join(paths)} --tag {tag}")
+  listing = "\n".join(f"{i}. `{s_['env']['command']}` (commit {s_['env']['git_commit']}, {s_['env']['utc']}; "
+                      f"{Path(p).name})" for i, (p, s_) in enumerate(zip(paths, srcs)))
+  md = markdown(rows) + f"\nRows merged from {len(srcs)} runs (the `source` field of each JSON row):\n\n{listing}\n"
+  return write_results("bench_train" + tag, out_dir, {"env": env, "sources": paths, "rows": rows}, md, figure(rows))
 
 
 def write(args, results):
@@ -422,12 +457,15 @@ class BenchTrainFlags:
     min_row_s: the least time a row needs.
     compile_scaling: first-step time at 12 vs 48 layers.
     compile_seq_len: T of the compile-scaling rows.
+    compile_batch: batch of the compile-scaling rows (compile time does not depend on it; 48 unrematerialised
+      CARVE layers at 16 x 2048 do not fit in 141 GB).
     compile_layers: comma list of depths of the compile-scaling rows.
     compile_scan: scan over layers in the compile-scaling rows.
     tokens_dir: byte export for the loop's text (default: the fixture).
     cache_dir: XLA's persistent compile cache.
     out_dir: where the results go.
     tag: suffix of the result file names.
+    merge: comma list of result JSON files: write one table and plot of all their rows (no run).
   """
   worker: str | None = None
   tiny: bool = False
@@ -446,12 +484,14 @@ class BenchTrainFlags:
   min_row_s: float = 45
   compile_scaling: bool = False
   compile_seq_len: int = 2048
+  compile_batch: int = 1
   compile_layers: str = "12,48"
   compile_scan: Literal["both", "on", "off"] = "both"
   tokens_dir: str | None = None
   cache_dir: str = "/tmp/bench_train_xla_cache"
   out_dir: str = str(Path(__file__).resolve().parent / "results" / "bench_train")
   tag: str = ""
+  merge: str = ""
 
 
 def main(argv=None) -> int:
@@ -459,6 +499,9 @@ def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   args = train_flags.cli(BenchTrainFlags, train_flags.normalise_argv(argv), prog="python -m experiments.bench_train",
                          description=__doc__)
+  if args.merge:
+    print(merge(args.merge.split(","), args.out_dir, args.tag or "_merged"))
+    return 0
   if args.worker:
     spec = json.loads(args.worker)
     res = compile_worker(spec) if spec.get("kind") == "compile" else worker(spec)

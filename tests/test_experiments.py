@@ -1,6 +1,7 @@
 """The experiments package: the MQAR and needle task generators, the power-law fit, the windows of
 the LM batches (numpy only), the GPU lock, the flags, and one tiny run through the library's loop."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -280,3 +281,29 @@ def test_mqar_tiny_one_mixer_through_the_library_loop(tmp_path, monkeypatch):
   saved = json.loads((tmp_path / "mqar_t.json").read_text())
   assert saved["runs"][0]["mixer"] == "gdn" and saved["env"]["command"].startswith("python")
   assert (tmp_path / "mqar_t.md").exists() and (tmp_path / "mqar_t.png").exists()
+
+
+def test_bench_train_merge(tmp_path):
+  """--merge: one table of rows from several runs (a run column, every source's command listed, an OOM row
+  shown as such, ratios within one run's policy), and a clear error for files from different devices."""
+  from experiments import bench_train as bt
+  row = dict(kind="train", size="50m", mixer="carve", seq_len=2048, batch=16, remat_policy="none", device_ms=98.6,
+             device_ms_text=98.6, device_tokens_per_s=332297.0, loop_tokens_per_s=333098.0, loop_over_device=1.002,
+             loop_host_ms_per_step=74.7, mfu_loop=0.092, peak_device_bytes=2**35, first_step_s=22.9)
+  env = dict(device="gpu:NVIDIA H200", jax="0.11.2", flax="0", optax="0", git_commit="abc1234", utc="t0",
+             command="python -m experiments.bench_train --sizes 50m")
+  a = dict(env=env, rows=[row, dict(row, mixer="gdn2", loop_tokens_per_s=341793.0)])
+  b = dict(env=dict(env, git_commit="def5678", command="python -m experiments.bench_train --sizes 350m"),
+           rows=[dict(row, size="350m", mixer="kda", error="rc 1: W1201 bfc_allocator.cc:598] ran out of memory")])
+  paths = []
+  for name, payload in (("a", a), ("b", b)):
+    paths.append(str(tmp_path / f"{name}.json"))
+    (tmp_path / f"{name}.json").write_text(json.dumps(payload))
+  bt.merge(paths, str(tmp_path), "_m")
+  md = (tmp_path / "bench_train_m.md").read_text()
+  assert "| run |" in md and "out of memory" in md and "--sizes 350m" in md and "abc1234,def5678" in md
+  assert "CARVE / GDN-2 loop tokens/s = 0.975" in md
+  assert (tmp_path / "bench_train_m.png").exists()
+  (tmp_path / "b.json").write_text(json.dumps(dict(b, env=dict(b["env"], device="cpu:cpu"))))
+  with pytest.raises(SystemExit, match="different devices"):
+    bt.merge(paths, str(tmp_path), "_m")
