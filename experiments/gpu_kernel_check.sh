@@ -7,7 +7,7 @@
 # STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
 # pytest -k expression over TEST_FILES (default tests/test_pallas_kernels.py); PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
 # leaves the FLA rows out of the benchmark; PROBE_ARGS go to kernel_probe.py (e.g. "--B 2 --T 8192"); NCU_KERNELS
-# (regex, default every kernel) and NCU_SECTIONS (default: speed of light, occupancy, launch, warp states)
+# (regex, default every kernel but carve_state: ncu hangs on it, v6 and v7 in NOTES) and NCU_SECTIONS (default: speed of light, occupancy, launch, warp states)
 # pick what ncu profiles.
 set -uo pipefail
 OUT=${OUT:-/tmp/kernel_check}
@@ -37,7 +37,7 @@ for step in "${steps[@]}"; do
     ncu) sections=()
          for sec in ${NCU_SECTIONS:-SpeedOfLight Occupancy LaunchStats WarpStateStats}; do sections+=(--section "$sec"); done
          timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
-           --kernel-name regex:"${NCU_KERNELS:-gated_delta|carve_state}" "${sections[@]}" \
+           --kernel-name regex:"${NCU_KERNELS:-gated_delta}" "${sections[@]}" \
            python3 -m experiments.kernel_probe --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
     tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu ${TEST_FILES:-tests/test_pallas_kernels.py} -p no:cacheprovider \
              -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;

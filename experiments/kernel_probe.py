@@ -162,14 +162,14 @@ def carve_only(x, args):
     except Exception as e:  # noqa: BLE001 - record, go on
       rows[name] = f"{type(e).__name__}: {str(e)[:300]}"
     print(f"probe B={B} T={T} CARVE state {name}: {rows[name]}", flush=True)
+    if args.out:  # after every row: a call cut by its time limit keeps what it measured
+      with open(args.out, "w") as fh:
+        json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, carve_state=rows), fh, indent=1)
   for variant in args.variants.split(","):
     with patched(variant):
       record(f"[{variant}]", step(DEFAULT), check=False)
   for spec in [c for c in args.carve_configs.split(";") if c]:
     record(f"[{spec}]", step(parse_config(spec)), check=True)
-  if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, carve_state=rows), fh, indent=1)
 
 
 def main(argv=None):
