@@ -26,3 +26,56 @@ def test_mosaic_state_pass_matches_triton(B, T, H, K, V, C):
   for name, a, r in zip(("h", "V_new", "S_final"), out, ref):
     assert a.shape == r.shape and a.dtype == r.dtype, name
     assert rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < 1e-2, name
+
+
+def _carve_inputs(B, T, H, K, V, C, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  bf = jnp.bfloat16
+  q = jax.random.normal(ks[0], (B, T, H, K), bf)
+  k = jax.random.normal(ks[1], (B, T, H, K))
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(bf)
+  v = jax.random.normal(ks[2], (B, T, H, V), bf)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, K)) + 4.0) / 16
+  logits = jax.random.normal(ks[4], (B, T, H, K), bf)
+  beta = jax.random.uniform(ks[5], (B, T, H), bf)
+  gamma = 0.5 * jax.random.normal(ks[6], (H,))
+  S0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V))
+  interpret = jax.default_backend() != "gpu"
+  pre = fw.prep(q, k, g, None, None, None, C=C, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
+  return logits, beta, v, pre, gamma, S0
+
+
+@pytest.mark.parametrize("B, T, H, K, V, C, cb", [(1, 128, 1, 128, 128, 64, 64), (2, 256, 2, 128, 64, 64, 128),
+                                                  (1, 256, 1, 64, 128, 128, 128)])
+def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb):
+  """CARVE's state loop in Mosaic GPU (interpret mode) == the Triton one: h, V_new, c, A, S_final (the Mosaic
+  solve's products are split 16-bit, ~2^-16 relative; the Triton ones exact float32 in interpret mode)."""
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+  logits, beta, v, pre, gamma, S0 = _carve_inputs(B, T, H, K, V, C)
+  ref = fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=cb, C=C, cfg=DEFAULT, dt=fw.Dtypes(logits, True),
+                            interpret=True)
+  out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=True)
+  for name, a, r, tol in zip(("h", "V_new", "c", "A", "S_final"), out, ref, (1e-2, 1e-2, 1e-3, 1e-3, 1e-2)):
+    assert a.shape == r.shape and a.dtype == r.dtype, name
+    assert rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < tol, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+def test_gpu_mosaic_carve_state_pass():
+  """On the GPU: the compiled Mosaic kernel == the compiled Triton one (bf16, head 128), and their times."""
+  import time  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+  logits, beta, v, pre, gamma, S0 = _carve_inputs(2, 2048, 16, 128, 128, 64)
+  kw = dict(C=64, cfg=DEFAULT, dt=fw.Dtypes(logits, False), interpret=False)
+  triton = jax.jit(lambda: fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64, **kw))
+  mosaic = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64, interpret=False))
+  ref, out = triton(), mosaic()
+  for name, a, r in zip(("h", "V_new", "c", "A", "S_final"), out, ref):
+    assert rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < 2e-2, name
+  for name, f in (("triton", triton), ("mosaic", mosaic)):
+    jax.block_until_ready(f())
+    t = time.perf_counter()
+    for _ in range(10):
+      jax.block_until_ready(f())
+    print(f"CARVE state pass B2 T2048 H16: {name} {(time.perf_counter() - t) / 10 * 1e3:.3f} ms")
