@@ -121,6 +121,7 @@ def ops(x):
       "pallas_carve_sw8": direct(TuningConfig(state_num_warps=8)),
       "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
       "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
+      "pallas_carve_mosaic": direct(TuningConfig(carve_state_kernel="mosaic")),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),

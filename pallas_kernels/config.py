@@ -38,6 +38,9 @@ class TuningConfig:
     grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
+    carve_state_kernel: "triton" (`forward.carve_state_pass`), or "mosaic" (WORK IN PROGRESS, branch mgpu:
+      `mosaic_state.carve_state_pass_mosaic`, 16-bit inputs and unpacked documents only; checked in Mosaic
+      GPU interpret mode, not yet on a GPU).
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64
@@ -48,6 +51,7 @@ class TuningConfig:
   grad_num_warps: int = 8
   state_num_warps: int = 4
   carve_num_warps: int = 8
+  carve_state_kernel: str = "triton"
   num_stages: int = 1
 
   def __post_init__(self):
@@ -62,6 +66,9 @@ class TuningConfig:
       x = getattr(self, name)
       if not isinstance(x, int) or x not in (1, 2, 4, 8, 16):
         raise ValueError(f"TuningConfig: `{name}` must be one of 1, 2, 4, 8, 16, got {x!r}")
+    if self.carve_state_kernel not in ("triton", "mosaic"):
+      raise ValueError(f"TuningConfig: `carve_state_kernel` must be 'triton' or 'mosaic', got "
+                       f"{self.carve_state_kernel!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"TuningConfig: `num_stages` must be a positive int, got {self.num_stages!r}")
 

@@ -494,7 +494,15 @@ def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, 
   c2 = None
   if gamma is not None:
     pre = prep(q, k, g, None, None, None, seg, **kw)
-    h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
+    if cfg.carve_state_kernel == "mosaic":
+      if seg is not None or jnp.dtype(q.dtype).itemsize != 2:
+        raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes 16-bit inputs without segment ids")
+      from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+      h, vn, c, A, S = carve_state_pass_mosaic(b, w, v, pre, gamma, S0, C=chunk_size, cb=content_block,
+                                               interpret=interpret)
+      c2 = []
+    else:
+      h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
     W, c2 = None, (c2[0] if c2 else None)
   else:
     pre = prep(q, k, g, b, w, v, seg, **kw)
