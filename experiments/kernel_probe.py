@@ -172,7 +172,7 @@ def carve_only(x, args):
       record(f"[{variant}]", step(DEFAULT), check=False)
   for spec in [c for c in args.carve_configs.split(";") if c]:
     record(f"[{spec}]", step(parse_config(spec)), check=True)
-  if args.mosaic:  # branch mgpu: the Mosaic GPU state pass (`pallas_kernels.mosaic_state`)
+  if args.mosaic:  # the Mosaic GPU state pass (`pallas_kernels.mosaic_state`, work in progress)
     from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
     record("[mosaic]", jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64,
                                                                interpret=kw["interpret"])), check=True)
