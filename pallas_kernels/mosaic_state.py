@@ -36,7 +36,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
       gate  = sigmoid(logits + gamma c_n)           [C, K]
       L     = sum_p mask_p [(gate kr_p) kc_p^T]     (strictly lower; `intra.part_masks`)
-      A     = (I + L)^{-1}                          (`intra.block_unit_lower_inv`'s products, TF32)
+      A     = (I + L)^{-1}                          (`intra.block_unit_lower_inv`'s products, split 16-bit)
       V_new = A (beta v - (gate ke) S)
       S    <- e^{G_C} S + Kd^T V_new
 
