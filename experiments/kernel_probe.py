@@ -115,7 +115,6 @@ class ProbeFlags:
     carve_configs: ';'-separated TuningConfig overrides (k=v,k=v) for CARVE's state pass.
     once: run each kernel once (for ncu) and exit.
     carve_only: time CARVE's state pass only (variants and configs), with an agreement check per config.
-    mosaic: with --carve-only, also the Mosaic GPU state pass (work in progress, `pallas_kernels.mosaic_state`).
     out: a JSON file for the timings.
   """
   B: int = 8
@@ -125,7 +124,6 @@ class ProbeFlags:
   carve_configs: str = ""
   once: bool = False
   carve_only: bool = False
-  mosaic: bool = False
   out: str | None = None
 
 
@@ -172,10 +170,6 @@ def carve_only(x, args):
       record(f"[{variant}]", step(DEFAULT), check=False)
   for spec in [c for c in args.carve_configs.split(";") if c]:
     record(f"[{spec}]", step(parse_config(spec)), check=True)
-  if args.mosaic:  # the Mosaic GPU state pass (`pallas_kernels.mosaic_state`, work in progress)
-    from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
-    record("[mosaic]", jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64,
-                                                               interpret=kw["interpret"])), check=True)
 
 
 def main(argv=None):

@@ -361,10 +361,10 @@ def _carve_state_kernel(*, l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_re
     rows = pl.ds(n * C, C)
     keep = strict & packed_masks(doc_ref[rows]).same
     cs, c2s, last, row_cs = _carve_packed_signals(blk_ref[rows], Ss, c_prev, c2s, second)
-    def store(sl, S, c_of=dict(zip([x.start for x in ks], cs))):
+    def store(sl, S, c_of=dict(zip([x.start for x in ks], cs)), c2_of=dict(zip([x.start for x in ks], c2s))):
       h_ref[n, sl, :] = S.astype(h_ref.dtype)
       c_ref[n, sl] = c_of[sl.start].astype(c_ref.dtype)
-      c2_ref[n, sl] = c2s[[x.start for x in ks].index(sl.start)].astype(c2_ref.dtype)
+      c2_ref[n, sl] = c2_of[sl.start].astype(c2_ref.dtype)
     def store_A(A):
       A_ref[rows, :] = A.astype(A_ref.dtype)
     _, vn = solve(rows, Ss, row_cs, keep, (store, store_A))
@@ -414,7 +414,14 @@ def _carve_packed_signals(blk, Ss, c_prev, c2_prev, second):
 def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
   """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final[, c2 [B, H, N, K]]):
   CARVE's state pass, the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and
-  V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks)."""
+  V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks).
+  cfg.carve_state_kernel="mosaic": the Mosaic GPU kernel of `mosaic_state` (work in progress; 16-bit inputs,
+  no segment ids)."""
+  if cfg.carve_state_kernel == "mosaic":
+    if seg is not None:
+      raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes no segment ids (packed documents)")
+    from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+    return carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=interpret)
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, n_parts(C)
   s = seq_specs(Tp, N)
@@ -494,15 +501,7 @@ def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, 
   c2 = None
   if gamma is not None:
     pre = prep(q, k, g, None, None, None, seg, **kw)
-    if cfg.carve_state_kernel == "mosaic":
-      if seg is not None or jnp.dtype(q.dtype).itemsize != 2:
-        raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes 16-bit inputs without segment ids")
-      from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
-      h, vn, c, A, S = carve_state_pass_mosaic(b, w, v, pre, gamma, S0, C=chunk_size, cb=content_block,
-                                               interpret=interpret)
-      c2 = []
-    else:
-      h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
+    h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
     W, c2 = None, (c2[0] if c2 else None)
   else:
     pre = prep(q, k, g, b, w, v, seg, **kw)

@@ -7,7 +7,8 @@ What is checked: it agrees with the Triton pass in Mosaic GPU's interpret mode o
 through the kernels' forward and backward (`tests/test_mosaic_state.py`), and it lowers for CUDA offline
 (`jax.export(..., platforms=["cuda"])`: Mosaic's own checks of wgmma operands, layouts and shared memory
 pass). The interpreter does not check the SMEM tiling and swizzle the hardware needs; the GPU test in the
-same file and `python -m experiments.kernel_probe --carve-only --mosaic` are the next device call.
+same file and `python -m experiments.kernel_probe --carve-only --carve-configs carve_state_kernel=mosaic` are
+the next device call.
 """
 
 from __future__ import annotations
