@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from experiments.bench_kernel import inputs, kernel_steps, timeit  # noqa: E402
 
-from pallas_kernels import forward as fw_mod, intra  # noqa: E402
+from pallas_kernels import forward as fw_mod, intra, mosaic_state  # noqa: E402
 
 
 def unrolled_block_inv(L, dt, group=intra.DECAY_GROUP):
@@ -76,11 +76,26 @@ def tree_block_inv(L, dt, group=intra.DECAY_GROUP):
 
 @contextlib.contextmanager
 def patched(variant: str):
-  """Swap one stage of the in-chunk math for a stand-in while kernels are traced."""
-  saved = (fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__)
-  if variant == "noinv":
+  """Swap one stage of the in-chunk math for a stand-in while kernels are traced ("a+b": both)."""
+  if "+" in variant:
+    with contextlib.ExitStack() as stack:
+      for v in variant.split("+"):
+        stack.enter_context(patched(v))
+      yield
+    return
+  saved = (fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__,
+           mosaic_state.inverse, mosaic_state._mm3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem)
+  if variant == "noinv":  # in the Triton and the Mosaic GPU kernels
     eye = lambda L: jnp.where(intra.iota(*L.shape, 0) == intra.iota(*L.shape, 1), 1.0, 0.0).astype(L.dtype)
     fw_mod.block_unit_lower_inv = lambda L, dt, group=intra.DECAY_GROUP: eye(L) - L
+    mosaic_state.inverse = lambda L, s, masks, group, a_regs: masks.eye() - L
+  elif variant == "mosaic_1pass":  # Mosaic GPU kernel: each split product as one 16-bit wgmma (hi x hi)
+    mosaic_state._mm3 = lambda a, b, shape: mosaic_state._mm(a[0] if isinstance(a, tuple) else a.astype(b[0].dtype), b[0], shape)
+  elif variant == "mosaic_nosplitstore":  # Mosaic GPU kernel: no register -> SMEM stores of the split operands
+    commit = mosaic_state.plgpu.commit_smem
+    mosaic_state._split_store = lambda x, *pairs, **kw: commit() if kw.get("commit", True) else None
+  elif variant == "mosaic_nocommit":  # Mosaic GPU kernel: no SMEM fences / warpgroup barriers (commit_smem)
+    mosaic_state.plgpu.commit_smem = lambda: None
   elif variant == "nosig":
     fw_mod.content_signal = lambda S: jnp.ones((S.shape[0],), S.dtype)
   elif variant == "bfinv":
@@ -100,7 +115,8 @@ def patched(variant: str):
   try:
     yield
   finally:
-    fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__ = saved
+    (fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__,
+     mosaic_state.inverse, mosaic_state._mm3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem) = saved
 
 
 @dataclasses.dataclass
@@ -113,6 +129,8 @@ class ProbeFlags:
     reps: timed repetitions per kernel (median).
     variants: comma list of stand-ins (base, noinv, diagdecay, nosig, bfinv).
     carve_configs: ';'-separated TuningConfig overrides (k=v,k=v) for CARVE's state pass.
+    config_variants: with --carve-only, the stand-ins each config is also timed under (comma list; noinv: the
+      Mosaic GPU kernel's inverse too).
     once: run each kernel once (for ncu) and exit.
     carve_only: time CARVE's state pass only (variants and configs), with an agreement check per config.
     out: a JSON file for the timings.
@@ -122,6 +140,7 @@ class ProbeFlags:
   reps: int = 10
   variants: str = "base,noinv,diagdecay"
   carve_configs: str = ""
+  config_variants: str = ""
   once: bool = False
   carve_only: bool = False
   out: str | None = None
@@ -165,11 +184,14 @@ def carve_only(x, args):
     if args.out:  # after every row: a call cut by its time limit keeps what it measured
       with open(args.out, "w") as fh:
         json.dump(dict(B=B, T=T, device=jax.devices()[0].device_kind, carve_state=rows), fh, indent=1)
-  for variant in args.variants.split(","):
+  for variant in [v for v in args.variants.split(",") if v]:
     with patched(variant):
       record(f"[{variant}]", step(DEFAULT), check=False)
   for spec in [c for c in args.carve_configs.split(";") if c]:
     record(f"[{spec}]", step(parse_config(spec)), check=True)
+    for variant in [v for v in args.config_variants.split(",") if v]:
+      with patched(variant):
+        record(f"[{spec}] [{variant}]", step(parse_config(spec)), check=False)
 
 
 def main(argv=None):

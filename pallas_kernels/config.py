@@ -38,9 +38,9 @@ class TuningConfig:
     grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
-    carve_state_kernel: "triton" (`forward.carve_state_pass`), or "mosaic" (WORK IN PROGRESS, opt-in:
-      `mosaic_state.carve_state_pass_mosaic`, 16-bit inputs and unpacked documents only; checked in Mosaic
-      GPU interpret mode and lowered for CUDA offline, not yet compiled or timed on a GPU).
+    carve_state_kernel: "triton" (`forward.carve_state_pass`), or "mosaic" (opt-in:
+      `mosaic_state.carve_state_pass_mosaic`, 16-bit inputs and unpacked documents only; on the H200 as
+      fast as the Triton loop, not faster: NOTES v8).
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64

@@ -1,17 +1,18 @@
-r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel. WORK IN
-PROGRESS: opt-in (`TuningConfig(carve_state_kernel="mosaic")`), never chosen by default, not yet compiled or
-timed on a GPU. This is the kernel that misses issue 11's targets (`NOTES.md` v7: the Triton loop's time is
-the staging around each product, which Mosaic GPU makes explicit).
+r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel: opt-in
+(`TuningConfig(carve_state_kernel="mosaic")`), not the default: on the H200 it matches the Triton loop
+(3.93 against ~3.8 ms at B2 T8192 H16) but does not beat it (`NOTES.md` v8: where its time goes).
 
-What is checked: it agrees with the Triton pass in Mosaic GPU's interpret mode on the CPU, alone and
-through the kernels' forward and backward (`tests/test_mosaic_state.py`), and it lowers for CUDA offline
-(`jax.export(..., platforms=["cuda"])`: Mosaic's own checks of wgmma operands, layouts and shared memory
-pass). The interpreter does not check the SMEM tiling and swizzle the hardware needs; the GPU test in the
-same file and `python -m experiments.kernel_probe --carve-only --carve-configs carve_state_kernel=mosaic` are
-the next device call.
+What is checked: on the H200, agreement with the Triton pass (`kernel_probe --carve-only --carve-configs
+carve_state_kernel=mosaic`, and the GPU test in `tests/test_mosaic_state.py`, last run on the two-warpgroup
+version before the register operands); on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone and
+through the kernels' forward and backward (the interpreter takes SMEM operands only, so it checks the
+stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA (`jax.export(..., platforms=["cuda"])`:
+Mosaic's checks of wgmma operands, layouts and shared memory).
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +32,146 @@ def _transforms(dtype, minor: int):
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def mask_codes(C: int, group: int, dtype):
+  """[C, C] codes of the in-chunk masks (small integers, exact in 16 bits): 0 above the diagonal, 1 on it,
+  2 + l below it, l the level of the smallest diagonal block of group * 2^l rows holding the pair."""
+  r, c = jnp.arange(C)[:, None], jnp.arange(C)[None, :]
+  level = jnp.zeros((C, C), jnp.int32)
+  size = group
+  while size < C:
+    level = level + (r // size != c // size)
+    size *= 2
+  return jnp.where(r > c, 2 + level, jnp.where(r == c, 1, 0)).astype(dtype)
+
+
+class _Masks:
+  """The in-chunk masks as [C, C] 0/1 factors, formed at each use from `mask_codes` in SMEM: a load the
+  compiler does not hoist out of the chunk loop (hoisted, each mask would hold C * C / 128 registers a
+  thread all loop long), and float compares only (no integer [C, C] arrays)."""
+
+  def __init__(self, codes_s):
+    self.codes_s = codes_s
+
+  def _code(self):
+    return plgpu.load(self.codes_s, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+  def lower_within(self, level: int):  # strictly lower, inside the diagonal blocks of group * 2^level rows
+    code = self._code()
+    return ((code >= 2.0) & (code <= 2.0 + level)).astype(jnp.float32)
+
+  def lower_across(self):  # strictly lower, outside the diagonal blocks of group rows
+    return (self._code() >= 3.0).astype(jnp.float32)
+
+  def strict(self):
+    return (self._code() >= 2.0).astype(jnp.float32)
+
+  def eye(self):
+    return (self._code() == 1.0).astype(jnp.float32)
+
+
+class _Split(NamedTuple):
+  """SMEM for the split products of [C, C] values: the left operand's hi / lo halves, the right one's."""
+  ah: Any
+  al: Any
+  bh: Any
+  bl: Any
+
+
+def _split_store(x, *pairs, commit: bool = True):
+  """hi = x in 16 bits, lo = x - hi in 16 bits, into each (hi, lo) pair of SMEM refs (then committed for wgmma
+  and TMA)."""
+  hi = x.astype(pairs[0][0].dtype)
+  lo = (x - hi.astype(jnp.float32)).astype(hi.dtype)
+  for hi_s, lo_s in pairs:
+    hi_s[...] = hi
+    lo_s[...] = lo
+  if commit:
+    plgpu.commit_smem()
+
+
+def _mm3(a, b, shape):
+  """a @ b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (hi = x in 16 bits, lo = x - hi in 16 bits: ~2^-16 relative for
+  bf16 halves, finer than one TF32 pass), float32 accumulation. a: a float32 array in the WGMMA layout (split
+  here; the left operand from registers) or an SMEM (hi, lo) pair; b: an SMEM (hi, lo) pair."""
+  bh_s, bl_s = b
+  if isinstance(a, tuple):
+    ah, al = a
+  else:
+    ah = a.astype(bh_s.dtype)
+    al = (a - ah.astype(jnp.float32)).astype(bh_s.dtype)
+
+  def scope(acc):
+    plgpu.wgmma(acc, ah, bh_s)
+    plgpu.wgmma(acc, ah, bl_s)
+    plgpu.wgmma(acc, al, bh_s)
+    plgpu.wgmma_wait(0)
+    return acc[...]
+  return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+
+
+def _mm(a, b_s, shape):
+  """a @ b of 16-bit operands (a: an SMEM ref, or a WGMMA-layout array: from registers; b: an SMEM ref),
+  float32 accumulation, into a fresh accumulator (Mosaic GPU's interpret mode in jax 0.11.2 can neither
+  store into an accumulator ref nor take the left operand from registers)."""
+  def scope(acc):
+    plgpu.wgmma(acc, a, b_s)
+    plgpu.wgmma_wait(0)
+    return acc[...]
+  return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+
+
+def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
+  """(I + L)^{-1} for strictly lower L [C, C], `intra.block_unit_lower_inv`'s products as split products:
+  the diagonal blocks D = (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, then sum_{m < C / group} (-D L_o)^m D.
+  Right operands are stored as halves in s.bh / s.bl; left operands are taken from registers (a_regs: on the
+  GPU) or stored in s.ah / s.al (Mosaic GPU's interpret mode takes no register operands)."""
+  b = (s.bh, s.bl)
+
+  def left(x):
+    if a_regs:
+      return x
+    _split_store(x, (s.ah, s.al))
+    return (s.ah, s.al)
+  Pd = -(masks.lower_within(0) * L)
+  D = masks.eye() + Pd
+  _split_store(Pd, b)
+  for _ in range(group.bit_length() - 2):
+    Pd = _mm3(left(Pd), b, L.shape)
+    _split_store(Pd, b)
+    D = D + _mm3(left(D), b, L.shape)
+  _split_store(masks.lower_across() * L, b)
+  Q = -_mm3(left(D), b, L.shape)
+  _split_store(D, b)
+  q = left(Q)
+  term, A = D, D
+  for m in range(L.shape[0] // group - 1):
+    term = _mm3(q, b, L.shape)
+    A = A + term
+    if m < L.shape[0] // group - 2:
+      _split_store(term, b)
+  return A
+
+
 def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool):
   """(h, V_new, c, A, S_final) as `forward.carve_state_pass` (unpacked documents; 16-bit inputs), per chunk:
 
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
       gate  = sigmoid(logits + gamma c_n)           [C, K]
       L     = sum_p mask_p [(gate kr_p) kc_p^T]     (strictly lower; `intra.part_masks`)
-      A     = (I + L)^{-1}                          (`intra.block_unit_lower_inv`'s products, split 16-bit)
-      V_new = A (beta v - (gate ke) S)
+      X     = beta v - (gate ke) S                  [C, V]
+      A     = (I + L)^{-1}                          (`inverse`: split 16-bit products)
+      V_new = A X
       S    <- e^{G_C} S + Kd^T V_new
 
+  Two warpgroups per (batch, head), handing over through SMEM and barriers:
+    state (wg 1): holds S [K, V] float32 in registers; per chunk stores S in 16 bits (the X operand and h)
+      and c, forms X (while wg 0 forms L and A), then the state update; fetches the chunk tiles by TMA.
+    solve (wg 0): the gate, L from the decay parts, the inverse and V_new = A X.
   Every product is a wgmma with both operands in SMEM: the data products in 16 bits as in the Triton
-  kernel, the inverse's and A X as three 16-bit products of hi / lo halves (`mm_split`: float32 (TF32)
-  wgmma takes only K-major operands and register arrays cannot be transposed here). SMEM: the decay
-  parts' factors one part at a time and the solve's operands in scopes of their own (219.6 KB at
-  K = V = 128, C = 64, of 227 KB). Not yet tuned: one warpgroup holds the [K, V] float32 state (128
-  registers a thread at K = V = 128), no TMA prefetch of the next chunk, every product waited for."""
+  kernel, the inverse's and A X as three 16-bit products of hi / lo halves (`_split_store`; float32 (TF32)
+  wgmma takes only K-major operands and register arrays cannot be transposed here). A leaves as its two
+  halves (A = hi + lo, summed outside). The gated factors (gate ke, gate kr_p) overwrite their inputs in
+  SMEM; SMEM ~218 KB at K = V = 128, C = 64."""
   from pallas_kernels import intra  # noqa: PLC0415
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, pre["kr"].shape[0]
@@ -59,162 +184,139 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   gam = jnp.broadcast_to(gamma.astype(f32)[:, None], (H, K))
   WG = plgpu.Layout.WGMMA
   group = intra.DECAY_GROUP
+  SM = plgpu.SMEM
+  a_regs = not interpret  # left wgmma operands from registers (the interpreter takes SMEM refs only)
+  smem = dict(l=SM((C, K), dt, transforms=tk), v=SM((C, V), dt, transforms=tv), ke=SM((C, K), dt, transforms=tk),
+              beta=SM((C,), dt), kd=SM((C, K), dt, transforms=tk), gc=SM((K,), f32), gam=SM((K,), f32),
+              codes=SM((C, C), dt, transforms=tc), s16=SM((K, V), dt, transforms=tv), c=SM((K,), f32),
+              vn=SM((C, V), dt, transforms=tv), xh=SM((C, V), dt, transforms=tv), xl=SM((C, V), dt, transforms=tv),
+              ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc), bh=SM((C, C), dt, transforms=tc),
+              bl=SM((C, C), dt, transforms=tc), kr=SM((C, K), dt, transforms=tk), kc=SM((C, K), dt, transforms=tk))
+  tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc", "kr", "kc")  # one barrier per TMA destination
+  hand_names = ("c_ready", "x_ready", "vn_ready", "l_read")  # hand-overs between the warpgroups
 
-  n_copies = 6
-  loop_smem = [plgpu.SMEM((C, K), dt, transforms=tk), plgpu.SMEM((C, V), dt, transforms=tv),
-               plgpu.SMEM((C, K), dt, transforms=tk), plgpu.SMEM((C, K), dt, transforms=tk),
-               plgpu.SMEM((C,), dt), plgpu.SMEM((K,), f32), plgpu.SMEM((K,), f32),
-               plgpu.SMEM((K, V), dt, transforms=tv), plgpu.SMEM((C, V), dt, transforms=tv), plgpu.SMEM((K,), f32)]
-  # scoped inside a chunk, one set after the other (SMEM budget): the decay parts' factors, then the solve's
-  # split operands (hi / lo 16-bit halves of [C, C] and [C, V] float32 values) and the A output's staging
-  parts_smem = [plgpu.SMEM((C, K), dt, transforms=tk), plgpu.SMEM((C, K), dt, transforms=tk)]
-  solve_smem = [plgpu.SMEM((C, C), dt, transforms=tc), plgpu.SMEM((C, C), dt, transforms=tc),
-                plgpu.SMEM((C, C), dt, transforms=tc), plgpu.SMEM((C, C), dt, transforms=tc),
-                plgpu.SMEM((C, V), dt, transforms=tv), plgpu.SMEM((C, V), dt, transforms=tv),
-                plgpu.SMEM((C, C), f32)]
+  def body(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref, codes_ref,
+           h_ref, vn_ref, c_ref, ahi_ref, alo_ref, sf_ref, *scratch):
+    sm = dict(zip(smem, scratch[:len(smem)]))
+    tma_bar, hand_bar = scratch[len(smem):]
+    tma = {k: tma_bar.at[i] for i, k in enumerate(tma_names)}
+    hand = {k: hand_bar.at[i] for i, k in enumerate(hand_names)}
+    b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
+    masks = _Masks(sm["codes"])
 
-  def body(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref,
-           h_ref, vn_ref, c_ref, A_ref, sf_ref, bar):
-    b, h = lax.axis_index("b"), lax.axis_index("h")
+    def fetch(names, n, part=None):  # TMA of chunk n's tiles (part: decay part p's factors) into their buffers
+      rows = pl.ds(n * C, C)
+      src = dict(l=l_ref.at[b, rows, h], v=v_ref.at[b, rows, h], ke=ke_ref.at[b, rows, h],
+                 beta=beta_ref.at[b, h, rows], kd=kd_ref.at[b, rows, h], gc=gc_ref.at[b, h, n])
+      if part is not None:
+        src |= dict(kr=kr_ref.at[part, b, rows, h], kc=kc_ref.at[part, b, rows, h])
+      for k in names:
+        plgpu.copy_gmem_to_smem(src[k], sm[k], tma[k])
 
-    def with_state_smem(f):  # the [K, V] float32 staging of S0 and S_final, not live during the loop
-      return pl.run_scoped(f, plgpu.SMEM((K, V), f32))
+    def wait(*names):
+      for k in names:
+        plgpu.barrier_wait(tma[k])
 
-    def load_s0(st_s):
-      plgpu.copy_gmem_to_smem(s0_ref.at[b, h], st_s, bar.at[0])
-      plgpu.barrier_wait(bar.at[0])
-      return plgpu.load(st_s, (), layout=WG)
-    def loop(S, l_s, v_s, ke_s, kd_s, beta_s, gc_s, gam_s, s16_s, vn_s, c_s):
-      a16_s = l_s  # the logits are in registers once the gate is formed: their buffer takes the 16-bit operands
+    def gate_of():  # sigmoid(logits + gamma c) [C, K] of the chunk in SMEM
+      cg = plgpu.load(sm["gam"], layout=WG.reduce(0)) * plgpu.load(sm["c"], layout=WG.reduce(0))
+      return jax.nn.sigmoid(plgpu.load(sm["l"], layout=WG).astype(f32) + lax.broadcast_in_dim(cg, (C, K), [1]))
 
-      def mm(a_s, b_s, shape):  # a fresh accumulator, both operands SMEM refs: Mosaic GPU's interpret mode in
-        # jax 0.11.2 can neither store into an accumulator ref, run `pl.run_state(...)(plgpu.ACC.init(x))`
-        # (the form attention_mgpu.py uses) nor take the left operand from registers
-        def scope(acc):
-          plgpu.wgmma(acc, a_s, b_s)
-          plgpu.wgmma_wait(0)
-          return acc[...]
-        return pl.run_scoped(scope, plgpu.ACC(shape, f32))
-
-      def mm_split(a, b, bufs):
-        """a @ b of float32 values [C, C] x [C, C or V] as three 16-bit wgmmas: a_hi b_hi + a_hi b_lo + a_lo b_hi
-        (hi = x in 16 bits, lo = x - hi in 16 bits; ~2^-16 relative for bf16, finer than one TF32 pass).
-        16-bit operands because float32 (TF32) wgmma takes only K-major operands, and register arrays cannot
-        be transposed here."""
-        ah_s, al_s, bch_s, bcl_s, bvh_s, bvl_s, _ = bufs
-        bh_s, bl_s = (bch_s, bcl_s) if b.shape[1] == C else (bvh_s, bvl_s)
-        ah, bh = a.astype(dt), b.astype(dt)
-        ah_s[...] = ah
-        al_s[...] = (a - ah.astype(f32)).astype(dt)
-        bh_s[...] = bh
-        bl_s[...] = (b - bh.astype(f32)).astype(dt)
-        plgpu.commit_smem()
-
-        def scope(acc):
-          plgpu.wgmma(acc, ah_s, bh_s)
-          plgpu.wgmma(acc, ah_s, bl_s)
-          plgpu.wgmma(acc, al_s, bh_s)
-          plgpu.wgmma_wait(0)
-          return acc[...]
-        return pl.run_scoped(scope, plgpu.ACC((C, b.shape[1]), f32))
-
-      plgpu.copy_gmem_to_smem(gam_ref.at[h], gam_s, bar.at[1])
-      plgpu.barrier_wait(bar.at[1])
-      r = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=WG)
-      col = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=WG)
-      eye = (r == col).astype(f32)  # masks as float factors: no select with an implicit broadcast (not lowered)
-      same = (r // group == col // group).astype(f32)
-
-      def inverse(L, bufs):  # intra.block_unit_lower_inv's products, split 16-bit
-        Pd = -(same * L)
-        D = eye + Pd
-        for _ in range(group.bit_length() - 2):
-          Pd = mm_split(Pd, Pd, bufs)
-          D = D + mm_split(D, Pd, bufs)
-        Q = -mm_split(D, (1.0 - same) * L, bufs)
-        term, A = D, D
-        for _ in range(C // group - 1):
-          term = mm_split(Q, term, bufs)
-          A = A + term
-        return A
+    @pl.when(wg == 1)
+    def state_wg():
+      plgpu.copy_gmem_to_smem(gam_ref.at[h], sm["gam"], tma["gam"])
+      plgpu.copy_gmem_to_smem(codes_ref, sm["codes"], tma["codes"])
+      fetch(("l", "v", "ke", "beta", "kd", "gc"), 0)
+      wait("gam", "codes")  # (codes: wg 0's, observed here too for the interpreter's barrier checks)
 
       def chunk(n, carry):
         S, c_prev = carry
-        rows = pl.ds(n * C, C)
-        copies = [(l_ref.at[b, rows, h], l_s), (v_ref.at[b, rows, h], v_s), (ke_ref.at[b, rows, h], ke_s),
-                  (kd_ref.at[b, rows, h], kd_s), (beta_ref.at[b, h, rows], beta_s), (gc_ref.at[b, h, n], gc_s)]
-        for i, (src, dst) in enumerate(copies):
-          plgpu.copy_gmem_to_smem(src, dst, bar.at[2 + i])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous chunk's stores have left the buffers
-        s16_s[...] = S.astype(dt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(s16_s, h_ref.at[b, h, n])
-        c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)            # [K], rows of S
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h and c have left s16 and c
+        sm["s16"][...] = S.astype(dt)
+        c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
         new = (lax.rem(n * C, cb) == 0).astype(f32)
-        c_s[...] = new * c_new + (1.0 - new) * c_prev
+        sm["c"][...] = new * c_new + (1.0 - new) * c_prev
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(c_s, c_ref.at[b, h, n])
-        for i in range(len(copies)):
-          plgpu.barrier_wait(bar.at[2 + i])
-        c_row = plgpu.load(c_s, (), layout=WG.reduce(0))                         # [K] along the columns
-        gam_row = plgpu.load(gam_s, (), layout=WG.reduce(0))
-        logit = plgpu.load(l_s, (), layout=WG).astype(f32)
-        gate = jax.nn.sigmoid(logit + lax.broadcast_in_dim(gam_row * c_row, (C, K), [1]))
-        def decay_parts(kr_s, kc_s):  # one part's factors in SMEM at a time; the previous product has completed
-          L = jnp.zeros((C, C), f32)
-          for p in range(P):
-            plgpu.copy_gmem_to_smem(kr_ref.at[p, b, rows, h], kr_s, bar.at[2 + n_copies])
-            plgpu.copy_gmem_to_smem(kc_ref.at[p, b, rows, h], kc_s, bar.at[3 + n_copies])
-            plgpu.barrier_wait(bar.at[2 + n_copies])
-            plgpu.barrier_wait(bar.at[3 + n_copies])
-            a16_s[...] = (gate * plgpu.load(kr_s, (), layout=WG).astype(f32)).astype(dt)
+        plgpu.barrier_arrive(hand["c_ready"])
+        plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
+        plgpu.copy_smem_to_gmem(sm["c"], c_ref.at[b, h, n])
+        wait("l", "v", "ke", "beta")
+        gke = (gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt)
+        if not a_regs:  # gate ke in place of ke
+          sm["ke"][...] = gke
+          plgpu.commit_smem()
+          gke = sm["ke"]
+        beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
+        X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
+            gke, sm["s16"], (C, V))
+        _split_store(X, (sm["xh"], sm["xl"]))
+        plgpu.barrier_arrive(hand["x_ready"])
+
+        @pl.when(n + 1 < N)
+        def _():  # the next chunk's tiles, once wg 0 has read this chunk's logits
+          plgpu.barrier_wait(hand["l_read"])
+          fetch(("l", "v", "ke", "beta"), n + 1)
+        plgpu.barrier_wait(hand["vn_ready"])
+        wait("kd", "gc")
+        decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
+        S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["vn"], (K, V))
+        pl.when(n + 1 < N)(lambda: fetch(("kd", "gc"), n + 1))
+        return S, sm["c"][...]
+
+      S0_ = plgpu.load(s0_ref.at[b, h], layout=WG, optimized=False)
+      S, _ = lax.fori_loop(0, N, chunk, (S0_, jnp.zeros((K,), f32)))
+      sf_ref.at[b, h][...] = S
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 0)
+    def solve_wg():
+      fetch(("kr", "kc"), 0, part=0)
+      wait("gam", "codes")
+
+      def chunk(n, carry):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's V_new and A have left vn, ah and al
+        plgpu.barrier_wait(hand["c_ready"])
+        wait("l")
+        gate = gate_of()
+        pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
+        L = jnp.zeros((C, C), f32)
+        for p in range(P):
+          wait("kr", "kc")
+          gkr = (gate * plgpu.load(sm["kr"], layout=WG).astype(f32)).astype(dt)
+          if not a_regs:  # gate kr_p in place of kr_p
+            sm["kr"][...] = gkr
             plgpu.commit_smem()
-            Lp = mm(a16_s, kc_s.transpose((1, 0)), (C, C))
-            size = group << p
-            L = L + (r // size == col // size).astype(f32) * Lp
-          return L
-        L = pl.run_scoped(decay_parts, *parts_smem)
+            gkr = sm["kr"]
+          Lp = _mm(gkr, sm["kc"].transpose((1, 0)), (C, C))
+          if p + 1 < P:
+            fetch(("kr", "kc"), n, part=p + 1)
+          else:
+            pl.when(n + 1 < N)(lambda: fetch(("kr", "kc"), n + 1, part=0))
+          L = L + masks.lower_within(p) * Lp
+        A = inverse(L, _Split(sm["ah"], sm["al"], sm["bh"], sm["bl"]), masks, group, a_regs)
+        _split_store(A, (sm["ah"], sm["al"]))  # A's output (and the left operand in interpret mode)
+        plgpu.barrier_wait(hand["x_ready"])
+        vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
+        sm["vn"][...] = vn.astype(dt)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(hand["vn_ready"])
+        rows = pl.ds(n * C, C)
+        plgpu.copy_smem_to_gmem(sm["vn"], vn_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(sm["ah"], ahi_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(sm["al"], alo_ref.at[b, rows, h])
+        return carry
 
-        def solve(*bufs):
-          A = inverse((r > col).astype(f32) * L, bufs)
-          a16_s[...] = (gate * plgpu.load(ke_s, (), layout=WG).astype(f32)).astype(dt)
-          plgpu.commit_smem()
-          beta_col = plgpu.load(beta_s, (), layout=WG.reduce(1)).astype(f32)
-          X = (lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(v_s, (), layout=WG).astype(f32)
-               - mm(a16_s, s16_s, (C, V)))
-          vn = mm_split(A, X, bufs)
-          fa_s = bufs[-1]
-          fa_s[...] = A
-          vn_s[...] = vn.astype(dt)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(fa_s, A_ref.at[b, rows, h])
-          plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, rows, h])
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # fa_s leaves scope after this
-        pl.run_scoped(solve, *solve_smem)
-        decay = jnp.exp(plgpu.load(gc_s, (), layout=WG.reduce(1)))
-        S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + mm(kd_s.transpose((1, 0)), vn_s, (K, V))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        return S, c_s[...]
-
-      S, _ = lax.fori_loop(0, N, chunk, (S, jnp.zeros((K,), f32)))
+      lax.fori_loop(0, N, chunk, 0)
       plgpu.wait_smem_to_gmem(0)
-      return S
-
-    S = with_state_smem(load_s0)
-    S = pl.run_scoped(lambda *bufs: loop(S, *bufs), *loop_smem)
-
-    def store_sf(st_s):
-      st_s[...] = S
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(st_s, sf_ref.at[b, h])
-      plgpu.wait_smem_to_gmem(0)
-    with_state_smem(store_sf)
 
   sd = jax.ShapeDtypeStruct
   kernel = plgpu.kernel(
       body,
-      out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), sd((B, Tp, H, C), f32),
-                sd((B, H, K, V), f32)),
-      scratch_types=[plgpu.Barrier(num_barriers=4 + n_copies)],
-      grid=(B, H), grid_names=("b", "h"), interpret=_interpret_params() if interpret else None)
-  return kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam, S0.astype(f32))
+      out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), sd((B, Tp, H, C), dt),
+                sd((B, Tp, H, C), dt), sd((B, H, K, V), f32)),
+      scratch_types=[*smem.values(), plgpu.Barrier(num_barriers=len(tma_names)),
+                     plgpu.Barrier(num_arrivals=1, num_barriers=len(hand_names))],
+      grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg",
+      interpret=_interpret_params() if interpret else None)
+  h, vn, c, a_hi, a_lo, S = kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam,
+                                   S0.astype(f32), mask_codes(C, group, dt))
+  return h, vn, c, a_hi.astype(f32) + a_lo.astype(f32), S

@@ -1,4 +1,4 @@
-"""The Mosaic GPU CARVE state pass (`pallas_kernels.mosaic_state`, opt-in, work in progress) against the
+"""The Mosaic GPU CARVE state pass (`pallas_kernels.mosaic_state`, opt-in) against the
 Triton one, in Mosaic GPU's interpret mode on the CPU (bf16 inputs; both keep h and V_new in bf16); the
 GPU test compiles both and times them."""
 
@@ -26,6 +26,22 @@ def _carve_inputs(B, T, H, K, V, C, seed=0):
   interpret = jax.default_backend() != "gpu"
   pre = fw.prep(q, k, g, None, None, None, C=C, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
   return logits, beta, v, pre, gamma, S0
+
+
+@pytest.mark.parametrize("C", [64, 128])
+def test_mask_codes_give_the_kernels_masks(C):
+  """`mask_codes` -> the masks `_Masks` forms: within level p == strictly lower and `intra.part_masks(C)[p]`,
+  across == strictly lower outside the 16-row diagonal blocks, the diagonal == the identity."""
+  from pallas_kernels import intra  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import mask_codes  # noqa: PLC0415
+  code = mask_codes(C, intra.DECAY_GROUP, jnp.bfloat16).astype(jnp.float32)
+  _, strict = intra.lower_masks(C)
+  for p, part in enumerate(intra.part_masks(C)):
+    want = strict if part is None else strict & part
+    assert bool(jnp.all(((code >= 2) & (code <= 2 + p)) == want)), p
+  assert bool(jnp.all((code >= 3) == (strict & ~intra.part_masks(C)[0])))
+  assert bool(jnp.all((code == 1) == jnp.eye(C, dtype=bool)))
+  assert bool(jnp.all((code >= 2) == strict))
 
 
 @pytest.mark.parametrize("B, T, H, K, V, C, cb", [(1, 128, 1, 128, 128, 64, 64), (2, 256, 2, 128, 64, 64, 128),
