@@ -121,8 +121,10 @@ def _mm(a, b_s, shape):
 
 
 def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
-  """(I + L)^{-1} for strictly lower L [C, C], `intra.block_unit_lower_inv`'s products as split products:
-  the diagonal blocks D = (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, then sum_{m < C / group} (-D L_o)^m D.
+  """(I + L)^{-1} for strictly lower L [C, C] from split products: the diagonal blocks D = (I + L_d)^{-1} =
+  (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, as in `intra.block_unit_lower_inv`; then, since
+  I + L = (I + L_o D)(I + L_d), (I + L)^{-1} = D sum_{m < C / group} Q^m with Q = -L_o D: each term is the
+  previous one times Q on the right, so the chain stores Q once (D's halves, for Q, once too).
   Right operands are stored as halves in s.bh / s.bl; left operands are taken from registers (a_regs: on the
   GPU) or stored in s.ah / s.al (Mosaic GPU's interpret mode takes no register operands)."""
   b = (s.bh, s.bl)
@@ -139,16 +141,13 @@ def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
     Pd = _mm3(left(Pd), b, L.shape)
     _split_store(Pd, b)
     D = D + _mm3(left(D), b, L.shape)
-  _split_store(masks.lower_across() * L, b)
-  Q = -_mm3(left(D), b, L.shape)
   _split_store(D, b)
-  q = left(Q)
+  Q = -_mm3(left(masks.lower_across() * L), b, L.shape)
+  _split_store(Q, b)
   term, A = D, D
-  for m in range(L.shape[0] // group - 1):
-    term = _mm3(q, b, L.shape)
+  for _ in range(L.shape[0] // group - 1):
+    term = _mm3(left(term), b, L.shape)
     A = A + term
-    if m < L.shape[0] // group - 2:
-      _split_store(term, b)
   return A
 
 

@@ -117,3 +117,14 @@ def test_mosaic_carve_lowers_for_cuda():
   f = lambda l, beta, v, kr, kc, ke, kd, gc, gam, S0: carve_state_pass_mosaic(
       l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gam, S0, C=C, cb=64, interpret=False)
   assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+
+
+def test_mosaic_step_probe_lowers_for_cuda():
+  """Every variant of `experiments.mosaic_step_probe` (the per-step cost the v8 notes leave open) lowers for
+  CUDA on the CPU, so its device call runs them."""
+  from jax import export  # noqa: PLC0415
+  from experiments.mosaic_step_probe import VARIANTS, step_kernel  # noqa: PLC0415
+  for variant in VARIANTS:
+    assert "mosaic_gpu" in export.export(step_kernel(variant, steps=4, programs=2), platforms=["cuda"])().mlir_module()
+  with pytest.raises(ValueError, match="variant"):
+    step_kernel("split2", 4, 2)
