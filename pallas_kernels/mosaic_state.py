@@ -230,14 +230,15 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       def chunk(n, carry):
         S, c_prev = carry
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h and c have left s16 and c
-        sm["s16"][...] = S.astype(dt)
         c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
         new = (lax.rem(n * C, cb) == 0).astype(f32)
         sm["c"][...] = new * c_new + (1.0 - new) * c_prev
         plgpu.commit_smem()
-        plgpu.barrier_arrive(hand["c_ready"])
-        plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
+        plgpu.barrier_arrive(hand["c_ready"])  # wg 0 starts on c; the state's 16-bit copy after
         plgpu.copy_smem_to_gmem(sm["c"], c_ref.at[b, h, n])
+        sm["s16"][...] = S.astype(dt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
         wait("l", "v", "ke", "beta")
         gke = (gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt)
         if not a_regs:  # gate ke in place of ke
@@ -292,12 +293,15 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
             pl.when(n + 1 < N)(lambda: fetch(("kr", "kc"), n + 1, part=0))
           L = L + masks.lower_within(p) * Lp
         A = inverse(L, _Split(sm["ah"], sm["al"], sm["bh"], sm["bl"]), masks, group, a_regs)
-        _split_store(A, (sm["ah"], sm["al"]))  # A's output (and the left operand in interpret mode)
+        if not a_regs:  # the left operand of A X in interpret mode
+          _split_store(A, (sm["ah"], sm["al"]))
         plgpu.barrier_wait(hand["x_ready"])
         vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
         sm["vn"][...] = vn.astype(dt)
         plgpu.commit_smem()
         plgpu.barrier_arrive(hand["vn_ready"])
+        if a_regs:  # A's halves for its output, while wg 1 updates the state
+          _split_store(A, (sm["ah"], sm["al"]))
         rows = pl.ds(n * C, C)
         plgpu.copy_smem_to_gmem(sm["vn"], vn_ref.at[b, rows, h])
         plgpu.copy_smem_to_gmem(sm["ah"], ahi_ref.at[b, rows, h])
