@@ -4,8 +4,8 @@
 # kernel tests. Logs and results land in $OUT (default /tmp/kernel_check).
 # Needs in .peers/ (git-ignored, carried): fla_bench.py, fla_autotune_h200.tgz, fla_core-0.6.0 wheel.
 #   STEPS=bench,probe,ncu,tests bash experiments/gpu_kernel_check.sh [bench-s] [test-s] [bench args...]
-# STEPS picks and orders the steps (default: bench,tests); TESTS (default: every gpu test) is a
-# pytest -k expression over TEST_FILES (default tests/test_pallas_kernels.py); PROBE_S / NCU_S are those steps' time limits (default 150 / 150 s); FLA=0
+# STEPS picks and orders the steps (bench, probe, ncu, mosaic, tests; default: bench,tests); TESTS (default: every gpu test) is a
+# pytest -k expression over TEST_FILES (default tests/test_pallas_kernels.py); PROBE_S / NCU_S / MOSAIC_S are those steps' time limits (default 150 / 150 / 240 s each); FLA=0
 # leaves the FLA rows out of the benchmark; PROBE_ARGS go to kernel_probe.py (e.g. "--B 2 --T 8192"); NCU_KERNELS
 # (regex, default every kernel but carve_state: ncu hangs on it, v6 and v7 in NOTES) and NCU_SECTIONS (default: speed of light, occupancy, launch, warp states)
 # pick what ncu profiles.
@@ -39,6 +39,13 @@ for step in "${steps[@]}"; do
          timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
            --kernel-name regex:"${NCU_KERNELS:-gated_delta}" "${sections[@]}" \
            python3 -m experiments.kernel_probe --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
+    mosaic) # the Mosaic GPU state loop (NOTES v8): the per-step probe, then the loop against Triton with stand-ins
+            export MOSAIC_GPU_DUMP_PTXAS=1
+            { timeout "${MOSAIC_S:-240}" python3 -m experiments.mosaic_step_probe --out "$OUT/step.json"
+              timeout "${MOSAIC_S:-240}" python3 -m experiments.kernel_probe --B 2 --T 8192 --carve-only --variants base \
+                --carve-configs carve_state_kernel=mosaic --config-variants noinv,mosaic_nosplitstore --out "$OUT/mosaic_probe.json"
+            } 2>&1 | grep -v -i warn | tee "$OUT/mosaic.log"
+            unset MOSAIC_GPU_DUMP_PTXAS ;;
     tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu ${TEST_FILES:-tests/test_pallas_kernels.py} -p no:cacheprovider \
              -k "${TESTS:-gpu}" 2>&1 | tee "$OUT/gpu_tests.log" ;;
     *) echo "unknown step $step" ;;

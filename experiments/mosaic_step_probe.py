@@ -3,8 +3,8 @@
     python -m experiments.mosaic_step_probe [--steps 512] [--programs 32] [--reps 10] [--out results.json]
 
 Each program runs `steps` dependent steps on a [64, 64] float32 value x held in registers, the shape of one
-step of CARVE's in-chunk inverse in `pallas_kernels.mosaic_state` (x <- x @ x, the right operand's halves
-stored to SMEM first). Every variant keeps the dependency through x; the time per step is
+step of CARVE's in-chunk inverse in `pallas_kernels.mosaic_state` (x <- x + (x @ x) / 100, the right
+operand's halves stored to SMEM first). Every variant keeps the dependency through x; the time per step is
 (median kernel time) / steps. Variants, each one stage of the step changed:
   split3      right operand stored as bf16 hi / lo halves, commit, three wgmmas (the kernel's step)
   split3_nocommit   the same without the SMEM fence / warpgroup barrier (wrong results: timing only)
@@ -12,7 +12,8 @@ stored to SMEM first). Every variant keeps the dependency through x; the time pe
   bf16_1      right operand stored in bf16 once, commit, one wgmma
   f32_tf32    both operands stored in float32 (a register left operand must be 16-bit), commit, one TF32
               wgmma (x @ x^T: TF32 needs K-major operands)
-  regs_only   no SMEM and no wgmma: x <- x * x + 1 elementwise (the loop's own cost)
+  regs_only   no SMEM and no wgmma: x <- x * x + 1e-3 elementwise (the loop's own cost)
+
 Prints a row per variant (ms, us per step) and writes them with the device, versions, commit and command
 to --out.
 """
