@@ -163,14 +163,15 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       S    <- e^{G_C} S + Kd^T V_new
 
   Two warpgroups per (batch, head), handing over through SMEM and barriers:
-    state (wg 1): holds S [K, V] float32 in registers; per chunk stores S in 16 bits (the X operand and h)
-      and c, forms X (while wg 0 forms L and A), then the state update; fetches the chunk tiles by TMA.
-    solve (wg 0): the gate, L from the decay parts, the inverse and V_new = A X.
-  Every product is a wgmma with both operands in SMEM: the data products in 16 bits as in the Triton
-  kernel, the inverse's and A X as three 16-bit products of hi / lo halves (`_split_store`; float32 (TF32)
-  wgmma takes only K-major operands and register arrays cannot be transposed here). A leaves as its two
-  halves (A = hi + lo, summed outside). The gated factors (gate ke, gate kr_p) overwrite their inputs in
-  SMEM; SMEM ~218 KB at K = V = 128, C = 64."""
+    state (wg 1): holds S [K, V] float32 in registers; per chunk hands c over, stores S in 16 bits (the X
+      operand and h), forms X (while wg 0 forms L and A), then the state update; fetches the chunk tiles.
+    solve (wg 0): the gate, L from the decay parts (their factors double-buffered: the next part's in
+      flight during a product), the inverse and V_new = A X (written over X's hi half, where wg 1 reads it).
+  Every product is a wgmma: the data products in 16 bits as in the Triton kernel, the inverse's and A X as
+  three 16-bit products of hi / lo halves (`_split_store`; float32 (TF32) wgmma takes only K-major operands
+  and register arrays cannot be transposed here). Left operands come from registers on the GPU (interpret
+  mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as its two halves (A = hi + lo, summed
+  outside), staged in the inverse's right-operand buffers. SMEM ~218 KB at K = V = 128, C = 64."""
   from pallas_kernels import intra  # noqa: PLC0415
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, pre["kr"].shape[0]
@@ -188,29 +189,35 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   smem = dict(l=SM((C, K), dt, transforms=tk), v=SM((C, V), dt, transforms=tv), ke=SM((C, K), dt, transforms=tk),
               beta=SM((C,), dt), kd=SM((C, K), dt, transforms=tk), gc=SM((K,), f32), gam=SM((K,), f32),
               codes=SM((C, C), dt, transforms=tc), s16=SM((K, V), dt, transforms=tv), c=SM((K,), f32),
-              vn=SM((C, V), dt, transforms=tv), xh=SM((C, V), dt, transforms=tv), xl=SM((C, V), dt, transforms=tv),
-              ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc), bh=SM((C, C), dt, transforms=tc),
-              bl=SM((C, C), dt, transforms=tc), kr=SM((C, K), dt, transforms=tk), kc=SM((C, K), dt, transforms=tk))
-  tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc", "kr", "kc")  # one barrier per TMA destination
+              xh=SM((C, V), dt, transforms=tv), xl=SM((C, V), dt, transforms=tv), bh=SM((C, C), dt, transforms=tc),
+              bl=SM((C, C), dt, transforms=tc), kr=SM((2, C, K), dt, transforms=tk),
+              kc=SM((2, C, K), dt, transforms=tk))
+  if not a_regs:  # the left operands' halves (interpret mode)
+    smem |= dict(ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc))
+  tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc")  # one barrier per TMA destination (and below)
   hand_names = ("c_ready", "x_ready", "vn_ready", "l_read")  # hand-overs between the warpgroups
 
   def body(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref, codes_ref,
            h_ref, vn_ref, c_ref, ahi_ref, alo_ref, sf_ref, *scratch):
     sm = dict(zip(smem, scratch[:len(smem)]))
-    tma_bar, hand_bar = scratch[len(smem):]
+    tma_bar, part_bar, hand_bar = scratch[len(smem):]
     tma = {k: tma_bar.at[i] for i, k in enumerate(tma_names)}
     hand = {k: hand_bar.at[i] for i, k in enumerate(hand_names)}
     b, h, wg = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("wg")
     masks = _Masks(sm["codes"])
 
-    def fetch(names, n, part=None):  # TMA of chunk n's tiles (part: decay part p's factors) into their buffers
+    def fetch(names, n):  # TMA of chunk n's tiles into their buffers
       rows = pl.ds(n * C, C)
       src = dict(l=l_ref.at[b, rows, h], v=v_ref.at[b, rows, h], ke=ke_ref.at[b, rows, h],
                  beta=beta_ref.at[b, h, rows], kd=kd_ref.at[b, rows, h], gc=gc_ref.at[b, h, n])
-      if part is not None:
-        src |= dict(kr=kr_ref.at[part, b, rows, h], kc=kc_ref.at[part, b, rows, h])
       for k in names:
         plgpu.copy_gmem_to_smem(src[k], sm[k], tma[k])
+
+    def fetch_part(q):  # decay part q % P of chunk q // P (q counts parts over the sequence) into slot q % 2
+      n, p, slot = q // P, lax.rem(q, P), lax.rem(q, 2)
+      rows = pl.ds(n * C, C)
+      plgpu.copy_gmem_to_smem(kr_ref.at[p, b, rows, h], sm["kr"].at[slot], part_bar.at[slot])
+      plgpu.copy_gmem_to_smem(kc_ref.at[p, b, rows, h], sm["kc"].at[slot], part_bar.at[2 + slot])
 
     def wait(*names):
       for k in names:
@@ -229,7 +236,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
 
       def chunk(n, carry):
         S, c_prev = carry
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h and c have left s16 and c
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h, c and V_new have left s16, c and xh
         c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
         new = (lax.rem(n * C, cb) == 0).astype(f32)
         sm["c"][...] = new * c_new + (1.0 - new) * c_prev
@@ -255,10 +262,11 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
         def _():  # the next chunk's tiles, once wg 0 has read this chunk's logits
           plgpu.barrier_wait(hand["l_read"])
           fetch(("l", "v", "ke", "beta"), n + 1)
-        plgpu.barrier_wait(hand["vn_ready"])
-        wait("kd", "gc")
+        plgpu.barrier_wait(hand["vn_ready"])  # V_new in xh
+        plgpu.copy_smem_to_gmem(sm["xh"], vn_ref.at[b, pl.ds(n * C, C), h])  # read before X's next store: the
+        wait("kd", "gc")                                                      # wait at the chunk's top
         decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
-        S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["vn"], (K, V))
+        S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
         pl.when(n + 1 < N)(lambda: fetch(("kd", "gc"), n + 1))
         return S, sm["c"][...]
 
@@ -269,43 +277,44 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
 
     @pl.when(wg == 0)
     def solve_wg():
-      fetch(("kr", "kc"), 0, part=0)
+      for q in range(min(2, N * P)):
+        fetch_part(q)
       wait("gam", "codes")
 
       def chunk(n, carry):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's V_new and A have left vn, ah and al
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's A has left bh and bl
         plgpu.barrier_wait(hand["c_ready"])
         wait("l")
         gate = gate_of()
         pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
         L = jnp.zeros((C, C), f32)
         for p in range(P):
-          wait("kr", "kc")
-          gkr = (gate * plgpu.load(sm["kr"], layout=WG).astype(f32)).astype(dt)
+          q = n * P + p
+          slot = lax.rem(q, 2)
+          kr_s, kc_s = sm["kr"].at[slot], sm["kc"].at[slot]
+          plgpu.barrier_wait(part_bar.at[slot])
+          plgpu.barrier_wait(part_bar.at[2 + slot])
+          gkr = (gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt)
           if not a_regs:  # gate kr_p in place of kr_p
-            sm["kr"][...] = gkr
+            kr_s[...] = gkr
             plgpu.commit_smem()
-            gkr = sm["kr"]
-          Lp = _mm(gkr, sm["kc"].transpose((1, 0)), (C, C))
-          if p + 1 < P:
-            fetch(("kr", "kc"), n, part=p + 1)
-          else:
-            pl.when(n + 1 < N)(lambda: fetch(("kr", "kc"), n + 1, part=0))
+            gkr = kr_s
+          Lp = _mm(gkr, kc_s.transpose((1, 0)), (C, C))
+          pl.when(q + 2 < N * P)(lambda q=q: fetch_part(q + 2))  # into the slot this product has read
           L = L + masks.lower_within(p) * Lp
-        A = inverse(L, _Split(sm["ah"], sm["al"], sm["bh"], sm["bl"]), masks, group, a_regs)
+        left = _Split(sm.get("ah"), sm.get("al"), sm["bh"], sm["bl"])
+        A = inverse(L, left, masks, group, a_regs)
         if not a_regs:  # the left operand of A X in interpret mode
           _split_store(A, (sm["ah"], sm["al"]))
         plgpu.barrier_wait(hand["x_ready"])
         vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
-        sm["vn"][...] = vn.astype(dt)
+        sm["xh"][...] = vn.astype(dt)  # over X's hi half, which A X has read; wg 1 stores it out
         plgpu.commit_smem()
         plgpu.barrier_arrive(hand["vn_ready"])
-        if a_regs:  # A's halves for its output, while wg 1 updates the state
-          _split_store(A, (sm["ah"], sm["al"]))
+        _split_store(A, (sm["bh"], sm["bl"]))  # A's halves for its output, while wg 1 updates the state
         rows = pl.ds(n * C, C)
-        plgpu.copy_smem_to_gmem(sm["vn"], vn_ref.at[b, rows, h])
-        plgpu.copy_smem_to_gmem(sm["ah"], ahi_ref.at[b, rows, h])
-        plgpu.copy_smem_to_gmem(sm["al"], alo_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
         return carry
 
       lax.fori_loop(0, N, chunk, 0)
@@ -317,6 +326,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), sd((B, Tp, H, C), dt),
                 sd((B, Tp, H, C), dt), sd((B, H, K, V), f32)),
       scratch_types=[*smem.values(), plgpu.Barrier(num_barriers=len(tma_names)),
+                     plgpu.Barrier(num_barriers=4),  # the parts' factors: kr in slot 0 / 1, kc in slot 0 / 1
                      plgpu.Barrier(num_arrivals=1, num_barriers=len(hand_names))],
       grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg",
       interpret=_interpret_params() if interpret else None)
