@@ -1,10 +1,11 @@
 r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel: opt-in
 (`TuningConfig(carve_state_kernel="mosaic")`), not the default: on the H200 it matches the Triton loop
-(3.93 against ~3.8 ms at B2 T8192 H16) but does not beat it (`NOTES.md` v8: where its time goes).
+(v8d: 3.93 against ~3.8 ms at B2 T8192 H16) but does not beat it (`NOTES.md` v8: where its time goes; the
+v8e / v8f changes since, fewer stores and double-buffered decay parts on the chunk's path, are not yet timed).
 
 What is checked: on the H200, agreement with the Triton pass (`kernel_probe --carve-only --carve-configs
 carve_state_kernel=mosaic`, and the GPU test in `tests/test_mosaic_state.py`, last run on the two-warpgroup
-version before the register operands); on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone and
+version before the register operands; v8e / v8f not yet compiled on a GPU); on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone and
 through the kernels' forward and backward (the interpreter takes SMEM operands only, so it checks the
 stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA (`jax.export(..., platforms=["cuda"])`:
 Mosaic's checks of wgmma operands, layouts and shared memory).
