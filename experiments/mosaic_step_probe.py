@@ -16,12 +16,20 @@ operand's halves stored to SMEM first). Every variant keeps the dependency throu
 
 Prints a row per variant (ms, us per step) and writes them with the device, versions, commit and command
 to --out.
+
+`--trace-loop DIR` instead runs CARVE's Mosaic GPU state loop (`pallas_kernels.mosaic_state`) once at
+B=2 T=1024 H=16 with the on-device profiler, writes the Chrome trace to DIR and prints, per region
+("state/c", "solve/inverse", ...), its mean duration per chunk and how often it ran (`summarize_trace`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
 import json
+import os
+import statistics
 import sys
 import time
 
@@ -83,6 +91,47 @@ def step_kernel(variant: str, steps: int, programs: int):
   return jax.jit(lambda: kernel(x0))
 
 
+def summarize_trace(trace: dict) -> dict[str, dict]:
+  """Per region name of a Mosaic GPU profiler trace (Chrome format: "B" / "E" events per tid): the number of
+  ranges, their mean and median duration in us (the trace's ts are in us)."""
+  open_ = collections.defaultdict(list)
+  durations = collections.defaultdict(list)
+  for e in trace["traceEvents"]:
+    key = (e["pid"], e["tid"], e["name"])
+    if e["ph"] == "B":
+      open_[key].append(e["ts"])
+    elif e["ph"] == "E":
+      if not open_[key]:
+        raise ValueError(f"summarize_trace: an end without a begin for {e['name']!r} (tid {e['tid']})")
+      durations[e["name"]].append(e["ts"] - open_[key].pop())
+  return {name: dict(count=len(d), mean_us=statistics.fmean(d), median_us=statistics.median(d))
+          for name, d in sorted(durations.items())}
+
+
+def trace_loop(trace_dir: str) -> dict[str, dict]:
+  """CARVE's Mosaic GPU state loop at B=2 T=1024 H=16 under the profiler: the trace's `summarize_trace`."""
+  from experiments.bench_kernel import inputs  # noqa: PLC0415
+  from pallas_kernels import forward as fw  # noqa: PLC0415
+  from pallas_kernels.config import DEFAULT  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+  x = inputs(2, 1024)
+  q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
+  S0 = jnp.zeros((2, q.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
+  pre = jax.jit(lambda: fw.prep(q, k, g, None, None, None, C=64, cfg=DEFAULT, dt=fw.Dtypes(q, False),
+                                interpret=False))()
+  os.makedirs(trace_dir, exist_ok=True)
+  before = set(glob.glob(os.path.join(trace_dir, "*-trace.json")))
+  run = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64, interpret=False,
+                                                profile_dir=trace_dir))
+  jax.block_until_ready(run())
+  jax.effects_barrier()  # the trace leaves through a host callback
+  new = sorted(set(glob.glob(os.path.join(trace_dir, "*-trace.json"))) - before)
+  if not new:
+    raise RuntimeError(f"trace_loop: the profiler wrote no trace into {trace_dir}")
+  with open(new[-1]) as fh:
+    return summarize_trace(json.load(fh))
+
+
 @dataclasses.dataclass
 class StepProbeFlags:
   """Flags of the Mosaic GPU step probe (hyphens or underscores).
@@ -92,12 +141,14 @@ class StepProbeFlags:
     programs: programs (CARVE's state loop runs batch x heads of them: 32 at B2 H16).
     reps: timed repetitions (median).
     variants: comma list of the variants to time.
+    trace_loop: a folder: trace CARVE's Mosaic GPU state loop there instead (the regions' times).
     out: a JSON file for the table.
   """
   steps: int = 512
   programs: int = 32
   reps: int = 10
   variants: str = ",".join(VARIANTS)
+  trace_loop: str | None = None
   out: str | None = None
 
 
@@ -106,6 +157,14 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = train_flags.cli(StepProbeFlags, train_flags.normalise_argv(argv), prog="python -m experiments.mosaic_step_probe",
                          description=__doc__)
+  if args.trace_loop:
+    regions = trace_loop(args.trace_loop)
+    for name, r in regions.items():
+      print(f"{name:20s} x{r['count']:5d}  mean {r['mean_us']:8.3f} us  median {r['median_us']:8.3f} us", flush=True)
+    if args.out:
+      with open(args.out, "w") as fh:
+        json.dump(dict(env_info(), shape="B2 T1024 H16 K=V=128 C64", regions=regions), fh, indent=1)
+    return
   rows = {}
   for variant in [v for v in args.variants.split(",") if v]:
     try:

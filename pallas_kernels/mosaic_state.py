@@ -152,7 +152,12 @@ def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
   return A
 
 
-def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool):
+PROFILE_REGIONS_PER_CHUNK = 12  # the most `scope` ranges one warpgroup records in a chunk (solve: 6 + 2 per part)
+PROFILE_MAX_CHUNKS = 16  # their trace buffer: 16 bytes a range a warpgroup, in the SMEM left (~9 KB)
+
+
+def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool,
+                            profile_dir: str | None = None):
   """(h, V_new, c, A, S_final) as `forward.carve_state_pass` (unpacked documents; 16-bit inputs), per chunk:
 
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
@@ -172,7 +177,12 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   three 16-bit products of hi / lo halves (`_split_store`; float32 (TF32) wgmma takes only K-major operands
   and register arrays cannot be transposed here). Left operands come from registers on the GPU (interpret
   mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as its two halves (A = hi + lo, summed
-  outside), staged in the inverse's right-operand buffers. SMEM ~218 KB at K = V = 128, C = 64."""
+  outside), staged in the inverse's right-operand buffers. SMEM ~218 KB at K = V = 128, C = 64.
+
+  profile_dir: record every chunk's phases ("state/c", "solve/inverse", ...: the `scope` regions) per
+  warpgroup with Mosaic GPU's on-device profiler and write a Chrome trace there (GPU only; the trace buffer
+  lives in the ~9 KB of SMEM left, so at most PROFILE_MAX_CHUNKS chunks: `experiments.mosaic_step_probe
+  --trace-loop`)."""
   from pallas_kernels import intra  # noqa: PLC0415
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, pre["kr"].shape[0]
@@ -187,6 +197,14 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   group = intra.DECAY_GROUP
   SM = plgpu.SMEM
   a_regs = not interpret  # left wgmma operands from registers (the interpreter takes SMEM refs only)
+  params = None
+  if profile_dir is not None:
+    if interpret or N > PROFILE_MAX_CHUNKS:
+      raise ValueError(f"carve_state_pass_mosaic: profile_dir needs the GPU and at most {PROFILE_MAX_CHUNKS} "
+                       f"chunks, got {N} (interpret={interpret})")
+    params = plgpu.CompilerParams(profile_space=PROFILE_REGIONS_PER_CHUNK * N + 4, profile_dir=profile_dir,
+                                  profile_bounds_check=True)
+  scope = jax.named_scope  # profiler regions (no code without profile_dir)
   smem = dict(l=SM((C, K), dt, transforms=tk), v=SM((C, V), dt, transforms=tv), ke=SM((C, K), dt, transforms=tk),
               beta=SM((C,), dt), kd=SM((C, K), dt, transforms=tk), gc=SM((K,), f32), gam=SM((K,), f32),
               codes=SM((C, C), dt, transforms=tc), s16=SM((K, V), dt, transforms=tv), c=SM((K,), f32),
@@ -237,37 +255,42 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
 
       def chunk(n, carry):
         S, c_prev = carry
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h, c and V_new have left s16, c and xh
-        c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
-        new = (lax.rem(n * C, cb) == 0).astype(f32)
-        sm["c"][...] = new * c_new + (1.0 - new) * c_prev
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(hand["c_ready"])  # wg 0 starts on c; the state's 16-bit copy after
-        plgpu.copy_smem_to_gmem(sm["c"], c_ref.at[b, h, n])
-        sm["s16"][...] = S.astype(dt)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
-        wait("l", "v", "ke", "beta")
-        gke = (gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt)
-        if not a_regs:  # gate ke in place of ke
-          sm["ke"][...] = gke
+        with scope("state/c"):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h, c and V_new have left s16, c, xh
+          c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
+          new = (lax.rem(n * C, cb) == 0).astype(f32)
+          sm["c"][...] = new * c_new + (1.0 - new) * c_prev
           plgpu.commit_smem()
-          gke = sm["ke"]
-        beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
-        X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
-            gke, sm["s16"], (C, V))
-        _split_store(X, (sm["xh"], sm["xl"]))
-        plgpu.barrier_arrive(hand["x_ready"])
+          plgpu.barrier_arrive(hand["c_ready"])  # wg 0 starts on c; the state's 16-bit copy after
+          plgpu.copy_smem_to_gmem(sm["c"], c_ref.at[b, h, n])
+        with scope("state/s16"):
+          sm["s16"][...] = S.astype(dt)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
+        with scope("state/X"):
+          wait("l", "v", "ke", "beta")
+          gke = (gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt)
+          if not a_regs:  # gate ke in place of ke
+            sm["ke"][...] = gke
+            plgpu.commit_smem()
+            gke = sm["ke"]
+          beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
+          X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
+              gke, sm["s16"], (C, V))
+          _split_store(X, (sm["xh"], sm["xl"]))
+          plgpu.barrier_arrive(hand["x_ready"])
 
         @pl.when(n + 1 < N)
         def _():  # the next chunk's tiles, once wg 0 has read this chunk's logits
           plgpu.barrier_wait(hand["l_read"])
           fetch(("l", "v", "ke", "beta"), n + 1)
-        plgpu.barrier_wait(hand["vn_ready"])  # V_new in xh
-        plgpu.copy_smem_to_gmem(sm["xh"], vn_ref.at[b, pl.ds(n * C, C), h])  # read before X's next store: the
-        wait("kd", "gc")                                                      # wait at the chunk's top
-        decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
-        S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
+        with scope("state/wait_vn"):
+          plgpu.barrier_wait(hand["vn_ready"])  # V_new in xh
+        with scope("state/update"):
+          plgpu.copy_smem_to_gmem(sm["xh"], vn_ref.at[b, pl.ds(n * C, C), h])  # read before X's next store:
+          wait("kd", "gc")                                                      # the wait at the chunk's top
+          decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
+          S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
         pl.when(n + 1 < N)(lambda: fetch(("kd", "gc"), n + 1))
         return S, sm["c"][...]
 
@@ -283,39 +306,46 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       wait("gam", "codes")
 
       def chunk(n, carry):
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's A has left bh and bl
-        plgpu.barrier_wait(hand["c_ready"])
-        wait("l")
-        gate = gate_of()
-        pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
+        with scope("solve/wait_c"):
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's A has left bh and bl
+          plgpu.barrier_wait(hand["c_ready"])
+          wait("l")
+        with scope("solve/gate"):
+          gate = gate_of()
+          pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
         L = jnp.zeros((C, C), f32)
         for p in range(P):
           q = n * P + p
           slot = lax.rem(q, 2)
           kr_s, kc_s = sm["kr"].at[slot], sm["kc"].at[slot]
-          plgpu.barrier_wait(part_bar.at[slot])
-          plgpu.barrier_wait(part_bar.at[2 + slot])
-          gkr = (gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt)
-          if not a_regs:  # gate kr_p in place of kr_p
-            kr_s[...] = gkr
-            plgpu.commit_smem()
-            gkr = kr_s
-          Lp = _mm(gkr, kc_s.transpose((1, 0)), (C, C))
-          pl.when(q + 2 < N * P)(lambda q=q: fetch_part(q + 2))  # into the slot this product has read
-          L = L + masks.lower_within(p) * Lp
-        left = _Split(sm.get("ah"), sm.get("al"), sm["bh"], sm["bl"])
-        A = inverse(L, left, masks, group, a_regs)
-        if not a_regs:  # the left operand of A X in interpret mode
-          _split_store(A, (sm["ah"], sm["al"]))
-        plgpu.barrier_wait(hand["x_ready"])
-        vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
-        sm["xh"][...] = vn.astype(dt)  # over X's hi half, which A X has read; wg 1 stores it out
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(hand["vn_ready"])
-        _split_store(A, (sm["bh"], sm["bl"]))  # A's halves for its output, while wg 1 updates the state
-        rows = pl.ds(n * C, C)
-        plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
-        plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
+          with scope("solve/wait_part"):
+            plgpu.barrier_wait(part_bar.at[slot])
+            plgpu.barrier_wait(part_bar.at[2 + slot])
+          with scope("solve/part"):
+            gkr = (gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt)
+            if not a_regs:  # gate kr_p in place of kr_p
+              kr_s[...] = gkr
+              plgpu.commit_smem()
+              gkr = kr_s
+            Lp = _mm(gkr, kc_s.transpose((1, 0)), (C, C))
+            pl.when(q + 2 < N * P)(lambda q=q: fetch_part(q + 2))  # into the slot this product has read
+            L = L + masks.lower_within(p) * Lp
+        with scope("solve/inverse"):
+          A = inverse(L, _Split(sm.get("ah"), sm.get("al"), sm["bh"], sm["bl"]), masks, group, a_regs)
+          if not a_regs:  # the left operand of A X in interpret mode
+            _split_store(A, (sm["ah"], sm["al"]))
+        with scope("solve/wait_x"):
+          plgpu.barrier_wait(hand["x_ready"])
+        with scope("solve/AX"):
+          vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
+          sm["xh"][...] = vn.astype(dt)  # over X's hi half, which A X has read; wg 1 stores it out
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(hand["vn_ready"])
+        with scope("solve/A_out"):
+          _split_store(A, (sm["bh"], sm["bl"]))  # A's halves for its output, while wg 1 updates the state
+          rows = pl.ds(n * C, C)
+          plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
+          plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
         return carry
 
       lax.fori_loop(0, N, chunk, 0)
@@ -329,7 +359,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       scratch_types=[*smem.values(), plgpu.Barrier(num_barriers=len(tma_names)),
                      plgpu.Barrier(num_barriers=4),  # the parts' factors: kr in slot 0 / 1, kc in slot 0 / 1
                      plgpu.Barrier(num_arrivals=1, num_barriers=len(hand_names))],
-      grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg",
+      grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg", compiler_params=params,
       interpret=_interpret_params() if interpret else None)
   h, vn, c, a_hi, a_lo, S = kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam,
                                    S0.astype(f32), mask_codes(C, group, dt))

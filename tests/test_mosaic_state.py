@@ -117,6 +117,14 @@ def test_mosaic_carve_lowers_for_cuda():
   f = lambda l, beta, v, kr, kc, ke, kd, gc, gam, S0: carve_state_pass_mosaic(
       l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gam, S0, C=C, cb=64, interpret=False)
   assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+  # the on-device profiler (its trace leaves through a host callback: GPU only, not lowered here) refuses
+  # interpret mode and more chunks than its SMEM buffer holds
+  for T_, interpret in ((64 * 17, False), (128, True)):
+    with pytest.raises(ValueError, match="profile_dir"):
+      jax.eval_shape(lambda x: carve_state_pass_mosaic(
+          x, x[..., 0], x, dict(kr=x[None], kc=x[None], ke=x, kd=x, gc=x[:, :1, 0].T[None]), jnp.zeros((1,)),
+          jnp.zeros((1, 1, 64, 64)), C=64, cb=64, interpret=interpret, profile_dir="/tmp/unused"),
+          jax.ShapeDtypeStruct((1, T_, 1, 64), jnp.bfloat16))
 
 
 def test_mosaic_step_probe_lowers_for_cuda():
@@ -128,3 +136,17 @@ def test_mosaic_step_probe_lowers_for_cuda():
     assert "mosaic_gpu" in export.export(step_kernel(variant, steps=4, programs=2), platforms=["cuda"])().mlir_module()
   with pytest.raises(ValueError, match="variant"):
     step_kernel("split2", 4, 2)
+
+
+def test_summarize_trace_pairs_begins_with_ends_per_thread():
+  """The step probe's trace summary: durations pair B / E per (pid, tid, name), nested and interleaved
+  across warpgroups; an unmatched end is an error."""
+  from experiments.mosaic_step_probe import summarize_trace  # noqa: PLC0415
+  ev = lambda name, ph, ts, tid: dict(name=name, ph=ph, ts=ts, pid=1, tid=tid)
+  trace = {"traceEvents": [ev("a", "B", 0.0, 1), ev("b", "B", 0.5, 2), ev("c", "B", 1.0, 1), ev("c", "E", 1.5, 1),
+                           ev("a", "E", 2.0, 1), ev("b", "E", 4.5, 2), ev("a", "B", 5.0, 1), ev("a", "E", 9.0, 1)]}
+  out = summarize_trace(trace)
+  assert out["a"] == dict(count=2, mean_us=3.0, median_us=3.0)
+  assert out["b"]["mean_us"] == 4.0 and out["c"]["count"] == 1 and out["c"]["mean_us"] == 0.5
+  with pytest.raises(ValueError, match="end without a begin"):
+    summarize_trace({"traceEvents": [ev("a", "E", 1.0, 1)]})
