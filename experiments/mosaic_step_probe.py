@@ -18,8 +18,9 @@ Prints a row per variant (ms, us per step) and writes them with the device, vers
 to --out.
 
 `--trace-loop DIR` instead runs CARVE's Mosaic GPU state loop (`pallas_kernels.mosaic_state`) once at
-B=2 T=1024 H=16 with the on-device profiler, writes the Chrome trace to DIR and prints, per region
-("state/c", "solve/inverse", ...), its mean duration per chunk and how often it ran (`summarize_trace`).
+B=2 T=768 H=16 (12 chunks: the profiler's buffer is in SMEM) with the on-device profiler, writes the
+Chrome trace to DIR and prints, per region ("state/c", "solve/inverse", ...), its mean duration per chunk
+and how often it ran (`summarize_trace`).
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ def summarize_trace(trace: dict) -> dict[str, dict]:
 
 
 def trace_loop(trace_dir: str) -> dict[str, dict]:
-  """CARVE's Mosaic GPU state loop at B=2 T=1024 H=16 under the profiler: the trace's `summarize_trace`."""
+  """CARVE's Mosaic GPU state loop at B=2 T=768 H=16 under the profiler: the trace's `summarize_trace`."""
   from experiments.bench_kernel import inputs  # noqa: PLC0415
   from pallas_kernels import forward as fw  # noqa: PLC0415
   from pallas_kernels.config import DEFAULT  # noqa: PLC0415
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
-  x = inputs(2, 1024)
+  x = inputs(2, 768)
   q, k, v, g, logits, beta, gamma = (x[n] for n in ("q", "k", "v", "g", "logits", "beta", "gamma"))
   S0 = jnp.zeros((2, q.shape[2], q.shape[-1], v.shape[-1]), jnp.float32)
   pre = jax.jit(lambda: fw.prep(q, k, g, None, None, None, C=64, cfg=DEFAULT, dt=fw.Dtypes(q, False),
@@ -163,7 +164,7 @@ def main(argv=None):
       print(f"{name:20s} x{r['count']:5d}  mean {r['mean_us']:8.3f} us  median {r['median_us']:8.3f} us", flush=True)
     if args.out:
       with open(args.out, "w") as fh:
-        json.dump(dict(env_info(), shape="B2 T1024 H16 K=V=128 C64", regions=regions), fh, indent=1)
+        json.dump(dict(env_info(), shape="B2 T768 H16 K=V=128 C64", regions=regions), fh, indent=1)
     return
   rows = {}
   for variant in [v for v in args.variants.split(",") if v]:

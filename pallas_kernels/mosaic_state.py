@@ -153,7 +153,7 @@ def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
 
 
 PROFILE_REGIONS_PER_CHUNK = 12  # the most `scope` ranges one warpgroup records in a chunk (solve: 6 + 2 per part)
-PROFILE_MAX_CHUNKS = 16  # their trace buffer: 16 bytes a range a warpgroup, in the SMEM left (~9 KB)
+PROFILE_MAX_CHUNKS = 12  # their trace buffer: 16 bytes a range a warpgroup, in the SMEM left (~9 KB)
 
 
 def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool,

@@ -119,7 +119,7 @@ def test_mosaic_carve_lowers_for_cuda():
   assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
   # the on-device profiler (its trace leaves through a host callback: GPU only, not lowered here) refuses
   # interpret mode and more chunks than its SMEM buffer holds
-  for T_, interpret in ((64 * 17, False), (128, True)):
+  for T_, interpret in ((64 * 13, False), (128, True)):
     with pytest.raises(ValueError, match="profile_dir"):
       jax.eval_shape(lambda x: carve_state_pass_mosaic(
           x, x[..., 0], x, dict(kr=x[None], kc=x[None], ke=x, kd=x, gc=x[:, :1, 0].T[None]), jnp.zeros((1,)),
