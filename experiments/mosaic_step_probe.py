@@ -156,8 +156,8 @@ class StepProbeFlags:
 def main(argv=None):
   from carve_jax.train import flags as train_flags  # noqa: PLC0415
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = train_flags.cli(StepProbeFlags, train_flags.normalise_argv(argv), prog="python -m experiments.mosaic_step_probe",
-                         description=__doc__)
+  args = train_flags.cli(StepProbeFlags, train_flags.normalise_argv(argv),
+                         prog="python -m experiments.mosaic_step_probe", description=__doc__)
   if args.trace_loop:
     regions = trace_loop(args.trace_loop)
     for name, r in regions.items():

@@ -5,10 +5,10 @@ v8e / v8f changes since, fewer stores and double-buffered decay parts on the chu
 
 What is checked: on the H200, agreement with the Triton pass (`kernel_probe --carve-only --carve-configs
 carve_state_kernel=mosaic`, and the GPU test in `tests/test_mosaic_state.py`, last run on the two-warpgroup
-version before the register operands; v8e / v8f not yet compiled on a GPU); on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone and
-through the kernels' forward and backward (the interpreter takes SMEM operands only, so it checks the
-stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA (`jax.export(..., platforms=["cuda"])`:
-Mosaic's checks of wgmma operands, layouts and shared memory).
+version before the register operands; v8e / v8f not yet compiled on a GPU); on the CPU, in CI: agreement
+in Mosaic GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes
+SMEM operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for
+CUDA (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory).
 """
 
 from __future__ import annotations
@@ -63,9 +63,6 @@ class _Masks:
   def lower_across(self):  # strictly lower, outside the diagonal blocks of group rows
     return (self._code() >= 3.0).astype(jnp.float32)
 
-  def strict(self):
-    return (self._code() >= 2.0).astype(jnp.float32)
-
   def eye(self):
     return (self._code() == 1.0).astype(jnp.float32)
 
@@ -78,11 +75,15 @@ class _Split(NamedTuple):
   bl: Any
 
 
+def _halves(x, dtype):
+  """(hi, lo): hi = x in the 16-bit dtype, lo = x - hi in it (hi + lo ~ x to ~2^-16 relative for bf16)."""
+  hi = x.astype(dtype)
+  return hi, (x - hi.astype(jnp.float32)).astype(dtype)
+
+
 def _split_store(x, *pairs, commit: bool = True):
-  """hi = x in 16 bits, lo = x - hi in 16 bits, into each (hi, lo) pair of SMEM refs (then committed for wgmma
-  and TMA)."""
-  hi = x.astype(pairs[0][0].dtype)
-  lo = (x - hi.astype(jnp.float32)).astype(hi.dtype)
+  """`_halves` of x into each (hi, lo) pair of SMEM refs (then committed for wgmma and TMA)."""
+  hi, lo = _halves(x, pairs[0][0].dtype)
   for hi_s, lo_s in pairs:
     hi_s[...] = hi
     lo_s[...] = lo
@@ -91,15 +92,11 @@ def _split_store(x, *pairs, commit: bool = True):
 
 
 def _mm3(a, b, shape):
-  """a @ b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (hi = x in 16 bits, lo = x - hi in 16 bits: ~2^-16 relative for
-  bf16 halves, finer than one TF32 pass), float32 accumulation. a: a float32 array in the WGMMA layout (split
-  here; the left operand from registers) or an SMEM (hi, lo) pair; b: an SMEM (hi, lo) pair."""
+  """a @ b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (`_halves`: finer than one TF32 pass), float32 accumulation.
+  a: a float32 array in the WGMMA layout (split here; the left operand from registers) or an SMEM (hi, lo)
+  pair; b: an SMEM (hi, lo) pair."""
   bh_s, bl_s = b
-  if isinstance(a, tuple):
-    ah, al = a
-  else:
-    ah = a.astype(bh_s.dtype)
-    al = (a - ah.astype(jnp.float32)).astype(bh_s.dtype)
+  ah, al = a if isinstance(a, tuple) else _halves(a, bh_s.dtype)
 
   def scope(acc):
     plgpu.wgmma(acc, ah, bh_s)
@@ -121,6 +118,20 @@ def _mm(a, b_s, shape):
   return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
 
 
+def _left(x, refs, a_regs: bool):
+  """x as a wgmma's left operand: x itself (registers: a_regs, on the GPU), else stored in SMEM (Mosaic GPU's
+  interpret mode takes no register operands): refs a (hi, lo) pair (x float32: `_split_store`, for `_mm3`) or
+  one ref (x 16-bit, for `_mm`)."""
+  if a_regs:
+    return x
+  if isinstance(refs, tuple):
+    _split_store(x, refs)
+  else:
+    refs[...] = x
+    plgpu.commit_smem()
+  return refs
+
+
 def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
   """(I + L)^{-1} for strictly lower L [C, C] from split products: the diagonal blocks D = (I + L_d)^{-1} =
   (I + N)(I + N^2)(I + N^4)(I + N^8), N = -L_d, as in `intra.block_unit_lower_inv`; then, since
@@ -129,12 +140,7 @@ def inverse(L, s: _Split, masks: _Masks, group: int, a_regs: bool):
   Right operands are stored as halves in s.bh / s.bl; left operands are taken from registers (a_regs: on the
   GPU) or stored in s.ah / s.al (Mosaic GPU's interpret mode takes no register operands)."""
   b = (s.bh, s.bl)
-
-  def left(x):
-    if a_regs:
-      return x
-    _split_store(x, (s.ah, s.al))
-    return (s.ah, s.al)
+  left = lambda x: _left(x, (s.ah, s.al), a_regs)
   Pd = -(masks.lower_within(0) * L)
   D = masks.eye() + Pd
   _split_store(Pd, b)
@@ -269,11 +275,8 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
         with scope("state/X"):
           wait("l", "v", "ke", "beta")
-          gke = (gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt)
-          if not a_regs:  # gate ke in place of ke
-            sm["ke"][...] = gke
-            plgpu.commit_smem()
-            gke = sm["ke"]
+          # gate ke (interpret mode: in place of ke)
+          gke = _left((gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt), sm["ke"], a_regs)
           beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
           X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
               gke, sm["s16"], (C, V))
@@ -322,22 +325,18 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
             plgpu.barrier_wait(part_bar.at[slot])
             plgpu.barrier_wait(part_bar.at[2 + slot])
           with scope("solve/part"):
-            gkr = (gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt)
-            if not a_regs:  # gate kr_p in place of kr_p
-              kr_s[...] = gkr
-              plgpu.commit_smem()
-              gkr = kr_s
+            # gate kr_p (interpret mode: in place of kr_p)
+            gkr = _left((gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt), kr_s, a_regs)
             Lp = _mm(gkr, kc_s.transpose((1, 0)), (C, C))
             pl.when(q + 2 < N * P)(lambda q=q: fetch_part(q + 2))  # into the slot this product has read
             L = L + masks.lower_within(p) * Lp
         with scope("solve/inverse"):
           A = inverse(L, _Split(sm.get("ah"), sm.get("al"), sm["bh"], sm["bl"]), masks, group, a_regs)
-          if not a_regs:  # the left operand of A X in interpret mode
-            _split_store(A, (sm["ah"], sm["al"]))
+          a = _left(A, (sm.get("ah"), sm.get("al")), a_regs)
         with scope("solve/wait_x"):
           plgpu.barrier_wait(hand["x_ready"])
         with scope("solve/AX"):
-          vn = _mm3(A if a_regs else (sm["ah"], sm["al"]), (sm["xh"], sm["xl"]), (C, V))
+          vn = _mm3(a, (sm["xh"], sm["xl"]), (C, V))
           sm["xh"][...] = vn.astype(dt)  # over X's hi half, which A X has read; wg 1 stores it out
           plgpu.commit_smem()
           plgpu.barrier_arrive(hand["vn_ready"])
