@@ -88,7 +88,7 @@ def patched(variant: str):
   if variant == "noinv":  # in the Triton and the Mosaic GPU kernels
     eye = lambda L: jnp.where(intra.iota(*L.shape, 0) == intra.iota(*L.shape, 1), 1.0, 0.0).astype(L.dtype)
     fw_mod.block_unit_lower_inv = lambda L, dt, group=intra.DECAY_GROUP: eye(L) - L
-    mosaic_state.inverse = lambda L, s, masks, group, a_regs: masks.eye() - L
+    mosaic_state.inverse = lambda L, prod, masks, group: masks.eye() - L
   elif variant == "mosaic_1pass":  # Mosaic GPU kernel: each split product as one 16-bit wgmma (hi x hi)
     mosaic_state._mm3 = lambda a, b, shape: mosaic_state._mm(a[0] if isinstance(a, tuple) else a.astype(b[0].dtype), b[0], shape)
   elif variant == "mosaic_nosplitstore":  # Mosaic GPU kernel: no register -> SMEM stores of the split operands

@@ -41,6 +41,11 @@ class TuningConfig:
     carve_state_kernel: "triton" (`forward.carve_state_pass`), or "mosaic" (opt-in:
       `mosaic_state.carve_state_pass_mosaic`, 16-bit inputs and unpacked documents only; on the H200 as
       fast as the Triton loop, not faster: NOTES v8).
+    mosaic_inverse: the Mosaic kernel's in-chunk inverse products: "f16" (one float16 wgmma each, 11-bit
+      significand like the Triton kernel's TF32; operands below 6.5e4: `mosaic_state.inverse`) or "bf16x3"
+      (three bfloat16 wgmmas of hi / lo halves, ~16 bits).
+    mosaic_approx_math: the Mosaic kernel's exp, rsqrt and sqrt as single approximate instructions
+      (relative error ~2^-22; the gate's sigmoid as rsqrt(1 + e^-x)^2).
     num_stages: Triton software-pipelining stages of every kernel.
   """
   state_block_v: int | None = 64
@@ -52,6 +57,8 @@ class TuningConfig:
   state_num_warps: int = 4
   carve_num_warps: int = 8
   carve_state_kernel: str = "triton"
+  mosaic_inverse: str = "f16"
+  mosaic_approx_math: bool = True
   num_stages: int = 1
 
   def __post_init__(self):
@@ -69,6 +76,10 @@ class TuningConfig:
     if self.carve_state_kernel not in ("triton", "mosaic"):
       raise ValueError(f"TuningConfig: `carve_state_kernel` must be 'triton' or 'mosaic', got "
                        f"{self.carve_state_kernel!r}")
+    if self.mosaic_inverse not in ("f16", "bf16x3"):
+      raise ValueError(f"TuningConfig: `mosaic_inverse` must be 'f16' or 'bf16x3', got {self.mosaic_inverse!r}")
+    if not isinstance(self.mosaic_approx_math, bool):
+      raise ValueError(f"TuningConfig: `mosaic_approx_math` must be a bool, got {self.mosaic_approx_math!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:
       raise ValueError(f"TuningConfig: `num_stages` must be a positive int, got {self.num_stages!r}")
 
