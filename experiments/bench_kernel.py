@@ -122,6 +122,9 @@ def ops(x):
       "pallas_carve_sbv128": direct(TuningConfig(state_block_v=None)),
       "pallas_carve_st2": direct(TuningConfig(num_stages=2)),
       "pallas_carve_mosaic": direct(TuningConfig(carve_state_kernel="mosaic")),
+      "pallas_carve_triton": direct(TuningConfig(carve_state_kernel="triton")),
+      "pallas_carve_mosaic_exact": direct(TuningConfig(mosaic_approx_math=False)),
+      "pallas_carve_mosaic_bf16x3": direct(TuningConfig(mosaic_inverse="bf16x3")),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),

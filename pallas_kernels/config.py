@@ -38,9 +38,10 @@ class TuningConfig:
     grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
-    carve_state_kernel: "triton" (`forward.carve_state_pass`), or "mosaic" (opt-in:
-      `mosaic_state.carve_state_pass_mosaic`, 16-bit inputs and unpacked documents only; on the H200 as
-      fast as the Triton loop, not faster: NOTES v8).
+    carve_state_kernel: "auto" (the Mosaic GPU kernel where it runs: on the GPU, 16-bit inputs, unpacked
+      documents, `mosaic_state.fits`; else Triton), "triton" (`forward.carve_state_pass`) or "mosaic"
+      (`mosaic_state.carve_state_pass_mosaic`; on the H200 2.0x (B2 T8192) to 1.9x (B8 T2048) faster than
+      the Triton loop: NOTES v9).
     mosaic_inverse: the Mosaic kernel's in-chunk inverse products: "f16" (one float16 wgmma each, 11-bit
       significand like the Triton kernel's TF32; operands below 6.5e4: `mosaic_state.inverse`) or "bf16x3"
       (three bfloat16 wgmmas of hi / lo halves, ~16 bits).
@@ -56,7 +57,7 @@ class TuningConfig:
   grad_num_warps: int = 8
   state_num_warps: int = 4
   carve_num_warps: int = 8
-  carve_state_kernel: str = "triton"
+  carve_state_kernel: str = "auto"
   mosaic_inverse: str = "f16"
   mosaic_approx_math: bool = True
   num_stages: int = 1
@@ -73,8 +74,8 @@ class TuningConfig:
       x = getattr(self, name)
       if not isinstance(x, int) or x not in (1, 2, 4, 8, 16):
         raise ValueError(f"TuningConfig: `{name}` must be one of 1, 2, 4, 8, 16, got {x!r}")
-    if self.carve_state_kernel not in ("triton", "mosaic"):
-      raise ValueError(f"TuningConfig: `carve_state_kernel` must be 'triton' or 'mosaic', got "
+    if self.carve_state_kernel not in ("auto", "triton", "mosaic"):
+      raise ValueError(f"TuningConfig: `carve_state_kernel` must be 'auto', 'triton' or 'mosaic', got "
                        f"{self.carve_state_kernel!r}")
     if self.mosaic_inverse not in ("f16", "bf16x3"):
       raise ValueError(f"TuningConfig: `mosaic_inverse` must be 'f16' or 'bf16x3', got {self.mosaic_inverse!r}")

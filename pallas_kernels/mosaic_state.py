@@ -13,6 +13,7 @@ CUDA (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, 
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -216,6 +217,29 @@ PROFILE_MAX_CHUNKS = 12  # their trace buffer: 16 bytes a range a warpgroup, in 
 
 
 INVERSE_KINDS = ("f16", "bf16x3")
+SMEM_LIMIT = 227 * 1024  # shared memory of one block on the H100 / H200
+SMEM_RESERVE = 4096  # barriers, the reduction scratch, alignment
+
+
+def _buffers(K: int, V: int, C: int, dt, inv_dt):
+  """The kernel's SMEM on the GPU: name -> (shape, dtype, whether a wgmma / TMA tile: tiled and swizzled)."""
+  f32 = jnp.float32
+  return dict(l=((C, K), dt, True), v=((C, V), dt, True), ke=((C, K), dt, True), beta=((C,), dt, False),
+              kd=((C, K), dt, True), gc=((K,), f32, False), gam=((K,), f32, False), codes=((C, C), dt, True),
+              s16=((K, V), dt, True), c=((K,), f32, False), xh=((C, V), dt, True), xl=((C, V), dt, True),
+              bh=((C, C), inv_dt, True), bl=((C, C), inv_dt, True), kr=((2, C, K), dt, True),
+              kc=((2, C, K), dt, True))
+
+
+def smem_bytes(K: int, V: int, C: int) -> int:
+  """Bytes of the kernel's SMEM buffers at head sizes K, V and chunk C (16-bit inputs)."""
+  return sum(math.prod(shape) * jnp.dtype(d).itemsize
+             for shape, d, _ in _buffers(K, V, C, jnp.bfloat16, jnp.float16).values())
+
+
+def fits(*, K: int, V: int, C: int) -> bool:
+  """Whether the kernel runs at these sizes: wgmma tiles (multiples of 64) and SMEM within one block's."""
+  return K % 64 == 0 and V % 64 == 0 and C % 64 == 0 and smem_bytes(K, V, C) <= SMEM_LIMIT - SMEM_RESERVE
 
 
 def _sigmoid(x):
@@ -262,7 +286,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   if inverse_kind not in INVERSE_KINDS:
     raise ValueError(f"carve_state_pass_mosaic: inverse_kind must be one of {INVERSE_KINDS}, got {inverse_kind!r}")
   inv_dt = jnp.float16 if inverse_kind == "f16" else dt  # the inverse's operands and A's output halves
-  tk, tv, tc = _transforms(dt, K), _transforms(dt, V), _transforms(dt, C)
+  tc = _transforms(dt, C)
   ti = _transforms(inv_dt, C)
   betaT = jnp.swapaxes(beta, 1, 2)  # [B, H, Tp]: TMA needs a unit innermost stride
   gam = jnp.broadcast_to(gamma.astype(f32)[:, None], (H, K))
@@ -279,12 +303,8 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
                    profile_bounds_check=True)
   params = plgpu.CompilerParams(**params)
   scope = jax.named_scope  # profiler regions (no code without profile_dir)
-  smem = dict(l=SM((C, K), dt, transforms=tk), v=SM((C, V), dt, transforms=tv), ke=SM((C, K), dt, transforms=tk),
-              beta=SM((C,), dt), kd=SM((C, K), dt, transforms=tk), gc=SM((K,), f32), gam=SM((K,), f32),
-              codes=SM((C, C), dt, transforms=tc), s16=SM((K, V), dt, transforms=tv), c=SM((K,), f32),
-              xh=SM((C, V), dt, transforms=tv), xl=SM((C, V), dt, transforms=tv), bh=SM((C, C), inv_dt, transforms=ti),
-              bl=SM((C, C), inv_dt, transforms=ti), kr=SM((2, C, K), dt, transforms=tk),
-              kc=SM((2, C, K), dt, transforms=tk))
+  smem = {n: SM(shape, d, transforms=_transforms(d, shape[-1])) if operand else SM(shape, d)
+          for n, (shape, d, operand) in _buffers(K, V, C, dt, inv_dt).items()}
   if not a_regs:  # the left operands (interpret mode): A's halves for A X, two of the inverse's
     smem |= dict(ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc),
                  **{f"la{i}": SM((C, C), inv_dt, transforms=ti) for i in range(4)})
@@ -367,7 +387,14 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           plgpu.copy_smem_to_gmem(sm["xh"], vn_ref.at[b, pl.ds(n * C, C), h])  # read before X's next store:
           wait("kd", "gc")                                                      # the wait at the chunk's top
           decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
-          S = S * lax.broadcast_in_dim(decay, S.shape, [0]) + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
+          S = S * lax.broadcast_in_dim(decay, S.shape, [0])
+          if a_regs:  # S accumulates in place (no second [K, V] float32 array: 128 registers a thread fewer)
+            def update(acc):
+              plgpu.wgmma(acc, sm["kd"].transpose((1, 0)), sm["xh"])
+              plgpu.wgmma_wait(0)
+            S = pl.run_state(update)(plgpu.ACC.init(S))
+          else:  # (the interpreter cannot initialise an accumulator)
+            S = S + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
         pl.when(n + 1 < N)(lambda: fetch(("kd", "gc"), n + 1))
         return S, sm["c"][...]
 
@@ -390,20 +417,35 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
         with scope("solve/gate"):
           gate = gate_of()
           pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
-        L = jnp.zeros((C, C), f32)
-        for p in range(P):
-          q = n * P + p
+        def part(p):  # (gate kr_p, kc_p^T) of chunk n's part p once its factors are in (interpret mode: gate
+          q = n * P + p  # kr_p stored in place of kr_p)
           slot = lax.rem(q, 2)
           kr_s, kc_s = sm["kr"].at[slot], sm["kc"].at[slot]
           with scope("solve/wait_part"):
             plgpu.barrier_wait(part_bar.at[slot])
             plgpu.barrier_wait(part_bar.at[2 + slot])
+          gkr = _left((gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt), kr_s, a_regs)
+          return gkr, kc_s.transpose((1, 0))
+
+        def refill(p):  # part p + 2 into the slot part p's product has read
+          q = n * P + p
+          pl.when(q + 2 < N * P)(lambda: fetch_part(q + 2))
+
+        def first_parts(*accs):  # the two resident parts' products issued together; each slot refilled once read
+          for acc, (gkr, kc_t) in zip(accs, pairs):
+            plgpu.wgmma(acc, gkr, kc_t)
+          for p in range(len(accs)):
+            plgpu.wgmma_wait(len(accs) - 1 - p)
+            refill(p)
+          return [acc[...] for acc in accs]
+        with scope("solve/part"):
+          pairs = [part(p) for p in range(min(2, P))]
+          Lps = pl.run_scoped(first_parts, *[plgpu.ACC((C, C), f32) for _ in pairs])
+        for p in range(len(pairs), P):
           with scope("solve/part"):
-            # gate kr_p (interpret mode: in place of kr_p)
-            gkr = _left((gate * plgpu.load(kr_s, layout=WG).astype(f32)).astype(dt), kr_s, a_regs)
-            Lp = _mm(gkr, kc_s.transpose((1, 0)), (C, C))
-            pl.when(q + 2 < N * P)(lambda q=q: fetch_part(q + 2))  # into the slot this product has read
-            L = L + masks.lower_within(p) * Lp
+            Lps.append(_mm(*part(p), (C, C)))
+            refill(p)
+        L = sum(masks.lower_within(p) * Lp for p, Lp in enumerate(Lps))
         with scope("solve/inverse"):
           A = inverse(L, prod, masks, group)
           a = _left(A, (sm.get("ah"), sm.get("al")), a_regs)

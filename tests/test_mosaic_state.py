@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels import forward as fw
-from pallas_kernels.config import DEFAULT
+from pallas_kernels.config import DEFAULT, TuningConfig
 from conftest import rel_err
 
 
@@ -71,7 +71,7 @@ def test_gpu_mosaic_carve_state_pass():
   import time  # noqa: PLC0415
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
   logits, beta, v, pre, gamma, S0 = _carve_inputs(2, 2048, 16, 128, 128, 64)
-  kw = dict(C=64, cfg=DEFAULT, dt=fw.Dtypes(logits, False), interpret=False)
+  kw = dict(C=64, cfg=TuningConfig(carve_state_kernel="triton"), dt=fw.Dtypes(logits, False), interpret=False)
   triton = jax.jit(lambda: fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64, **kw))
   mosaic = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64, interpret=False))
   ref, out = triton(), mosaic()
@@ -91,7 +91,7 @@ def test_gpu_mosaic_kernels_match_reference():
   """On the GPU, bf16, head 128: `pallas_gated_delta` with the Mosaic state loop (each inverse kind) and with
   the Triton one, forward and every gradient, against the float32 "highest" chunk path, within the kernels'
   GPU tolerance; prints each path's errors (the Mosaic ones should match the Triton ones')."""
-  from pallas_kernels import TuningConfig, pallas_gated_delta  # noqa: PLC0415
+  from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
   from carve_jax.ops import carve  # noqa: PLC0415
   from carve_jax.ops.sample_inputs import family_inputs  # noqa: PLC0415
   from conftest import GPU_KERNEL_TOL  # noqa: PLC0415
@@ -117,7 +117,8 @@ def test_gpu_mosaic_kernels_match_reference():
   wide = {n: inp[n].astype(jnp.float32) for n in names}
   with jax.default_matmul_precision("highest"):
     (_, out_ref), g_ref = jax.jit(jax.value_and_grad(ref, has_aux=True))(wide)
-  for label, cfg in (("triton", TuningConfig()), ("mosaic f16", TuningConfig(carve_state_kernel="mosaic")),
+  for label, cfg in (("triton", TuningConfig(carve_state_kernel="triton")),
+                     ("mosaic f16", TuningConfig(carve_state_kernel="mosaic")),
                      ("mosaic bf16x3", TuningConfig(carve_state_kernel="mosaic", mosaic_inverse="bf16x3"))):
     (_, out), g = jax.jit(jax.value_and_grad(lambda x: ours(x, cfg), has_aux=True))({n: inp[n] for n in names})
     errs = {n: rel_err(a.astype(jnp.float32), r) for n, a, r in zip("oS", out, out_ref)}
@@ -130,7 +131,7 @@ def test_gpu_mosaic_kernels_match_reference():
 def test_mosaic_carve_through_the_kernels_fwd_and_grads(kind, loss_tol, grad_tol):
   """carve_state_kernel='mosaic' through `pallas_gated_delta` (interpret mode, bf16): the forward and every
   gradient (the Triton backward on the Mosaic forward's residuals) == the Triton forward's, to bf16 rounding."""
-  from pallas_kernels import TuningConfig, pallas_gated_delta  # noqa: PLC0415
+  from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
   from carve_jax.ops.sample_inputs import family_inputs  # noqa: PLC0415
   inp = family_inputs(jax.random.PRNGKey(21), "carve", B=1, T=100, H=2, K=64, V=64, dtype=jnp.bfloat16,
                       initial_state=True)
@@ -141,13 +142,29 @@ def test_mosaic_carve_through_the_kernels_fwd_and_grads(kind, loss_tol, grad_tol
     o, S = pallas_gated_delta(*args, **kw, config=cfg)
     return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(S**2)
   l1, g1 = jax.value_and_grad(loss)(args, TuningConfig(carve_state_kernel="mosaic", mosaic_inverse=kind))
-  l2, g2 = jax.value_and_grad(loss)(args, TuningConfig())
+  l2, g2 = jax.value_and_grad(loss)(args, TuningConfig(carve_state_kernel="triton"))
   g_err = rel_err(jax.tree.map(lambda x: x.astype(jnp.float32), g1), jax.tree.map(lambda x: x.astype(jnp.float32), g2))
   print(kind, "loss", abs(float(l1 - l2)) / abs(float(l2)), "grads", g_err)
   assert abs(float(l1 - l2)) <= loss_tol * abs(float(l2))  # measured f16 1.6e-5, bf16x3 3e-7
   assert g_err < grad_tol  # measured bf16x3 2.6e-5
   with pytest.raises(ValueError, match="carve_state_kernel"):
     TuningConfig(carve_state_kernel="cuda")
+
+
+def test_auto_picks_the_mosaic_kernel_where_it_runs():
+  """carve_state_kernel="auto": Mosaic GPU when compiled with 16-bit inputs, unpacked, at sizes whose SMEM fits
+  (head 128, chunk 64: 218 KB of 227), else Triton; explicit choices stand."""
+  from pallas_kernels import TuningConfig  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import SMEM_LIMIT, smem_bytes  # noqa: PLC0415
+  pick = lambda dtype=jnp.bfloat16, K=128, C=64, packed=False, interpret=False, cfg=DEFAULT: fw.carve_state_kernel(
+      cfg, dtype, K=K, V=K, C=C, packed=packed, interpret=interpret)
+  assert DEFAULT.carve_state_kernel == "auto"
+  assert pick() == "mosaic" and pick(jnp.float16) == "mosaic" and pick(K=64) == "mosaic"
+  assert smem_bytes(128, 128, 64) == 222848 < SMEM_LIMIT
+  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(C=128),
+             dict(C=32), dict(cfg=TuningConfig(carve_state_kernel="triton"))):
+    assert pick(**kw) == "triton", kw
+  assert pick(jnp.float32, cfg=TuningConfig(carve_state_kernel="mosaic")) == "mosaic"
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16x3"])
