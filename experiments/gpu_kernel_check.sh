@@ -39,13 +39,13 @@ for step in "${steps[@]}"; do
          timeout "${NCU_S:-150}" ncu --clock-control none --target-processes all \
            --kernel-name regex:"${NCU_KERNELS:-gated_delta}" "${sections[@]}" \
            python3 -m experiments.kernel_probe --once ${PROBE_ARGS:-} > "$OUT/ncu.txt" 2>&1; tail -c 6000 "$OUT/ncu.txt" ;;
-    mosaic) # the Mosaic GPU state loop (NOTES v8): the per-step probe, the loop's profiler trace, then the loop against Triton with stand-ins
+    mosaic) # the Mosaic GPU state loop (NOTES v8, v9): the per-step probe, the loop's profiler trace, then the loop (the default) with stand-ins against the Triton one
             export MOSAIC_GPU_DUMP_PTXAS=1
             { timeout "${MOSAIC_S:-240}" python3 -m experiments.mosaic_step_probe --out "$OUT/step.json"
               timeout "${MOSAIC_S:-240}" python3 -m experiments.mosaic_step_probe --trace-loop "$OUT/trace" \
                 --out "$OUT/trace_regions.json"
-              timeout "${MOSAIC_S:-240}" python3 -m experiments.kernel_probe --B 2 --T 8192 --carve-only --variants base \
-                --carve-configs carve_state_kernel=mosaic --config-variants noinv,mosaic_nosplitstore --out "$OUT/mosaic_probe.json"
+              timeout "${MOSAIC_S:-240}" python3 -m experiments.kernel_probe --B 2 --T 8192 --carve-only \
+                --variants base,noinv,mosaic_1pass --carve-configs carve_state_kernel=triton --out "$OUT/mosaic_probe.json"
             } 2>&1 | grep -v -i warn | tee "$OUT/mosaic.log"
             unset MOSAIC_GPU_DUMP_PTXAS ;;
     tests) timeout "$TEST_S" python3 -m pytest -v -s -m gpu ${TEST_FILES:-tests/test_pallas_kernels.py} -p no:cacheprovider \

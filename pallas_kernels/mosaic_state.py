@@ -1,15 +1,14 @@
-r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel: opt-in
-(`TuningConfig(carve_state_kernel="mosaic")`), not the default: on the H200 it matches the Triton loop
-(v8d: 3.93 against ~3.8 ms at B2 T8192 H16) but does not beat it (`NOTES.md` v8: where its time goes; the
-v8e / v8f changes since, fewer stores and double-buffered decay parts on the chunk's path, are not yet timed).
+r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel, the default on
+the GPU (`TuningConfig(carve_state_kernel="auto")`: 16-bit inputs, unpacked documents, `fits`): on the H200
+1.73-1.83 ms against the Triton loop's 3.8-3.9 at B2 T8192 H16, 0.67 against 1.2-1.5 at B8 T2048 (`NOTES.md`
+v9: the figures, where a chunk's time goes, what is next).
 
-What is checked: on the H200, agreement with the Triton pass (`kernel_probe --carve-only --carve-configs
-carve_state_kernel=mosaic`, and the GPU test in `tests/test_mosaic_state.py`, last run on the two-warpgroup
-version before the register operands; v8e / v8f not yet compiled on a GPU); on the CPU, in CI: agreement
-in Mosaic GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes
-SMEM operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for
-CUDA (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory).
-"""
+What is checked: on the H200, agreement with the Triton pass and with the float32 reference through the
+kernels' forward and backward (`tests/test_mosaic_state.py`'s GPU tests, run on v9c: the Triton loop's
+errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone
+and through the kernels' forward and backward (the interpreter takes SMEM operands only, so it checks the
+stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA (`jax.export(..., platforms=["cuda"])`:
+Mosaic's checks of wgmma operands, layouts and shared memory)."""
 
 from __future__ import annotations
 
@@ -257,20 +256,23 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       gate  = sigmoid(logits + gamma c_n)           [C, K]
       L     = sum_p mask_p [(gate kr_p) kc_p^T]     (strictly lower; `intra.part_masks`)
       X     = beta v - (gate ke) S                  [C, V]
-      A     = (I + L)^{-1}                          (`inverse`: split 16-bit products)
+      A     = (I + L)^{-1}                          (`inverse`: seven dependent product steps)
       V_new = A X
       S    <- e^{G_C} S + Kd^T V_new
 
   Two warpgroups per (batch, head), handing over through SMEM and barriers:
     state (wg 1): holds S [K, V] float32 in registers; per chunk hands c over, stores S in 16 bits (the X
-      operand and h), forms X (while wg 0 forms L and A), then the state update; fetches the chunk tiles.
-    solve (wg 0): the gate, L from the decay parts (their factors double-buffered: the next part's in
-      flight during a product), the inverse and V_new = A X (written over X's hi half, where wg 1 reads it).
-  Every product is a wgmma: the data products in 16 bits as in the Triton kernel, the inverse's and A X as
-  three 16-bit products of hi / lo halves (`_split_store`; float32 (TF32) wgmma takes only K-major operands
-  and register arrays cannot be transposed here). Left operands come from registers on the GPU (interpret
-  mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as its two halves (A = hi + lo, summed
-  outside), staged in the inverse's right-operand buffers. SMEM ~218 KB at K = V = 128, C = 64.
+      operand and h), forms X (while wg 0 forms L and A), then the state update (accumulated into S);
+      fetches the chunk tiles.
+    solve (wg 0): the gate, L from the decay parts (their factors double-buffered; the first two parts'
+      products issued together), the inverse and V_new = A X (written over X's hi half, where wg 1 reads it).
+  Every product is a wgmma: the data products in 16 bits as in the Triton kernel; the inverse's in float16
+  (inverse_kind "f16", one wgmma each, 11-bit significand like the Triton kernel's TF32) or as three bf16
+  products of hi / lo halves ("bf16x3"); A X as three 16-bit products of X's and A's halves. Left operands
+  come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as
+  its two halves (A = hi + lo, summed outside), staged in the inverse's right-operand buffers. SMEM
+  `smem_bytes`: 218 KB at K = V = 128, C = 64.
+  approx_math: exp, rsqrt and sqrt as single approximate instructions (relative error ~2^-22).
 
   profile_dir: record every chunk's phases ("state/c", "solve/inverse", ...: the `scope` regions) per
   warpgroup with Mosaic GPU's on-device profiler and write a Chrome trace there (GPU only; the trace buffer
