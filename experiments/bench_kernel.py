@@ -125,6 +125,7 @@ def ops(x):
       "pallas_carve_triton": direct(TuningConfig(carve_state_kernel="triton")),
       "pallas_carve_mosaic_exact": direct(TuningConfig(mosaic_approx_math=False)),
       "pallas_carve_mosaic_bf16x3": direct(TuningConfig(mosaic_inverse="bf16x3")),
+      "pallas_carve_mosaic_ax16": direct(TuningConfig(mosaic_ax="f16")),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),

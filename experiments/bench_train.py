@@ -17,8 +17,9 @@ tokens per step), in a process of its own (so the device's peak-memory counter i
     (`PEAK_BF16_FLOPS`, 989.4 TFLOP/s for an H100/H200);
   * peak memory: the device's `peak_bytes_in_use` after the timed steps, and XLA's account of the
     compiled step (arguments + outputs + temporaries).
-The loop trains without document resets (`reset_documents=False`): the Pallas kernels do not take
-segment ids yet, and with them every delta mixer would run the XLA chunk path instead.
+The loop trains without document resets (`reset_documents=False`): the unpacked kernels, as in
+`bench_kernel` (with segment ids CARVE's forward state pass runs the Triton loop instead of the Mosaic GPU
+one: `pallas_kernels.forward.carve_state_kernel`).
 Sizes: "50m" is the preset (d 512, 12 layers, 8 heads x 64); "350m" is d 1024, 24 layers, 8 heads
 x 128 (347M parameters for CARVE at the byte vocabulary). bf16 compute, impl "auto" (Pallas on GPU),
 scan over layers on. `--remat_policies` adds rows of other remat policies (memory / time trade-off).

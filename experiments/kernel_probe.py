@@ -84,13 +84,14 @@ def patched(variant: str):
       yield
     return
   saved = (fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__,
-           mosaic_state.inverse, mosaic_state._mm3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem)
+           mosaic_state.inverse, mosaic_state._mms3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem)
   if variant == "noinv":  # in the Triton and the Mosaic GPU kernels
     eye = lambda L: jnp.where(intra.iota(*L.shape, 0) == intra.iota(*L.shape, 1), 1.0, 0.0).astype(L.dtype)
     fw_mod.block_unit_lower_inv = lambda L, dt, group=intra.DECAY_GROUP: eye(L) - L
     mosaic_state.inverse = lambda L, prod, masks, group: masks.eye() - L
   elif variant == "mosaic_1pass":  # Mosaic GPU kernel: each split product as one 16-bit wgmma (hi x hi)
-    mosaic_state._mm3 = lambda a, b, shape: mosaic_state._mm(a[0] if isinstance(a, tuple) else a.astype(b[0].dtype), b[0], shape)
+    mosaic_state._mms3 = lambda lefts, b, shape: mosaic_state._mms(
+        [a[0] if isinstance(a, tuple) else a.astype(b[0].dtype) for a in lefts], b[0], shape)
   elif variant == "mosaic_nosplitstore":  # Mosaic GPU kernel: no register -> SMEM stores of the split operands
     commit = mosaic_state.plgpu.commit_smem
     mosaic_state._split_store = lambda x, *pairs, **kw: commit() if kw.get("commit", True) else None
@@ -116,7 +117,7 @@ def patched(variant: str):
     yield
   finally:
     (fw_mod.block_unit_lower_inv, intra.Decay.parts, fw_mod.content_signal, fw_mod.Dtypes.__init__,
-     mosaic_state.inverse, mosaic_state._mm3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem) = saved
+     mosaic_state.inverse, mosaic_state._mms3, mosaic_state._split_store, mosaic_state.plgpu.commit_smem) = saved
 
 
 @dataclasses.dataclass

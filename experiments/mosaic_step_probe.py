@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from experiments.report import env_info
-from pallas_kernels.mosaic_state import _mm, _mm3, _split_store, _transforms
+from pallas_kernels.mosaic_state import _mm, _mms3, _split_store, _transforms
 
 VARIANTS = ("split3", "split3_nocommit", "nostore3", "bf16_1", "f32_tf32", "regs_only")
 N = 64
@@ -65,13 +65,13 @@ def step_kernel(variant: str, steps: int, programs: int):
         return x * x + 1e-3
       if variant == "split3":
         _split_store(x, (bh_s, bl_s))
-        return _mm3(x, (bh_s, bl_s), (N, N)) * 1e-2 + x
+        return _mms3([x], (bh_s, bl_s), (N, N))[0] * 1e-2 + x
       if variant == "split3_nocommit":
         _split_store(x, (bh_s, bl_s), commit=False)
-        return _mm3(x, (bh_s, bl_s), (N, N)) * 1e-2 + x
+        return _mms3([x], (bh_s, bl_s), (N, N))[0] * 1e-2 + x
       if variant == "nostore3":
         plgpu.commit_smem()
-        return _mm3(x, (bh_s, bl_s), (N, N)) * 1e-2 + x
+        return _mms3([x], (bh_s, bl_s), (N, N))[0] * 1e-2 + x
       if variant == "bf16_1":
         bh_s[...] = x.astype(bf)
         plgpu.commit_smem()

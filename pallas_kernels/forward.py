@@ -433,7 +433,7 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
     if seg is not None:
       raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes no segment ids (packed documents)")
     return mosaic_state.carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=interpret,
-                                                inverse_kind=cfg.mosaic_inverse,
+                                                inverse_kind=cfg.mosaic_inverse, ax_kind=cfg.mosaic_ax,
                                                 approx_math=cfg.mosaic_approx_math)
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, n_parts(C)

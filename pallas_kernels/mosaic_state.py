@@ -83,22 +83,6 @@ def _split_store(x, *pairs, commit: bool = True):
     plgpu.commit_smem()
 
 
-def _mm3(a, b, shape):
-  """a @ b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi (`_halves`: finer than one TF32 pass), float32 accumulation.
-  a: a float32 array in the WGMMA layout (split here; the left operand from registers) or an SMEM (hi, lo)
-  pair; b: an SMEM (hi, lo) pair."""
-  bh_s, bl_s = b
-  ah, al = a if isinstance(a, tuple) else _halves(a, bh_s.dtype)
-
-  def scope(acc):
-    plgpu.wgmma(acc, ah, bh_s)
-    plgpu.wgmma(acc, ah, bl_s)
-    plgpu.wgmma(acc, al, bh_s)
-    plgpu.wgmma_wait(0)
-    return acc[...]
-  return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
-
-
 def _mm(a, b_s, shape):
   """a @ b of 16-bit operands (a: an SMEM ref, or a WGMMA-layout array: from registers; b: an SMEM ref),
   float32 accumulation, into a fresh accumulator (Mosaic GPU's interpret mode in jax 0.11.2 can neither
@@ -112,7 +96,7 @@ def _mm(a, b_s, shape):
 
 def _left(x, refs, a_regs: bool):
   """x as a wgmma's left operand: x itself (registers: a_regs, on the GPU), else stored in SMEM (Mosaic GPU's
-  interpret mode takes no register operands): refs a (hi, lo) pair (x float32: `_split_store`, for `_mm3`) or
+  interpret mode takes no register operands): refs a (hi, lo) pair (x float32: `_split_store`, for `_mms3`) or
   one ref (x 16-bit, for `_mm`)."""
   if a_regs:
     return x
@@ -136,7 +120,9 @@ def _mms(lefts, b_s, shape):
 
 
 def _mms3(lefts, b, shape):
-  """[a @ b for a in lefts] as `_mm3` (split halves, three wgmmas each), issued together, one wait."""
+  """[a @ b for a in lefts], a ~ a_hi + a_lo and b ~ b_hi + b_lo (`_halves`: finer than one TF32 pass) as
+  a_hi b_hi + a_hi b_lo + a_lo b_hi, three wgmmas each, issued together, one wait; float32 accumulation.
+  lefts: float32 arrays in the WGMMA layout (split here: from registers) or SMEM (hi, lo) pairs; b: a pair."""
   bh_s, bl_s = b
   halves = [a if isinstance(a, tuple) else _halves(a, bh_s.dtype) for a in lefts]
 
@@ -152,7 +138,7 @@ def _mms3(lefts, b, shape):
 
 class Products(NamedTuple):
   """The inverse's [C, C] products. kind "f16": one float16 wgmma (11-bit significand, like TF32), the right
-  operand stored once; "bf16x3": three bfloat16 wgmmas of hi / lo halves (`_mm3`, ~16 bits), the right
+  operand stored once; "bf16x3": three bfloat16 wgmmas of hi / lo halves (`_mms3`, ~16 bits), the right
   operand's two halves stored. b: the right operand's SMEM (f16: one ref; bf16x3: a (hi, lo) pair); lefts:
   SMEM for up to two left operands in interpret mode (f16: refs; bf16x3: pairs), None on the GPU (registers)."""
   kind: str
@@ -160,7 +146,7 @@ class Products(NamedTuple):
   lefts: Any
 
   def right(self, x):
-    """Stores x [C, C] float32 as the right operand of the next products (committed)."""
+    """Stores x (float32, the b refs' shape) as the right operand of the next products (committed)."""
     if self.kind == "f16":
       self.b[...] = x.astype(jnp.float16)
       plgpu.commit_smem()
@@ -168,8 +154,8 @@ class Products(NamedTuple):
       _split_store(x, self.b)
 
   def times(self, xs):
-    """[x @ right for x in xs] (xs float32 [C, C] arrays), issued together, one wait."""
-    shape = xs[0].shape
+    """[x @ right for x in xs] (xs float32 [M, C] arrays), issued together, one wait."""
+    shape = (xs[0].shape[0], (self.b if self.kind == "f16" else self.b[0]).shape[-1])
     if self.kind == "f16":
       xs = [x.astype(jnp.float16) for x in xs]
       if self.lefts is not None:
@@ -220,12 +206,12 @@ SMEM_LIMIT = 227 * 1024  # shared memory of one block on the H100 / H200
 SMEM_RESERVE = 4096  # barriers, the reduction scratch, alignment
 
 
-def _buffers(K: int, V: int, C: int, dt, inv_dt):
+def _buffers(K: int, V: int, C: int, dt, inv_dt, ax_dt):
   """The kernel's SMEM on the GPU: name -> (shape, dtype, whether a wgmma / TMA tile: tiled and swizzled)."""
   f32 = jnp.float32
   return dict(l=((C, K), dt, True), v=((C, V), dt, True), ke=((C, K), dt, True), beta=((C,), dt, False),
               kd=((C, K), dt, True), gc=((K,), f32, False), gam=((K,), f32, False), codes=((C, C), dt, True),
-              s16=((K, V), dt, True), c=((K,), f32, False), xh=((C, V), dt, True), xl=((C, V), dt, True),
+              s16=((K, V), dt, True), c=((K,), f32, False), xh=((C, V), dt, True), xl=((C, V), ax_dt, True),
               bh=((C, C), inv_dt, True), bl=((C, C), inv_dt, True), kr=((2, C, K), dt, True),
               kc=((2, C, K), dt, True))
 
@@ -233,7 +219,7 @@ def _buffers(K: int, V: int, C: int, dt, inv_dt):
 def smem_bytes(K: int, V: int, C: int) -> int:
   """Bytes of the kernel's SMEM buffers at head sizes K, V and chunk C (16-bit inputs)."""
   return sum(math.prod(shape) * jnp.dtype(d).itemsize
-             for shape, d, _ in _buffers(K, V, C, jnp.bfloat16, jnp.float16).values())
+             for shape, d, _ in _buffers(K, V, C, jnp.bfloat16, jnp.float16, jnp.float16).values())
 
 
 def fits(*, K: int, V: int, C: int) -> bool:
@@ -249,7 +235,8 @@ def _sigmoid(x):
 
 
 def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool,
-                            inverse_kind: str = "f16", approx_math: bool = True, profile_dir: str | None = None):
+                            inverse_kind: str = "f16", ax_kind: str = "bf16x3", approx_math: bool = True,
+                            profile_dir: str | None = None):
   """(h, V_new, c, A, S_final) as `forward.carve_state_pass` (unpacked documents; 16-bit inputs), per chunk:
 
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
@@ -265,10 +252,11 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       operand and h), forms X (while wg 0 forms L and A), then the state update (accumulated into S);
       fetches the chunk tiles.
     solve (wg 0): the gate, L from the decay parts (their factors double-buffered; the first two parts'
-      products issued together), the inverse and V_new = A X (written over X's hi half, where wg 1 reads it).
+      products issued together), the inverse and V_new = A X (into xh, where wg 1 reads it).
   Every product is a wgmma: the data products in 16 bits as in the Triton kernel; the inverse's in float16
   (inverse_kind "f16", one wgmma each, 11-bit significand like the Triton kernel's TF32) or as three bf16
-  products of hi / lo halves ("bf16x3"); A X as three 16-bit products of X's and A's halves. Left operands
+  products of hi / lo halves ("bf16x3"); A X likewise (ax_kind: "bf16x3", X's halves in xh / xl, or "f16",
+  X once in xl; float16 needs X's entries below 6.5e4, true unless the state diverges). Left operands
   come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as
   its two halves (A = hi + lo, summed outside), staged in the inverse's right-operand buffers. SMEM
   `smem_bytes`: 218 KB at K = V = 128, C = 64.
@@ -287,7 +275,10 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
     raise ValueError(f"carve_state_pass_mosaic: the inputs must be 16-bit, got {dt}")
   if inverse_kind not in INVERSE_KINDS:
     raise ValueError(f"carve_state_pass_mosaic: inverse_kind must be one of {INVERSE_KINDS}, got {inverse_kind!r}")
+  if ax_kind not in INVERSE_KINDS:
+    raise ValueError(f"carve_state_pass_mosaic: ax_kind must be one of {INVERSE_KINDS}, got {ax_kind!r}")
   inv_dt = jnp.float16 if inverse_kind == "f16" else dt  # the inverse's operands and A's output halves
+  ax_dt = jnp.float16 if ax_kind == "f16" else dt  # X's stored half (its lo half for bf16x3)
   tc = _transforms(dt, C)
   ti = _transforms(inv_dt, C)
   betaT = jnp.swapaxes(beta, 1, 2)  # [B, H, Tp]: TMA needs a unit innermost stride
@@ -306,9 +297,10 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   params = plgpu.CompilerParams(**params)
   scope = jax.named_scope  # profiler regions (no code without profile_dir)
   smem = {n: SM(shape, d, transforms=_transforms(d, shape[-1])) if operand else SM(shape, d)
-          for n, (shape, d, operand) in _buffers(K, V, C, dt, inv_dt).items()}
+          for n, (shape, d, operand) in _buffers(K, V, C, dt, inv_dt, ax_dt).items()}
   if not a_regs:  # the left operands (interpret mode): A's halves for A X, two of the inverse's
     smem |= dict(ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc),
+                 ax16=SM((C, C), jnp.float16, transforms=_transforms(jnp.float16, C)),
                  **{f"la{i}": SM((C, C), inv_dt, transforms=ti) for i in range(4)})
   tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc")  # one barrier per TMA destination (and below)
   hand_names = ("c_ready", "x_ready", "vn_ready", "l_read")  # hand-overs between the warpgroups
@@ -326,6 +318,10 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
     else:
       prod = Products("bf16x3", (sm["bh"], sm["bl"]),
                       None if a_regs else ((sm["la0"], sm["la1"]), (sm["la2"], sm["la3"])))
+    if ax_kind == "f16":  # V_new = A X: X stored once in float16 (in xl)
+      prod_ax = Products("f16", sm["xl"], None if a_regs else (sm["ax16"],))
+    else:  # X's hi / lo halves in xh / xl
+      prod_ax = Products("bf16x3", (sm["xh"], sm["xl"]), None if a_regs else ((sm["ah"], sm["al"]),))
 
     def fetch(names, n):  # TMA of chunk n's tiles into their buffers
       rows = pl.ds(n * C, C)
@@ -376,7 +372,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
           X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
               gke, sm["s16"], (C, V))
-          _split_store(X, (sm["xh"], sm["xl"]))
+          prod_ax.right(X)
           plgpu.barrier_arrive(hand["x_ready"])
 
         @pl.when(n + 1 < N)
@@ -419,6 +415,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
         with scope("solve/gate"):
           gate = gate_of()
           pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
+
         def part(p):  # (gate kr_p, kc_p^T) of chunk n's part p once its factors are in (interpret mode: gate
           q = n * P + p  # kr_p stored in place of kr_p)
           slot = lax.rem(q, 2)
@@ -450,12 +447,11 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
         L = sum(masks.lower_within(p) * Lp for p, Lp in enumerate(Lps))
         with scope("solve/inverse"):
           A = inverse(L, prod, masks, group)
-          a = _left(A, (sm.get("ah"), sm.get("al")), a_regs)
         with scope("solve/wait_x"):
           plgpu.barrier_wait(hand["x_ready"])
         with scope("solve/AX"):
-          vn = _mm3(a, (sm["xh"], sm["xl"]), (C, V))
-          sm["xh"][...] = vn.astype(dt)  # over X's hi half, which A X has read; wg 1 stores it out
+          vn = prod_ax.times([A])[0]
+          sm["xh"][...] = vn.astype(dt)  # (bf16x3: over X's hi half, which A X has read); wg 1 stores it out
           plgpu.commit_smem()
           plgpu.barrier_arrive(hand["vn_ready"])
         with scope("solve/A_out"):
