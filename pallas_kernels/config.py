@@ -38,10 +38,10 @@ class TuningConfig:
     grad_num_warps: warps of the chunk-parallel gradient kernel.
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
-    carve_state_kernel: "auto" (the Mosaic GPU kernel where it runs: on the GPU, 16-bit inputs, unpacked
-      documents, `mosaic_state.fits`; else Triton), "triton" (`forward.carve_state_pass`) or "mosaic"
-      (`mosaic_state.carve_state_pass_mosaic`; on the H200 2.0x (B2 T8192) to 1.9x (B8 T2048) faster than
-      the Triton loop: NOTES v9).
+    carve_state_kernel: "auto" (the Mosaic GPU kernel where it runs and has passed the GPU tests: compiled,
+      16-bit inputs, unpacked documents, K = V = 128 and chunk 64 (`mosaic_state.GPU_CHECKED_SIZES`); else
+      Triton), "triton" (`forward.carve_state_pass`) or "mosaic" (`mosaic_state.carve_state_pass_mosaic`,
+      any size it `fits`; on the H200 ~2x faster than the Triton loop at B2 T8192 and B8 T2048: NOTES v9).
     mosaic_inverse: the Mosaic kernel's in-chunk inverse products: "f16" (one float16 wgmma each, 11-bit
       significand like the Triton kernel's TF32; operands below 6.5e4: `mosaic_state.inverse`) or "bf16x3"
       (three bfloat16 wgmmas of hi / lo halves, ~16 bits).

@@ -413,11 +413,13 @@ def _carve_packed_signals(blk, Ss, c_prev, c2_prev, second):
 
 def carve_state_kernel(cfg: TuningConfig, dtype, *, K: int, V: int, C: int, packed: bool, interpret: bool) -> str:
   """Which kernel runs CARVE's state pass: cfg.carve_state_kernel, "auto" resolved to "mosaic" where the Mosaic
-  GPU kernel runs (compiled, 16-bit inputs, unpacked documents, `mosaic_state.fits`), else "triton"."""
+  GPU kernel runs and has been checked (compiled, 16-bit inputs, unpacked documents, head and chunk sizes in
+  `mosaic_state.GPU_CHECKED_SIZES`), else "triton"."""
   from pallas_kernels import mosaic_state  # noqa: PLC0415
   if cfg.carve_state_kernel != "auto":
     return cfg.carve_state_kernel
-  runs = not interpret and not packed and jnp.dtype(dtype).itemsize == 2 and mosaic_state.fits(K=K, V=V, C=C)
+  runs = (not interpret and not packed and jnp.dtype(dtype).itemsize == 2 and mosaic_state.fits(K=K, V=V, C=C)
+          and (K, V, C) in mosaic_state.GPU_CHECKED_SIZES)
   return "mosaic" if runs else "triton"
 
 
@@ -425,8 +427,8 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
   """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final[, c2 [B, H, N, K]]):
   CARVE's state pass, the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and
   V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks).
-  cfg.carve_state_kernel: "mosaic", or "auto" where it runs (compiled, 16-bit inputs, no segment ids,
-  `mosaic_state.fits`): the Mosaic GPU kernel of `mosaic_state`; else this Triton kernel."""
+  cfg.carve_state_kernel: "mosaic", or "auto" where it runs (`carve_state_kernel`): the Mosaic GPU kernel of
+  `mosaic_state`; else this Triton kernel."""
   from pallas_kernels import mosaic_state  # noqa: PLC0415
   if carve_state_kernel(cfg, logits.dtype, K=logits.shape[-1], V=v.shape[-1], C=C, packed=seg is not None,
                         interpret=interpret) == "mosaic":

@@ -164,36 +164,40 @@ def test_mosaic_carve_through_the_kernels_fwd_and_grads():
 
 
 def test_auto_picks_the_mosaic_kernel_where_it_runs():
-  """carve_state_kernel="auto": Mosaic GPU when compiled with 16-bit inputs, unpacked, at sizes whose SMEM fits
-  (head 128, chunk 64: 218 KB of 227), else Triton; explicit choices stand."""
+  """carve_state_kernel="auto": Mosaic GPU when compiled with 16-bit inputs, unpacked, at the GPU-checked sizes
+  (head 128, chunk 64: SMEM 218 KB of 227), else Triton; explicit choices stand."""
   from pallas_kernels import TuningConfig  # noqa: PLC0415
   from pallas_kernels.mosaic_state import SMEM_LIMIT, smem_bytes  # noqa: PLC0415
   pick = lambda dtype=jnp.bfloat16, K=128, C=64, packed=False, interpret=False, cfg=DEFAULT: fw.carve_state_kernel(
       cfg, dtype, K=K, V=K, C=C, packed=packed, interpret=interpret)
   assert DEFAULT.carve_state_kernel == "auto"
-  assert pick() == "mosaic" and pick(jnp.float16) == "mosaic" and pick(K=64) == "mosaic"
+  assert pick() == "mosaic" and pick(jnp.float16) == "mosaic"
   assert smem_bytes(128, 128, 64) == 222848 < SMEM_LIMIT
-  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(C=128),
-             dict(C=32), dict(cfg=TuningConfig(carve_state_kernel="triton"))):
+  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(K=64),
+             dict(C=128), dict(C=32), dict(cfg=TuningConfig(carve_state_kernel="triton"))):
     assert pick(**kw) == "triton", kw
   assert pick(jnp.float32, cfg=TuningConfig(carve_state_kernel="mosaic")) == "mosaic"
+  from pallas_kernels.mosaic_state import fits  # noqa: PLC0415
+  assert fits(K=64, V=64, C=64) and not fits(K=256, V=256, C=64)  # K = 64: fits, not yet GPU-checked
 
 
-@pytest.mark.parametrize("kind, ax", [("f16", "bf16x3"), ("bf16x3", "bf16x3"), ("f16", "f16")])
-def test_mosaic_carve_lowers_for_cuda(kind, ax):
+@pytest.mark.parametrize("kind, ax, D", [("f16", "bf16x3", 128), ("bf16x3", "bf16x3", 128), ("f16", "f16", 128),
+                                       ("f16", "bf16x3", 64)])  # head 64 (the 50m preset's): lowers, not GPU-run
+def test_mosaic_carve_lowers_for_cuda(kind, ax, D):
   """The kernel lowers for CUDA on a CPU-only machine at head size 128 (`jax.export`): Mosaic GPU's own
   checks pass (wgmma operand dtypes and majorness, no select with an implicit broadcast, shared memory
   within the H100/H200's 227 KB). Compiling and running it needs the GPU test above."""
   from jax import export  # noqa: PLC0415
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
-  B, T, H, K, V, C, P = 1, 256, 2, 128, 128, 64, 3
+  B, T, H, K, V, C, P = 1, 256, 2, D, D, 64, 3
   sd = jax.ShapeDtypeStruct
   x = sd((B, T, H, K), jnp.bfloat16)
   args = (x, sd((B, T, H), jnp.bfloat16), sd((B, T, H, V), jnp.bfloat16), sd((P, B, T, H, K), jnp.bfloat16),
           sd((P, B, T, H, K), jnp.bfloat16), x, x, sd((B, H, T // C, K), jnp.float32), sd((H,), jnp.float32),
           sd((B, H, K, V), jnp.float32))
   f = lambda l, beta, v, kr, kc, ke, kd, gc, gam, S0: carve_state_pass_mosaic(
-      l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gam, S0, C=C, cb=64, interpret=False, inverse_kind=kind, ax_kind=ax)
+      l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gam, S0, C=C, cb=64, interpret=False, inverse_kind=kind,
+      ax_kind=ax)
   assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
   # the on-device profiler (its trace leaves through a host callback: GPU only, not lowered here) refuses
   # interpret mode and more chunks than its SMEM buffer holds
