@@ -83,15 +83,22 @@ def _split_store(x, *pairs, commit: bool = True):
     plgpu.commit_smem()
 
 
-def _mm(a, b_s, shape):
-  """a @ b of 16-bit operands (a: an SMEM ref, or a WGMMA-layout array: from registers; b: an SMEM ref),
-  float32 accumulation, into a fresh accumulator (Mosaic GPU's interpret mode in jax 0.11.2 can neither
-  store into an accumulator ref nor take the left operand from registers)."""
-  def scope(acc):
-    plgpu.wgmma(acc, a, b_s)
+def _wgmmas(terms, shape):
+  """[sum of a @ b over the (a, b) pairs of t, for t in terms]: every wgmma issued, one float32 accumulator per
+  t, then one wait (a: an SMEM ref or a WGMMA-layout 16-bit array, from registers; b: an SMEM ref)."""
+  def scope(*accs):
+    for acc, t in zip(accs, terms):
+      for a, b in t:
+        plgpu.wgmma(acc, a, b)
     plgpu.wgmma_wait(0)
-    return acc[...]
-  return pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32))
+    return [acc[...] for acc in accs]
+  return pl.run_scoped(scope, *[plgpu.ACC(shape, jnp.float32) for _ in terms])
+
+
+def _mm(a, b_s, shape):
+  """a @ b of 16-bit operands into a fresh accumulator (Mosaic GPU's interpret mode in jax 0.11.2 can neither
+  store into an accumulator ref nor take the left operand from registers)."""
+  return _wgmmas([[(a, b_s)]], shape)[0]
 
 
 def _left(x, refs, a_regs: bool):
@@ -109,14 +116,8 @@ def _left(x, refs, a_regs: bool):
 
 
 def _mms(lefts, b_s, shape):
-  """[a @ b for a in lefts] of 16-bit operands (a: SMEM refs or WGMMA-layout arrays, b: an SMEM ref): the
-  wgmmas issued together into one accumulator each, then one wait."""
-  def scope(*accs):
-    for acc, a in zip(accs, lefts):
-      plgpu.wgmma(acc, a, b_s)
-    plgpu.wgmma_wait(0)
-    return [acc[...] for acc in accs]
-  return pl.run_scoped(scope, *[plgpu.ACC(shape, jnp.float32) for _ in lefts])
+  """[a @ b for a in lefts] of 16-bit operands, issued together, one wait (`_wgmmas`)."""
+  return _wgmmas([[(a, b_s)] for a in lefts], shape)
 
 
 def _mms3(lefts, b, shape):
@@ -125,15 +126,7 @@ def _mms3(lefts, b, shape):
   lefts: float32 arrays in the WGMMA layout (split here: from registers) or SMEM (hi, lo) pairs; b: a pair."""
   bh_s, bl_s = b
   halves = [a if isinstance(a, tuple) else _halves(a, bh_s.dtype) for a in lefts]
-
-  def scope(*accs):
-    for acc, (ah, al) in zip(accs, halves):
-      plgpu.wgmma(acc, ah, bh_s)
-      plgpu.wgmma(acc, ah, bl_s)
-      plgpu.wgmma(acc, al, bh_s)
-    plgpu.wgmma_wait(0)
-    return [acc[...] for acc in accs]
-  return pl.run_scoped(scope, *[plgpu.ACC(shape, jnp.float32) for _ in lefts])
+  return _wgmmas([[(ah, bh_s), (ah, bl_s), (al, bh_s)] for ah, al in halves], shape)
 
 
 class Products(NamedTuple):

@@ -44,38 +44,26 @@ def test_mask_codes_give_the_kernels_masks(C):
   assert bool(jnp.all((code >= 2) == strict))
 
 
-@pytest.mark.parametrize("B, T, H, K, V, C, cb, kind", [
-    (1, 128, 1, 128, 128, 64, 64, "f16"), (2, 256, 2, 128, 64, 64, 128, "f16"), (1, 256, 1, 64, 128, 128, 128, "f16"),
-    (1, 128, 1, 128, 128, 64, 64, "bf16x3")])  # the default inverse at every shape, the split one at one
-def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind):
+@pytest.mark.parametrize("B, T, H, K, V, C, cb, kind, ax", [
+    (1, 128, 1, 128, 128, 64, 64, "f16", "bf16x3"), (2, 256, 2, 128, 64, 64, 128, "f16", "bf16x3"),
+    (1, 256, 1, 64, 128, 128, 128, "f16", "bf16x3"), (1, 128, 1, 128, 128, 64, 64, "bf16x3", "bf16x3"),
+    (1, 128, 1, 128, 128, 64, 64, "f16", "f16")])  # the default at every shape, each other kind at one
+def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind, ax):
   """CARVE's state loop in Mosaic GPU (interpret mode) == the Triton one: h, V_new, c, A, S_final (the Mosaic
-  inverse's products in float16, ~2^-11 relative, or split bfloat16, ~2^-16; A X split bfloat16; the Triton
-  ones exact float32 in interpret mode)."""
+  inverse's products in float16, ~2^-11 relative, or split bfloat16, ~2^-16; A X split bfloat16, or float16
+  with X stored once; the Triton ones exact float32 in interpret mode)."""
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
   logits, beta, v, pre, gamma, S0 = _carve_inputs(B, T, H, K, V, C)
   ref = fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=cb, C=C, cfg=DEFAULT, dt=fw.Dtypes(logits, True),
                             interpret=True)
-  out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=True, inverse_kind=kind)
-  errs = {n: rel_err(a.astype(jnp.float32), r.astype(jnp.float32))
-          for n, a, r in zip(("h", "V_new", "c", "A", "S_final"), out, ref)}
-  print(kind, errs)
-  for name, a, r, tol in zip(("h", "V_new", "c", "A", "S_final"), out, ref, (1e-2, 1e-2, 1e-3, 1e-3, 1e-2)):
+  out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=True, inverse_kind=kind,
+                                ax_kind=ax)
+  names = ("h", "V_new", "c", "A", "S_final")
+  errs = {n: rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) for n, a, r in zip(names, out, ref)}
+  print(kind, ax, errs)
+  for name, a, r, tol in zip(names, out, ref, (1e-2, 1e-2, 1e-3, 1e-3, 1e-2)):
     assert a.shape == r.shape and a.dtype == r.dtype, name
-    assert rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) < tol, name
-
-
-def test_mosaic_ax_f16_matches_triton():
-  """mosaic_ax="f16" (X stored once in float16, A X one float16 wgmma): the state pass == the Triton one."""
-  from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
-  logits, beta, v, pre, gamma, S0 = _carve_inputs(1, 128, 1, 128, 128, 64)
-  ref = fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64, C=64, cfg=DEFAULT, dt=fw.Dtypes(logits, True),
-                            interpret=True)
-  out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64, interpret=True, ax_kind="f16")
-  errs = {n: rel_err(a.astype(jnp.float32), r.astype(jnp.float32))
-          for n, a, r in zip(("h", "V_new", "c", "A", "S_final"), out, ref)}
-  print(errs)
-  for (name, err), tol in zip(errs.items(), (1e-2, 1e-2, 1e-3, 1e-3, 1e-2)):
-    assert err < tol, name
+    assert errs[name] < tol, name
 
 
 @pytest.mark.gpu
