@@ -163,6 +163,16 @@ def kernel_steps(x, cfg=None):
   steps = {"fwd prep (content off)": lambda: fw_mod.prep(q, k, g, gate, beta, v, **kw)}
   pre0 = run(steps["fwd prep (content off)"])
   steps["fwd state (content off)"] = lambda: fw_mod.state_pass(pre0["W"], pre0["U"], pre0["kd"], pre0["gc"], S0, **kw)
+  h0, vn0, _ = run(steps["fwd state (content off)"])
+  res0 = fw_mod.Residuals(h=h0, vn=vn0, c=None, A=pre0["A"], aqk=pre0["aqk"], qe=pre0["qe"], kd=pre0["kd"],
+                          gc=pre0["gc"], W=pre0["W"])
+  steps["bwd prep (content off)"] = lambda: bw_mod.bprep(res0, k, g, gate, None, do, scale=s, **kw)
+  dvl0, _ = run(steps["bwd prep (content off)"])
+  steps["bwd state (content off)"] = lambda: bw_mod.bstate(res0.qe, res0.W, res0.kd, res0.gc, dvl0, do, dsf, scale=s,
+                                                           **kw)
+  dh0, dvn0, _ = run(steps["bwd state (content off)"])
+  steps["bwd grads (content off)"] = lambda: bw_mod.grads(q, k, v, g, gate, beta, None, None, h0, dh0, vn0, dvn0, do,
+                                                           pre0["A"], scale=s, **kw)
   steps["fwd prep (CARVE)"] = lambda: fw_mod.prep(q, k, g, None, None, None, **kw)
   pre = run(steps["fwd prep (CARVE)"])
   steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64,
@@ -172,8 +182,8 @@ def kernel_steps(x, cfg=None):
   res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=None)
   steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(res, k, g, logits, gamma, do, scale=s, **kw)
   dvl, Wb = run(steps["bwd prep (CARVE)"])
-  steps["bwd state"] = lambda: bw_mod.bstate(res.qe, Wb, res.kd, res.gc, dvl, do, dsf, scale=s, **kw)
-  dh, dvn, _ = run(steps["bwd state"])
+  steps["bwd state (CARVE)"] = lambda: bw_mod.bstate(res.qe, Wb, res.kd, res.gc, dvl, do, dsf, scale=s, **kw)
+  dh, dvn, _ = run(steps["bwd state (CARVE)"])
   steps["bwd grads (CARVE)"] = lambda: bw_mod.grads(q, k, v, g, logits, beta, c, gamma, h, dh, vn, dvn, do, A,
                                                      scale=s, **kw)
   return steps

@@ -91,7 +91,7 @@ def test_gpu_mosaic_carve_state_pass():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 def test_gpu_mosaic_kernels_match_reference():
   """On the GPU, bf16, head 128: `pallas_gated_delta` with the Mosaic state loop (each inverse kind) and with
-  the Triton one, forward and every gradient, against the float32 "highest" chunk path, within the kernels'
+  the Triton one (and A X as one float16 product), forward and every gradient, against the float32 "highest" chunk path, within the kernels'
   GPU tolerance; prints each path's errors (the Mosaic ones should match the Triton ones')."""
   from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
   from carve_jax.ops import carve  # noqa: PLC0415
@@ -121,7 +121,8 @@ def test_gpu_mosaic_kernels_match_reference():
     (_, out_ref), g_ref = jax.jit(jax.value_and_grad(ref, has_aux=True))(wide)
   for label, cfg in (("triton", TuningConfig(carve_state_kernel="triton")),
                      ("mosaic f16", TuningConfig(carve_state_kernel="mosaic")),
-                     ("mosaic bf16x3", TuningConfig(carve_state_kernel="mosaic", mosaic_inverse="bf16x3"))):
+                     ("mosaic bf16x3", TuningConfig(carve_state_kernel="mosaic", mosaic_inverse="bf16x3")),
+                     ("mosaic f16, A X f16", TuningConfig(carve_state_kernel="mosaic", mosaic_ax="f16"))):
     (_, out), g = jax.jit(jax.value_and_grad(lambda x: ours(x, cfg), has_aux=True))({n: inp[n] for n in names})
     errs = {n: rel_err(a.astype(jnp.float32), r) for n, a, r in zip("oS", out, out_ref)}
     errs |= {"d" + n: rel_err(g[n].astype(jnp.float32), g_ref[n]) for n in names}
