@@ -125,7 +125,8 @@ def ops(x):
       "pallas_carve_triton": direct(TuningConfig(carve_state_kernel="triton")),
       "pallas_carve_mosaic_exact": direct(TuningConfig(mosaic_approx_math=False)),
       "pallas_carve_mosaic_bf16x3": direct(TuningConfig(mosaic_inverse="bf16x3")),
-      "pallas_carve_mosaic_ax16": direct(TuningConfig(mosaic_ax="f16")),
+      "pallas_carve_mosaic_ax3": direct(TuningConfig(mosaic_ax="bf16x3")),
+      "pallas_carve_mosaic_now": direct(TuningConfig(mosaic_w=False)),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),
@@ -177,9 +178,9 @@ def kernel_steps(x, cfg=None):
   pre = run(steps["fwd prep (CARVE)"])
   steps["fwd state (CARVE, gate in loop)"] = lambda: fw_mod.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=64,
                                                                               **kw)
-  h, vn, c, A, _ = run(steps["fwd state (CARVE, gate in loop)"])
+  h, vn, c, A, _, _, W = run(steps["fwd state (CARVE, gate in loop)"])
   steps["fwd output"] = lambda: fw_mod.output(pre["qe"], pre["aqk"], h, vn, scale=s, out_dtype=q.dtype, **kw)
-  res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=None)
+  res = fw_mod.Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=W)
   steps["bwd prep (CARVE)"] = lambda: bw_mod.bprep(res, k, g, logits, gamma, do, scale=s, **kw)
   dvl, Wb = run(steps["bwd prep (CARVE)"])
   steps["bwd state (CARVE)"] = lambda: bw_mod.bstate(res.qe, Wb, res.kd, res.gc, dvl, do, dsf, scale=s, **kw)

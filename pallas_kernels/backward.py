@@ -9,8 +9,9 @@ cotangents dO and dS_out of the state leaving it (and W, A, Aqk, Kd of `forward.
     dX     = A^T dV_new,  d(w v) = dX,  d(b k e^G) = -dX S_in^T
     dL     = -StrictLower[dX V_new^T],  dAqk = scale Lower[dO V_new^T],  dKd = V_new dS_out^T
 
-1. `_bprep_kernel`, chunk-parallel: dV_loc = scale Aqk^T dO from the forward's Aqk; for CARVE also
-   W = A (b k e^G) from the forward's A and the saved gate (the gamma-free forward keeps its W). The
+1. `_bprep_kernel`, chunk-parallel: dV_loc = scale Aqk^T dO from the forward's Aqk; for CARVE's Triton
+   loop also W = A (b k e^G) from the forward's A and the saved gate (the gamma-free forward and CARVE's
+   Mosaic loop keep their W). The
    forward also keeps q e^G, Kd and G_C, so nothing of the WY form is recomputed here.
 2. `_bstate_kernel`, sequential in reverse (grid B x H x V/BV; linear in V, so value tiles are
    independent): stores dS_out of every chunk (dh) and dV_new; returns dS_0.
@@ -85,13 +86,14 @@ def _bprep_kernel(*, aqk_ref, do_ref, dvl_ref, A_ref=None, k_ref=None, g_ref=Non
 def bprep(res, k, g, b, gamma, do, seg=None, *, scale, C, cfg, dt: Dtypes, interpret):
   """(dV_loc [B, Tp, H, V] float32, W [B, Tp, H, K] in dt.store) from the forward's residuals.
 
-  The gamma-free families reuse the forward's W; CARVE forms W = A (b k e^G) here from the saved A
-  and content signal c (b then holds the erase logits). seg: packed documents' `Segments` or None."""
+  The gamma-free families and CARVE's Mosaic loop reuse the forward's W; after CARVE's Triton loop (res.W
+  None) W = A (b k e^G) is formed here from the saved A and content signal c (b then holds the erase
+  logits). seg: packed documents' `Segments` or None."""
   B, Tp, H, K = k.shape
   V, N = do.shape[-1], Tp // C
   t = tiles(C)
   sd = jax.ShapeDtypeStruct
-  carve = res.c is not None
+  carve = res.c is not None and res.W is None  # W to form here
   ins = dict(aqk=(t["tok"](C), res.aqk), do=(t["tok"](V), do))
   if carve:
     ins |= dict(A=(t["tok"](C), res.A), k=(t["tok"](K), k), g=(t["tok"](K), g), b=(t["tok"](K), b),

@@ -45,8 +45,11 @@ class TuningConfig:
     mosaic_inverse: the Mosaic kernel's in-chunk inverse products: "f16" (one float16 wgmma each, 11-bit
       significand like the Triton kernel's TF32; operands below 6.5e4: `mosaic_state.inverse`) or "bf16x3"
       (three bfloat16 wgmmas of hi / lo halves, ~16 bits).
-    mosaic_ax: the Mosaic kernel's V_new = A X: "bf16x3" (X's and A's hi / lo halves, three wgmmas) or
-      "f16" (X stored once in float16, one wgmma; X's entries below 6.5e4; not yet timed on the GPU).
+    mosaic_ax: the Mosaic kernel's V_new = A X: "f16" (X stored once in float16, one wgmma; X's entries
+      below 6.5e4; on the H200 -0.25 ms fwd+bwd at B2 T8192: NOTES v10) or "bf16x3" (X's and A's hi / lo
+      halves, three wgmmas).
+    mosaic_w: the Mosaic kernel also writes the backward's W = A (gate k e^G) (two more wgmmas a chunk on the
+      solve warpgroup, off the chain), so `backward.bprep` does not form it from A and the gate.
     mosaic_approx_math: the Mosaic kernel's exp, rsqrt and sqrt as single approximate instructions
       (relative error ~2^-22; the gate's sigmoid as rsqrt(1 + e^-x)^2).
     num_stages: Triton software-pipelining stages of every kernel.
@@ -61,7 +64,8 @@ class TuningConfig:
   carve_num_warps: int = 8
   carve_state_kernel: str = "auto"
   mosaic_inverse: str = "f16"
-  mosaic_ax: str = "bf16x3"
+  mosaic_ax: str = "f16"
+  mosaic_w: bool = True
   mosaic_approx_math: bool = True
   num_stages: int = 1
 
@@ -84,6 +88,8 @@ class TuningConfig:
       raise ValueError(f"TuningConfig: `mosaic_inverse` must be 'f16' or 'bf16x3', got {self.mosaic_inverse!r}")
     if self.mosaic_ax not in ("f16", "bf16x3"):
       raise ValueError(f"TuningConfig: `mosaic_ax` must be 'f16' or 'bf16x3', got {self.mosaic_ax!r}")
+    if not isinstance(self.mosaic_w, bool):
+      raise ValueError(f"TuningConfig: `mosaic_w` must be a bool, got {self.mosaic_w!r}")
     if not isinstance(self.mosaic_approx_math, bool):
       raise ValueError(f"TuningConfig: `mosaic_approx_math` must be a bool, got {self.mosaic_approx_math!r}")
     if not isinstance(self.num_stages, int) or self.num_stages < 1:

@@ -423,12 +423,26 @@ def carve_state_kernel(cfg: TuningConfig, dtype, *, K: int, V: int, C: int, pack
   return "mosaic" if runs else "triton"
 
 
-def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: TuningConfig, dt: Dtypes, interpret):
-  """(h [B, H, N, K, V], V_new [B, Tp, H, V], c [B, H, N, K], A [B, Tp, H, C], S_final[, c2 [B, H, N, K]]):
-  CARVE's state pass, the gate formed in the loop from `pre` (the dict of `prep`); c, A float32, h and
-  V_new in dt.store. seg: packed documents' `Segments` (then also c2, the signal of mid-chunk blocks).
-  cfg.carve_state_kernel: "mosaic", or "auto" where it runs (`carve_state_kernel`): the Mosaic GPU kernel of
-  `mosaic_state`; else this Triton kernel."""
+class CarveStatePass(NamedTuple):
+  """What CARVE's forward state pass returns (N = Tp / C): h [B, H, N, K, V] and V_new [B, Tp, H, V] in
+  dt.store; c [B, H, N, K] float32; A [B, Tp, H, C] (float32; float16 from the Mosaic loop with its float16
+  inverse); S_final [B, H, K, V]; c2 [B, H, N, K]: the signal of content blocks begun mid-chunk (packed
+  documents only, else None); W [B, Tp, H, K] = A (gate k e^G) in dt.store (the Mosaic loop with
+  `TuningConfig.mosaic_w`, else None: the backward forms it)."""
+  h: jax.Array
+  vn: jax.Array
+  c: jax.Array
+  A: jax.Array
+  S: jax.Array
+  c2: jax.Array | None = None
+  W: jax.Array | None = None
+
+
+def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: TuningConfig, dt: Dtypes,
+                     interpret) -> CarveStatePass:
+  """CARVE's state pass (`CarveStatePass`), the gate formed in the loop from `pre` (the dict of `prep`).
+  seg: packed documents' `Segments` (then also c2). cfg.carve_state_kernel: "mosaic", or "auto" where it runs
+  (`carve_state_kernel`): the Mosaic GPU kernel of `mosaic_state`; else this Triton kernel."""
   from pallas_kernels import mosaic_state  # noqa: PLC0415
   if carve_state_kernel(cfg, logits.dtype, K=logits.shape[-1], V=v.shape[-1], C=C, packed=seg is not None,
                         interpret=interpret) == "mosaic":
@@ -436,7 +450,7 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
       raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes no segment ids (packed documents)")
     return mosaic_state.carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=interpret,
                                                 inverse_kind=cfg.mosaic_inverse, ax_kind=cfg.mosaic_ax,
-                                                approx_math=cfg.mosaic_approx_math)
+                                                emit_w=cfg.mosaic_w, approx_math=cfg.mosaic_approx_math)
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, n_parts(C)
   s = seq_specs(Tp, N)
@@ -455,10 +469,10 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
     outs |= dict(c2=(s["vecs"](K), sd((B, H, N, K), dt.cdt)))
   kernel = by_name(_carve_state_kernel, [n + "_ref" for n in list(ins) + list(outs)], C=C, N=N, cb=cb, dt=dt,
                    ks=kblocks(K, cfg.carve_block_k))
-  return pl.pallas_call(
+  return CarveStatePass(*pl.pallas_call(
       kernel, grid=(B, H, 1), in_specs=[sp for sp, _ in ins.values()], out_specs=[sp for sp, _ in outs.values()],
       out_shape=[x for _, x in outs.values()], compiler_params=params(cfg.carve_num_warps, cfg.num_stages),
-      interpret=interpret, name="carve_state")(*[x for _, x in ins.values()])
+      interpret=interpret, name="carve_state")(*[x for _, x in ins.values()]))
 
 
 # ---- 3. chunk-parallel output ----
@@ -485,10 +499,11 @@ class Residuals(NamedTuple):
   """What the forward keeps for the backward (all per chunk; N = Tp / C).
 
   h [B, H, N, K, V]: the state entering each chunk; vn [B, Tp, H, V]: V_new; c [B, H, N, K]: CARVE's
-  content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32); aqk [B, Tp, H, C]: the
+  content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32; float16 from CARVE's Mosaic loop); aqk [B, Tp, H, C]: the
   lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and k e^{G_C - G}; gc [B, H, N, K]:
   G_C (`segments.NO_CARRY` where a packed document starts in the chunk); W [B, Tp, H, K]: A (b k e^G)
-  for the gamma-free families (None for CARVE, whose backward forms it from A and the saved gate);
+  for the gamma-free families and CARVE's Mosaic loop (None for CARVE's Triton loop: the backward forms it
+  from A and the saved gate);
   c2 [B, H, N, K]: CARVE's signal of the content block begun mid-chunk (packed documents only, else None)."""
   h: jax.Array
   vn: jax.Array
@@ -516,8 +531,7 @@ def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, 
   c2 = None
   if gamma is not None:
     pre = prep(q, k, g, None, None, None, seg, **kw)
-    h, vn, c, A, S, *c2 = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
-    W, c2 = None, (c2[0] if c2 else None)
+    h, vn, c, A, S, c2, W = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
   else:
     pre = prep(q, k, g, b, w, v, seg, **kw)
     h, vn, S = state_pass(pre["W"], pre["U"], pre["kd"], pre["gc"], S0, **kw)

@@ -21,6 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.forward import CarveStatePass
+
 
 def _interpret_params():
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415
@@ -231,9 +233,10 @@ def _sigmoid(x):
 
 
 def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool,
-                            inverse_kind: str = "f16", ax_kind: str = "bf16x3", approx_math: bool = True,
-                            profile_dir: str | None = None):
-  """(h, V_new, c, A, S_final) as `forward.carve_state_pass` (unpacked documents; 16-bit inputs), per chunk:
+                            inverse_kind: str = "f16", ax_kind: str = "f16", emit_w: bool = True,
+                            approx_math: bool = True, profile_dir: str | None = None):
+  """`forward.CarveStatePass` (h, V_new, c, A, S_final and, with emit_w, W) as `forward.carve_state_pass`
+  (unpacked documents; 16-bit inputs), per chunk:
 
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
       gate  = sigmoid(logits + gamma c_n)           [C, K]
@@ -241,6 +244,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       X     = beta v - (gate ke) S                  [C, V]
       A     = (I + L)^{-1}                          (`inverse`: seven dependent product steps)
       V_new = A X
+      W     = A (gate ke)                       [C, K]   (emit_w: the backward's W, `backward.bprep`)
       S    <- e^{G_C} S + Kd^T V_new
 
   Two warpgroups per (batch, head), handing over through SMEM and barriers:
@@ -248,14 +252,17 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       operand and h), forms X (while wg 0 forms L and A), then the state update (accumulated into S);
       fetches the chunk tiles.
     solve (wg 0): the gate, L from the decay parts (their factors double-buffered; the first two parts'
-      products issued together), the inverse and V_new = A X (into xh, where wg 1 reads it).
+      products issued together), the inverse and V_new = A X (into xh, where wg 1 reads it); with emit_w
+      then W = A (gate ke) from the gate ke wg 1 left in ke's buffer (A's bf16 halves, two wgmmas), stored
+      out through that buffer, after which wg 0 fetches the next chunk's ke.
   Every product is a wgmma: the data products in 16 bits as in the Triton kernel; the inverse's in float16
   (inverse_kind "f16", one wgmma each, 11-bit significand like the Triton kernel's TF32) or as three bf16
   products of hi / lo halves ("bf16x3"); A X likewise (ax_kind: "bf16x3", X's halves in xh / xl, or "f16",
   X once in xl; float16 needs X's entries below 6.5e4, true unless the state diverges). Left operands
-  come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves as
-  its two halves (A = hi + lo, summed outside), staged in the inverse's right-operand buffers. SMEM
-  `smem_bytes`: 218 KB at K = V = 128, C = 64.
+  come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves
+  staged in the inverse's right-operand buffers: in float16 (inverse_kind "f16": TF32's significand, which
+  the backward's products with A round it to anyway), or as two bf16 halves summed outside into float32
+  ("bf16x3"). SMEM `smem_bytes`: 218 KB at K = V = 128, C = 64.
   approx_math: exp, rsqrt and sqrt as single approximate instructions (relative error ~2^-22).
 
   profile_dir: record every chunk's phases ("state/c", "solve/inverse", ...: the `scope` regions) per
@@ -301,8 +308,14 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc")  # one barrier per TMA destination (and below)
   hand_names = ("c_ready", "x_ready", "vn_ready", "l_read")  # hand-overs between the warpgroups
 
+  a_halves = inverse_kind == "bf16x3"  # A leaves as (hi, lo) bf16 halves, else once in float16
+
   def body(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref, codes_ref,
-           h_ref, vn_ref, c_ref, ahi_ref, alo_ref, sf_ref, *scratch):
+           h_ref, vn_ref, c_ref, ahi_ref, sf_ref, *rest):
+    n_out = int(a_halves) + int(emit_w)
+    alo_ref = rest[0] if a_halves else None
+    w_ref = rest[n_out - 1] if emit_w else None
+    scratch = rest[n_out:]
     sm = dict(zip(smem, scratch[:len(smem)]))
     tma_bar, part_bar, hand_bar = scratch[len(smem):]
     tma = {k: tma_bar.at[i] for i, k in enumerate(tma_names)}
@@ -368,13 +381,15 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
           X = lax.broadcast_in_dim(beta_col, (C, V), [0]) * plgpu.load(sm["v"], layout=WG).astype(f32) - _mm(
               gke, sm["s16"], (C, V))
+          if emit_w and a_regs:  # gate ke for wg 0's W (interpret mode: already there), committed with X
+            sm["ke"][...] = gke
           prod_ax.right(X)
           plgpu.barrier_arrive(hand["x_ready"])
 
         @pl.when(n + 1 < N)
         def _():  # the next chunk's tiles, once wg 0 has read this chunk's logits
           plgpu.barrier_wait(hand["l_read"])
-          fetch(("l", "v", "ke", "beta"), n + 1)
+          fetch(("l", "v", "beta") if emit_w else ("l", "v", "ke", "beta"), n + 1)  # (emit_w: wg 0 fetches ke)
         with scope("state/wait_vn"):
           plgpu.barrier_wait(hand["vn_ready"])  # V_new in xh
         with scope("state/update"):
@@ -450,26 +465,48 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           sm["xh"][...] = vn.astype(dt)  # (bf16x3: over X's hi half, which A X has read); wg 1 stores it out
           plgpu.commit_smem()
           plgpu.barrier_arrive(hand["vn_ready"])
-        with scope("solve/A_out"):
-          _split_store(A, (sm["bh"], sm["bl"]))  # A's halves for its output, while wg 1 updates the state
-          rows = pl.ds(n * C, C)
-          plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
-          plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
+        rows = pl.ds(n * C, C)
+        if emit_w:
+          with scope("solve/W"):  # W = A (gate ke): gate ke is in ke's buffer (wg 1, before x_ready)
+            ah, al = _halves(A, dt)
+            if not a_regs:
+              ah, al = _left(ah, sm["ah"], False), _left(al, sm["al"], False)
+            W = _wgmmas([[(ah, sm["ke"]), (al, sm["ke"])]], (C, K))[0]
+            sm["ke"][...] = W.astype(dt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sm["ke"], w_ref.at[b, rows, h])
+        with scope("solve/A_out"):  # A for its output, while wg 1 updates the state
+          if a_halves:
+            _split_store(A, (sm["bh"], sm["bl"]))
+            plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
+            plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
+          else:
+            sm["bh"][...] = A.astype(inv_dt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
+        if emit_w:
+          @pl.when(n + 1 < N)
+          def _():  # the next chunk's ke, once W has left its buffer
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            fetch(("ke",), n + 1)
         return carry
 
       lax.fori_loop(0, N, chunk, 0)
       plgpu.wait_smem_to_gmem(0)
 
   sd = jax.ShapeDtypeStruct
+  a_out = sd((B, Tp, H, C), inv_dt)
   kernel = plgpu.kernel(
       body,
-      out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), sd((B, Tp, H, C), inv_dt),
-                sd((B, Tp, H, C), inv_dt), sd((B, H, K, V), f32)),
+      out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), a_out, sd((B, H, K, V), f32),
+                *([a_out] if a_halves else []), *([sd((B, Tp, H, K), dt)] if emit_w else [])),
       scratch_types=[*smem.values(), plgpu.Barrier(num_barriers=len(tma_names)),
                      plgpu.Barrier(num_barriers=4),  # the parts' factors: kr in slot 0 / 1, kc in slot 0 / 1
                      plgpu.Barrier(num_arrivals=1, num_barriers=len(hand_names))],
       grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg", compiler_params=params,
       interpret=_interpret_params() if interpret else None)
-  h, vn, c, a_hi, a_lo, S = kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam,
-                                   S0.astype(f32), mask_codes(C, group, dt))
-  return h, vn, c, a_hi.astype(f32) + a_lo.astype(f32), S
+  h, vn, c, A, S, *rest = kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam,
+                                 S0.astype(f32), mask_codes(C, group, dt))
+  if a_halves:
+    A = A.astype(f32) + rest.pop(0).astype(f32)
+  return CarveStatePass(h=h, vn=vn, c=c, A=A, S=S, W=rest[0] if emit_w else None)

@@ -28,6 +28,16 @@ def _carve_inputs(B, T, H, K, V, C, seed=0):
   return logits, beta, v, pre, gamma, S0
 
 
+def _wy_w(st, logits, ke, gamma, C):
+  """W = A (gate ke) [B, T, H, K] per chunk from a state pass's A and c (float32), gate = sigmoid(logits +
+  gamma c_n): what the backward forms from them (`backward.bprep`)."""
+  B, T, H, K = logits.shape
+  c = jnp.repeat(jnp.swapaxes(st.c, 1, 2), C, axis=1)  # [B, T, H, K]
+  gke = jax.nn.sigmoid(logits.astype(jnp.float32) + gamma[None, None, :, None] * c) * ke.astype(jnp.float32)
+  A = st.A.astype(jnp.float32).reshape(B, T // C, C, H, C)
+  return jnp.einsum("bnihj,bnjhk->bnihk", A, gke.reshape(B, T // C, C, H, K)).reshape(B, T, H, K)
+
+
 @pytest.mark.parametrize("C", [64, 128])
 def test_mask_codes_give_the_kernels_masks(C):
   """`mask_codes` -> the masks `_Masks` forms: within level p == strictly lower and `intra.part_masks(C)[p]`,
@@ -44,26 +54,34 @@ def test_mask_codes_give_the_kernels_masks(C):
   assert bool(jnp.all((code >= 2) == strict))
 
 
-@pytest.mark.parametrize("B, T, H, K, V, C, cb, kind, ax", [
-    (1, 128, 1, 128, 128, 64, 64, "f16", "bf16x3"), (2, 256, 2, 128, 64, 64, 128, "f16", "bf16x3"),
-    (1, 256, 1, 64, 128, 128, 128, "f16", "bf16x3"), (1, 128, 1, 128, 128, 64, 64, "bf16x3", "bf16x3"),
-    (1, 128, 1, 128, 128, 64, 64, "f16", "f16")])  # the default at every shape, each other kind at one
-def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind, ax):
+@pytest.mark.parametrize("B, T, H, K, V, C, cb, kind, ax, emit_w", [
+    (1, 128, 1, 128, 128, 64, 64, "f16", "f16", True), (2, 256, 2, 128, 64, 64, 128, "f16", "f16", True),
+    (1, 256, 1, 64, 128, 128, 128, "f16", "f16", True), (1, 128, 1, 128, 128, 64, 64, "bf16x3", "bf16x3", True),
+    (1, 128, 1, 128, 128, 64, 64, "f16", "bf16x3", False)])  # the default at every shape, the other kinds at one
+def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind, ax, emit_w):
   """CARVE's state loop in Mosaic GPU (interpret mode) == the Triton one: h, V_new, c, A, S_final (the Mosaic
   inverse's products in float16, ~2^-11 relative, or split bfloat16, ~2^-16; A X split bfloat16, or float16
-  with X stored once; the Triton ones exact float32 in interpret mode)."""
+  with X stored once; the Triton ones exact float32 in interpret mode), and its W (emit_w) == A (gate ke)
+  from the Triton pass's A and c."""
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
   logits, beta, v, pre, gamma, S0 = _carve_inputs(B, T, H, K, V, C)
   ref = fw.carve_state_pass(logits, beta, v, pre, gamma, S0, cb=cb, C=C, cfg=DEFAULT, dt=fw.Dtypes(logits, True),
                             interpret=True)
   out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=True, inverse_kind=kind,
-                                ax_kind=ax)
+                                ax_kind=ax, emit_w=emit_w)
   names = ("h", "V_new", "c", "A", "S_final")
   errs = {n: rel_err(a.astype(jnp.float32), r.astype(jnp.float32)) for n, a, r in zip(names, out, ref)}
+  if emit_w:
+    errs["W"] = rel_err(out.W.astype(jnp.float32), _wy_w(ref, logits, pre["ke"], gamma, C))
   print(kind, ax, errs)
   for name, a, r, tol in zip(names, out, ref, (1e-2, 1e-2, 1e-3, 1e-3, 1e-2)):
-    assert a.shape == r.shape and a.dtype == r.dtype, name
+    want = jnp.float16 if name == "A" and kind == "f16" else r.dtype  # (A in float16: TF32's significand)
+    assert a.shape == r.shape and a.dtype == want, name
     assert errs[name] < tol, name
+  assert ref.W is None and (out.W is None) == (not emit_w)
+  if emit_w:
+    assert out.W.shape == pre["ke"].shape and out.W.dtype == jnp.bfloat16
+    assert errs["W"] < 1e-2  # bf16 storage (measured 2.5e-3 to 2.9e-3)
 
 
 @pytest.mark.gpu
@@ -91,7 +109,8 @@ def test_gpu_mosaic_carve_state_pass():
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 def test_gpu_mosaic_kernels_match_reference():
   """On the GPU, bf16, head 128: `pallas_gated_delta` with the Mosaic state loop (each inverse kind) and with
-  the Triton one (and A X as one float16 product), forward and every gradient, against the float32 "highest" chunk path, within the kernels'
+  the Triton one (and the default's A X in float16 and W from the loop against split A X and W formed in the
+  backward), forward and every gradient, against the float32 "highest" chunk path, within the kernels'
   GPU tolerance; prints each path's errors (the Mosaic ones should match the Triton ones')."""
   from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
   from carve_jax.ops import carve  # noqa: PLC0415
@@ -122,7 +141,8 @@ def test_gpu_mosaic_kernels_match_reference():
   for label, cfg in (("triton", TuningConfig(carve_state_kernel="triton")),
                      ("mosaic f16", TuningConfig(carve_state_kernel="mosaic")),
                      ("mosaic bf16x3", TuningConfig(carve_state_kernel="mosaic", mosaic_inverse="bf16x3")),
-                     ("mosaic f16, A X f16", TuningConfig(carve_state_kernel="mosaic", mosaic_ax="f16"))):
+                     ("mosaic, A X bf16x3, W in bprep", TuningConfig(carve_state_kernel="mosaic", mosaic_ax="bf16x3",
+                                                                     mosaic_w=False))):
     (_, out), g = jax.jit(jax.value_and_grad(lambda x: ours(x, cfg), has_aux=True))({n: inp[n] for n in names})
     errs = {n: rel_err(a.astype(jnp.float32), r) for n, a, r in zip("oS", out, out_ref)}
     errs |= {"d" + n: rel_err(g[n].astype(jnp.float32), g_ref[n]) for n in names}
@@ -170,9 +190,10 @@ def test_auto_picks_the_mosaic_kernel_where_it_runs():
   assert fits(K=64, V=64, C=64) and not fits(K=256, V=256, C=64)  # K = 64: fits, not yet GPU-checked
 
 
-@pytest.mark.parametrize("kind, ax, D", [("f16", "bf16x3", 128), ("bf16x3", "bf16x3", 128), ("f16", "f16", 128),
-                                       ("f16", "bf16x3", 64)])  # head 64 (the 50m preset's): lowers, not GPU-run
-def test_mosaic_carve_lowers_for_cuda(kind, ax, D):
+@pytest.mark.parametrize("kind, ax, emit_w, D", [("f16", "f16", True, 128), ("bf16x3", "bf16x3", True, 128),
+                                               ("f16", "bf16x3", False, 128),
+                                               ("f16", "f16", True, 64)])  # head 64 (the 50m preset's): lowers, not GPU-run
+def test_mosaic_carve_lowers_for_cuda(kind, ax, emit_w, D):
   """The kernel lowers for CUDA on a CPU-only machine at head size 128 (`jax.export`): Mosaic GPU's own
   checks pass (wgmma operand dtypes and majorness, no select with an implicit broadcast, shared memory
   within the H100/H200's 227 KB). Compiling and running it needs the GPU test above."""
@@ -186,7 +207,7 @@ def test_mosaic_carve_lowers_for_cuda(kind, ax, D):
           sd((B, H, K, V), jnp.float32))
   f = lambda l, beta, v, kr, kc, ke, kd, gc, gam, S0: carve_state_pass_mosaic(
       l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc), gam, S0, C=C, cb=64, interpret=False, inverse_kind=kind,
-      ax_kind=ax)
+      ax_kind=ax, emit_w=emit_w)
   assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
   # the on-device profiler (its trace leaves through a host callback: GPU only, not lowered here) refuses
   # interpret mode and more chunks than its SMEM buffer holds

@@ -173,7 +173,7 @@ def test_content_grad_full_is_refused():
                                           ("grad_num_warps", 0), ("carve_num_warps", 6), ("num_stages", 0),
                                           ("block_k", 8), ("grad_block_k", 12), ("carve_block_k", 48),
                                           ("mosaic_inverse", "tf32"), ("mosaic_ax", "fp8"),
-                                          ("mosaic_approx_math", 1)])
+                                          ("mosaic_approx_math", 1), ("mosaic_w", "yes")])
 def test_tuning_config_rejects_bad_values(field, value):
   with pytest.raises(ValueError, match=field):
     TuningConfig(**{field: value})
