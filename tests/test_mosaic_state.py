@@ -86,7 +86,7 @@ def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind, ax, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
-@pytest.mark.parametrize("D", [128, 64])  # head 64: the 50m preset's (`GPU_CHECKED_SIZES` once this passes)
+@pytest.mark.parametrize("D", [128, 64])  # head 64: the 50m preset's (in `GPU_CHECKED_SIZES` since 4b8108a passed)
 def test_gpu_mosaic_carve_state_pass(D):
   """On the GPU: the compiled Mosaic kernel == the compiled Triton one (bf16, head D), its W == A (gate ke)
   from the Triton pass's A and c, and their times."""
@@ -181,7 +181,7 @@ def test_mosaic_carve_through_the_kernels_fwd_and_grads():
 
 def test_auto_picks_the_mosaic_kernel_where_it_runs():
   """carve_state_kernel="auto": Mosaic GPU when compiled with 16-bit inputs, unpacked, at the GPU-checked sizes
-  (head 128, chunk 64: SMEM 218 KB of 227), else Triton; explicit choices stand."""
+  (heads 128 and 64, chunk 64: SMEM 218 KB of 227 at 128), else Triton; explicit choices stand."""
   from pallas_kernels import TuningConfig  # noqa: PLC0415
   from pallas_kernels.mosaic_state import SMEM_LIMIT, smem_bytes  # noqa: PLC0415
   pick = lambda dtype=jnp.bfloat16, K=128, C=64, packed=False, interpret=False, cfg=DEFAULT: fw.carve_state_kernel(
@@ -189,17 +189,18 @@ def test_auto_picks_the_mosaic_kernel_where_it_runs():
   assert DEFAULT.carve_state_kernel == "auto"
   assert pick() == "mosaic" and pick(jnp.float16) == "mosaic"
   assert smem_bytes(128, 128, 64) == 222848 < SMEM_LIMIT
-  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(K=64),
+  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(K=96),
              dict(C=128), dict(C=32), dict(cfg=TuningConfig(carve_state_kernel="triton"))):
     assert pick(**kw) == "triton", kw
   assert pick(jnp.float32, cfg=TuningConfig(carve_state_kernel="mosaic")) == "mosaic"
   from pallas_kernels.mosaic_state import fits  # noqa: PLC0415
-  assert fits(K=64, V=64, C=64) and not fits(K=256, V=256, C=64)  # K = 64: fits, not yet GPU-checked
+  assert pick(K=64) == "mosaic"  # head 64 (the 50m preset's): GPU-checked too
+  assert fits(K=64, V=64, C=64) and not fits(K=256, V=256, C=64) and not fits(K=96, V=96, C=64)
 
 
 @pytest.mark.parametrize("kind, ax, emit_w, D", [("f16", "f16", True, 128), ("bf16x3", "bf16x3", True, 128),
                                                ("f16", "bf16x3", False, 128),
-                                               ("f16", "f16", True, 64)])  # head 64 (the 50m preset's): lowers, not GPU-run
+                                               ("f16", "f16", True, 64)])  # head 64 (the 50m preset's)
 def test_mosaic_carve_lowers_for_cuda(kind, ax, emit_w, D):
   """The kernel lowers for CUDA on a CPU-only machine at head size 128 (`jax.export`): Mosaic GPU's own
   checks pass (wgmma operand dtypes and majorness, no select with an implicit broadcast, shared memory
