@@ -1,14 +1,15 @@
 r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel, the default on
 the GPU (`TuningConfig(carve_state_kernel="auto")`: 16-bit inputs, unpacked documents, `GPU_CHECKED_SIZES`):
 on the H200 1.73-1.83 ms against the Triton loop's 3.8-3.9 at B2 T8192 H16, 0.67 against 1.2-1.5 at B8 T2048
-(`NOTES.md` v9: the figures, where a chunk's time goes, what is next).
+(v9), and with A X in float16 and the backward's W from the loop CARVE's fwd+bwd is 0.80 / 0.88x FLA's
+chunk_gdn2 (v10; `NOTES.md`: the figures, where a chunk's time goes, what is next).
 
 What is checked: on the H200, agreement with the Triton pass and with the float32 reference through the
-kernels' forward and backward (`tests/test_mosaic_state.py`'s GPU tests, run on v9c: the Triton loop's
-errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic GPU's interpret mode, alone
-and through the kernels' forward and backward (the interpreter takes SMEM operands only, so it checks the
-stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA (`jax.export(..., platforms=["cuda"])`:
-Mosaic's checks of wgmma operands, layouts and shared memory)."""
+kernels' forward and backward at heads 128 and 64 (`tests/test_mosaic_state.py`'s GPU tests, run on v10 at
+4b8108a: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic
+GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes SMEM
+operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA
+(`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory)."""
 
 from __future__ import annotations
 
