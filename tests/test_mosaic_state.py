@@ -171,6 +171,7 @@ def test_mosaic_carve_through_the_kernels_fwd_and_grads():
     o, S = pallas_gated_delta(*args, **kw, config=cfg)
     return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(S**2)
   l1, g1 = jax.value_and_grad(loss)(args, TuningConfig(carve_state_kernel="mosaic"))
+  assert float(loss(args, TuningConfig(carve_state_kernel="mosaic"))) == float(l1)  # the primal (no W written)
   l2, g2 = jax.value_and_grad(loss)(args, TuningConfig(carve_state_kernel="triton"))
   g_err = rel_err(jax.tree.map(lambda x: x.astype(jnp.float32), g1), jax.tree.map(lambda x: x.astype(jnp.float32), g2))
   assert abs(float(l1 - l2)) <= 1e-4 * abs(float(l2))  # measured 1.6e-5 (float16 inverse; split bf16: 3e-7)
@@ -199,7 +200,7 @@ def test_auto_picks_the_mosaic_kernel_where_it_runs():
 
 
 @pytest.mark.parametrize("kind, ax, emit_w, D", [("f16", "f16", True, 128), ("bf16x3", "bf16x3", True, 128),
-                                               ("f16", "bf16x3", False, 128),
+                                               ("f16", "bf16x3", False, 128), ("f16", "f16", False, 128),
                                                ("f16", "f16", True, 64)])  # head 64 (the 50m preset's)
 def test_mosaic_carve_lowers_for_cuda(kind, ax, emit_w, D):
   """The kernel lowers for CUDA on a CPU-only machine at head size 128 (`jax.export`): Mosaic GPU's own
