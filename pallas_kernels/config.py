@@ -49,7 +49,8 @@ class TuningConfig:
       below 6.5e4; on the H200 -0.25 ms fwd+bwd at B2 T8192: NOTES v10) or "bf16x3" (X's and A's hi / lo
       halves, three wgmmas).
     mosaic_w: the Mosaic kernel also writes the backward's W = A (gate k e^G) (two more wgmmas a chunk on the
-      solve warpgroup, off the chain), so `backward.bprep` does not form it from A and the gate.
+      solve warpgroup, off the chain), so `backward.bprep` does not form it from A and the gate (-0.11 ms
+      fwd+bwd at B2 T8192: NOTES v10); a forward with no backward after it never writes W.
     mosaic_approx_math: the Mosaic kernel's exp, rsqrt and sqrt as single approximate instructions
       (relative error ~2^-22; the gate's sigmoid as rsqrt(1 + e^-x)^2).
     num_stages: Triton software-pipelining stages of every kernel.
