@@ -500,7 +500,8 @@ class Residuals(NamedTuple):
 
   h [B, H, N, K, V]: the state entering each chunk; vn [B, Tp, H, V]: V_new; c [B, H, N, K]: CARVE's
   content signal (None otherwise); A [B, Tp, H, C]: (I + L)^{-1} (float32; float16 from CARVE's Mosaic
-  loop); aqk [B, Tp, H, C]: the lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and k e^{G_C - G}; gc [B, H, N, K]:
+  loop); aqk [B, Tp, H, C]: the lower-triangular Aqk (unscaled); qe, kd [B, Tp, H, K]: q e^G and
+  k e^{G_C - G}; gc [B, H, N, K]:
   G_C (`segments.NO_CARRY` where a packed document starts in the chunk); W [B, Tp, H, K]: A (b k e^G)
   for the gamma-free families and CARVE's Mosaic loop (None for CARVE's Triton loop: the backward forms it
   from A and the saved gate);

@@ -193,7 +193,7 @@ def inverse(L, prod: Products, masks: _Masks, group: int):
   return _geometric(D, Q, levels, prod, eye)
 
 
-PROFILE_REGIONS_PER_CHUNK = 13  # the most `scope` ranges one warpgroup records in a chunk (solve: 7 with W + 2 per part)
+PROFILE_REGIONS_PER_CHUNK = 13  # the most `scope` ranges a warpgroup records in a chunk (solve: 7 with W + 2 a part)
 PROFILE_MAX_CHUNKS = 12  # their trace buffer: 16 bytes a range a warpgroup, in the SMEM left (~9 KB)
 
 
