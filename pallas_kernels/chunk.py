@@ -51,9 +51,8 @@ class Static:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
 def _gated_delta(q, k, v, g, b, w, gamma, S0, seg, static):
   # the primal (no backward follows): the Mosaic loop need not write the backward's W
-  o, S, _ = forward(q, k, v, g, b, w, gamma, S0, seg, scale=static.scale, chunk_size=static.chunk_size,
-                    content_block=static.content_block, cfg=dataclasses.replace(static.config, mosaic_w=False),
-                    interpret=static.interpret)
+  primal = dataclasses.replace(static, config=dataclasses.replace(static.config, mosaic_w=False))
+  (o, S), _ = _gated_delta_fwd(q, k, v, g, b, w, gamma, S0, seg, primal)
   return o, S
 
 

@@ -529,13 +529,12 @@ def forward(q, k, v, g, b, w, gamma, S0, seg: Segments | None = None, *, scale, 
   """
   dt = Dtypes(q, interpret)
   kw = dict(C=chunk_size, cfg=cfg, dt=dt, interpret=interpret)
-  c2 = None
   if gamma is not None:
     pre = prep(q, k, g, None, None, None, seg, **kw)
     h, vn, c, A, S, c2, W = carve_state_pass(b, w, v, pre, gamma, S0, seg, cb=content_block, **kw)
   else:
     pre = prep(q, k, g, b, w, v, seg, **kw)
     h, vn, S = state_pass(pre["W"], pre["U"], pre["kd"], pre["gc"], S0, **kw)
-    c, A, W = None, pre["A"], pre["W"]
+    c, A, W, c2 = None, pre["A"], pre["W"], None
   o = output(pre["qe"], pre["aqk"], h, vn, scale=scale, out_dtype=q.dtype, **kw)
   return o, S, Residuals(h=h, vn=vn, c=c, A=A, aqk=pre["aqk"], qe=pre["qe"], kd=pre["kd"], gc=pre["gc"], W=W, c2=c2)
