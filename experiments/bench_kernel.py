@@ -13,6 +13,8 @@ B=8 T=2048 and B=2 T=8192, H=16, K=V=128, bf16 (decay g in float32, as FLA's lay
   pallas_carve_packed  carve(..., impl="pallas", segment_ids=...): packed documents of random lengths
   pallas_gdn2_packed   the same for gated_delta (lengths uniform in [doc_len/5, 9 doc_len/5], --doc_len
                        500: the cost of the document resets, next to the unpacked rows)
+  pallas_carve_packed_mosaic / _triton  the packed CARVE row with the state loop named (the Mosaic GPU
+                       loop, `mosaic_state`, or the Triton one)
   xla_chunk_carve_packed  carve(..., impl="chunk", segment_ids=...) (not in the default --impls)
   xla_chunk_carve      carve(..., impl="chunk") under XLA
   cudnn_attention      jax.nn.dot_product_attention(causal, implementation="cudnn")
@@ -104,8 +106,9 @@ def ops(x):
   nocontent_args = base + (x["logits"], x["beta"])  # the GDN-2 gate sigmoid is timed (inside fn)
   gated = lambda a: a[:4] + (jax.nn.sigmoid(a[4]),) + a[5:]
 
-  def direct(cfg, gamma=True):  # the kernel entry point with a non-default TuningConfig
-    kw = dict(scale=s, initial_state=S0, chunk_size=64, content_block=64, config=cfg)
+  def direct(cfg, gamma=True, packed=False):  # the kernel entry point with a non-default TuningConfig
+    kw = dict(scale=s, initial_state=S0, chunk_size=64, content_block=64, config=cfg,
+              segment_ids=x["seg"] if packed else None)
     if gamma:
       return lambda a: pallas_gated_delta(*a, **kw)[0].astype(jnp.bfloat16), carve_args
     return lambda a: pallas_gated_delta(*gated(a), None, **kw)[0], nocontent_args
@@ -127,6 +130,8 @@ def ops(x):
       "pallas_carve_mosaic_bf16x3": direct(TuningConfig(mosaic_inverse="bf16x3")),
       "pallas_carve_mosaic_ax3": direct(TuningConfig(mosaic_ax="bf16x3")),
       "pallas_carve_mosaic_now": direct(TuningConfig(mosaic_w=False)),
+      "pallas_carve_packed_mosaic": direct(TuningConfig(carve_state_kernel="mosaic"), packed=True),
+      "pallas_carve_packed_triton": direct(TuningConfig(carve_state_kernel="triton"), packed=True),
   }
   return variants | {
       "pallas_carve": (lambda a: carve(*a, impl="pallas")[0], carve_args),

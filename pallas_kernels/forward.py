@@ -413,13 +413,15 @@ def _carve_packed_signals(blk, Ss, c_prev, c2_prev, second):
 
 def carve_state_kernel(cfg: TuningConfig, dtype, *, K: int, V: int, C: int, packed: bool, interpret: bool) -> str:
   """Which kernel runs CARVE's state pass: cfg.carve_state_kernel, "auto" resolved to "mosaic" where the Mosaic
-  GPU kernel runs and has been checked (compiled, 16-bit inputs, unpacked documents, head and chunk sizes in
-  `mosaic_state.GPU_CHECKED_SIZES`), else "triton"."""
+  GPU kernel runs and has been checked (compiled, 16-bit inputs, head and chunk sizes in
+  `mosaic_state.GPU_CHECKED_SIZES`, for packed documents in `mosaic_state.GPU_CHECKED_PACKED_SIZES`), else
+  "triton"."""
   from pallas_kernels import mosaic_state  # noqa: PLC0415
   if cfg.carve_state_kernel != "auto":
     return cfg.carve_state_kernel
-  runs = (not interpret and not packed and jnp.dtype(dtype).itemsize == 2 and mosaic_state.fits(K=K, V=V, C=C)
-          and (K, V, C) in mosaic_state.GPU_CHECKED_SIZES)
+  checked = mosaic_state.GPU_CHECKED_PACKED_SIZES if packed else mosaic_state.GPU_CHECKED_SIZES
+  runs = (not interpret and jnp.dtype(dtype).itemsize == 2 and mosaic_state.fits(K=K, V=V, C=C, packed=packed)
+          and (K, V, C) in checked)
   return "mosaic" if runs else "triton"
 
 
@@ -446,9 +448,7 @@ def carve_state_pass(logits, beta, v, pre, gamma, S0, seg=None, *, C, cb, cfg: T
   from pallas_kernels import mosaic_state  # noqa: PLC0415
   if carve_state_kernel(cfg, logits.dtype, K=logits.shape[-1], V=v.shape[-1], C=C, packed=seg is not None,
                         interpret=interpret) == "mosaic":
-    if seg is not None:
-      raise ValueError("TuningConfig: carve_state_kernel='mosaic' takes no segment ids (packed documents)")
-    return mosaic_state.carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=C, cb=cb, interpret=interpret,
+    return mosaic_state.carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg, C=C, cb=cb, interpret=interpret,
                                                 inverse_kind=cfg.mosaic_inverse, ax_kind=cfg.mosaic_ax,
                                                 emit_w=cfg.mosaic_w, approx_math=cfg.mosaic_approx_math)
   B, Tp, H, K = logits.shape

@@ -203,27 +203,68 @@ SMEM_RESERVE = 4096  # barriers, the reduction scratch, alignment
 # (K, V, C) at which the compiled kernel has passed the GPU tests: "auto" picks it only there (interpret mode
 # does not check the SMEM tiling and swizzles the hardware needs; `tests/test_mosaic_state.py`'s GPU tests).
 GPU_CHECKED_SIZES = frozenset({(128, 128, 64), (64, 64, 64)})  # head 64: the GPU tests at 4b8108a
+GPU_CHECKED_PACKED_SIZES = frozenset()  # packed documents: none yet (interpret mode and CUDA lowering only)
 
 
-def _buffers(K: int, V: int, C: int, dt, inv_dt, ax_dt):
-  """The kernel's SMEM on the GPU: name -> (shape, dtype, whether a wgmma / TMA tile: tiled and swizzled)."""
+def _buffers(K: int, V: int, C: int, dt, inv_dt, ax_dt, packed: bool = False):
+  """The kernel's SMEM on the GPU: name -> (shape, dtype, whether a wgmma / TMA tile: tiled and swizzled);
+  packed documents add a chunk's document numbers and content classes and the mid-chunk block's signal."""
   f32 = jnp.float32
-  return dict(l=((C, K), dt, True), v=((C, V), dt, True), ke=((C, K), dt, True), beta=((C,), dt, False),
+  extra = dict(doc=((C,), dt, False), docc=((C,), dt, False), blk=((C,), dt, False), c2=((K,), f32, False)) \
+      if packed else {}  # (doc loaded as rows, docc as columns: one SMEM ref takes one register layout)
+  return extra | dict(l=((C, K), dt, True), v=((C, V), dt, True), ke=((C, K), dt, True), beta=((C,), dt, False),
               kd=((C, K), dt, True), gc=((K,), f32, False), gam=((K,), f32, False), codes=((C, C), dt, True),
               s16=((K, V), dt, True), c=((K,), f32, False), xh=((C, V), dt, True), xl=((C, V), ax_dt, True),
               bh=((C, C), inv_dt, True), bl=((C, C), inv_dt, True), kr=((2, C, K), dt, True),
               kc=((2, C, K), dt, True))
 
 
-def smem_bytes(K: int, V: int, C: int) -> int:
+def smem_bytes(K: int, V: int, C: int, packed: bool = False) -> int:
   """Bytes of the kernel's SMEM buffers at head sizes K, V and chunk C (16-bit inputs)."""
   return sum(math.prod(shape) * jnp.dtype(d).itemsize
-             for shape, d, _ in _buffers(K, V, C, jnp.bfloat16, jnp.float16, jnp.float16).values())
+             for shape, d, _ in _buffers(K, V, C, jnp.bfloat16, jnp.float16, jnp.float16, packed).values())
 
 
-def fits(*, K: int, V: int, C: int) -> bool:
+def fits(*, K: int, V: int, C: int, packed: bool = False) -> bool:
   """Whether the kernel runs at these sizes: wgmma tiles (multiples of 64) and SMEM within one block's."""
-  return K % 64 == 0 and V % 64 == 0 and C % 64 == 0 and smem_bytes(K, V, C) <= SMEM_LIMIT - SMEM_RESERVE
+  return (K % 64 == 0 and V % 64 == 0 and C % 64 == 0
+          and smem_bytes(K, V, C, packed) <= SMEM_LIMIT - SMEM_RESERVE)
+
+
+class PassSchedule(NamedTuple):
+  """The passes of the packed loop over chunks (`packed_schedule`; M = 2N entries, those past npass unused):
+  chunk [B, M] int32, the chunk of pass i; kind [B, M] int32: 0 the chunk's only pass, 1 the first of two
+  (its V_new gives the state at the mid-chunk block's row j, thus c2), 2 the second; info [B, N, 3] float32
+  per chunk: a content block begins at row 0 (AT_CHUNK), the last row's class is MID, is AT_START;
+  npass [B] int32: N + the number of chunks with a MID row."""
+  chunk: jax.Array
+  kind: jax.Array
+  info: jax.Array
+  npass: jax.Array
+
+
+def packed_schedule(blk, C: int) -> PassSchedule:
+  """`PassSchedule` from the content classes blk [B, Tp] (`segments.py`): one pass per chunk, two where a
+  content block begins mid-chunk (as the Triton loop's `forward._carve_packed_signals`)."""
+  from pallas_kernels.segments import AT_CHUNK, AT_START, MID  # noqa: PLC0415
+  B, Tp = blk.shape
+  N = Tp // C
+  b3 = blk.reshape(B, N, C)
+  has_mid = jnp.any(b3 == MID, axis=-1).astype(jnp.int32)             # [B, N]
+  ends = jnp.cumsum(1 + has_mid, axis=1)                               # one past chunk n's last pass
+  i = jnp.arange(2 * N, dtype=jnp.int32)
+  chunk = jnp.minimum(jnp.sum(ends[:, None, :] <= i[None, :, None], axis=-1), N - 1).astype(jnp.int32)
+  first = jnp.take_along_axis(ends - 1 - has_mid, chunk, axis=1) == i[None, :]
+  kind = jnp.where(jnp.take_along_axis(has_mid, chunk, axis=1) == 0, 0, jnp.where(first, 1, 2))
+  info = jnp.stack([b3[..., 0] == AT_CHUNK, b3[..., -1] == MID, b3[..., -1] == AT_START], -1)
+  return PassSchedule(chunk=chunk, kind=kind.astype(jnp.int32), info=info.astype(jnp.float32),
+                      npass=(N + jnp.sum(has_mid, axis=1)).astype(jnp.int32))
+
+
+def _bcast(x, shape, dim: int):
+  """x [n] broadcast along `dim` of a 2-D shape, in the WGMMA layout (stated: Mosaic GPU's layout inference
+  does not find it for every broadcast of the packed loop)."""
+  return plgpu.layout_cast(lax.broadcast_in_dim(x, shape, [dim]), plgpu.Layout.WGMMA)
 
 
 def _sigmoid(x):
@@ -233,11 +274,11 @@ def _sigmoid(x):
   return r * r
 
 
-def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int, interpret: bool,
+def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg=None, *, C: int, cb: int, interpret: bool,
                             inverse_kind: str = "f16", ax_kind: str = "f16", emit_w: bool = True,
                             approx_math: bool = True, profile_dir: str | None = None):
-  """`forward.CarveStatePass` (h, V_new, c, A, S_final and, with emit_w, W) as `forward.carve_state_pass`
-  (unpacked documents; 16-bit inputs), per chunk:
+  """`forward.CarveStatePass` (h, V_new, c, A, S_final, with packed documents c2, with emit_w W) as
+  `forward.carve_state_pass` (16-bit inputs), per chunk:
 
       c_n   = sqrt(mean_j S[:, j]^2 + eps)          (at a content-block start, else carried)
       gate  = sigmoid(logits + gamma c_n)           [C, K]
@@ -247,6 +288,15 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       V_new = A X
       W     = A (gate ke)                       [C, K]   (emit_w: the backward's W, `backward.bprep`)
       S    <- e^{G_C} S + Kd^T V_new
+
+  Packed documents (seg: `segments.Segments`; pre then also holds kj, gj): L within documents (doc_r = doc_c)
+  and each row's signal by its content class (c of the block carried in or begun at row 0, c2 of a block
+  begun at row j > 0, sqrt(eps) of one begun at a document start), as the Triton loop. A chunk with such a
+  mid-chunk block takes two passes (`packed_schedule`): the first, with c2 = c, gives V_new of the rows
+  before j, thus the state there, S_j = e^{G_j} S + kj^T V_new (in two [64, V] halves: S stays in registers),
+  and c2 = its signal; the second is the chunk's pass with every row's signal (the WY form holds for any
+  per-row gate). Only a chunk's last pass writes its outputs and updates S. kj and G_j arrive in kd's and
+  G_C's buffers for a first pass.
 
   Two warpgroups per (batch, head), handing over through SMEM and barriers:
     state (wg 1): holds S [K, V] float32 in registers; per chunk hands c over, stores S in 16 bits (the X
@@ -263,7 +313,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves
   staged in the inverse's right-operand buffers: in float16 (inverse_kind "f16": TF32's significand, which
   the backward's products with A round it to anyway), or as two bf16 halves summed outside into float32
-  ("bf16x3"). SMEM `smem_bytes`: 218 KB at K = V = 128, C = 64.
+  ("bf16x3"). SMEM `smem_bytes`: 218 KB at K = V = 128, C = 64 (packed: 0.75 KB more).
   approx_math: exp, rsqrt and sqrt as single approximate instructions (relative error ~2^-22).
 
   profile_dir: record every chunk's phases ("state/c", "solve/inverse", ...: the `scope` regions) per
@@ -271,10 +321,12 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   lives in the ~9 KB of SMEM left, so at most PROFILE_MAX_CHUNKS chunks: `experiments.mosaic_step_probe
   --trace-loop`)."""
   from pallas_kernels import intra  # noqa: PLC0415
+  from pallas_kernels.segments import AT_START, MID  # noqa: PLC0415
   B, Tp, H, K = logits.shape
   V, N, P = v.shape[-1], Tp // C, pre["kr"].shape[0]
   dt = logits.dtype
   f32 = jnp.float32
+  packed = seg is not None
   if jnp.dtype(dt).itemsize != 2:
     raise ValueError(f"carve_state_pass_mosaic: the inputs must be 16-bit, got {dt}")
   if inverse_kind not in INVERSE_KINDS:
@@ -293,30 +345,38 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
   a_regs = not interpret  # left wgmma operands from registers (the interpreter takes SMEM refs only)
   params = dict(approx_math=approx_math)
   if profile_dir is not None:
-    if interpret or N > PROFILE_MAX_CHUNKS:
-      raise ValueError(f"carve_state_pass_mosaic: profile_dir needs the GPU and at most {PROFILE_MAX_CHUNKS} "
-                       f"chunks, got {N} (interpret={interpret})")
+    if interpret or N > PROFILE_MAX_CHUNKS or packed:
+      raise ValueError(f"carve_state_pass_mosaic: profile_dir needs the GPU, unpacked documents and at most "
+                       f"{PROFILE_MAX_CHUNKS} chunks, got {N} (interpret={interpret}, packed={packed})")
     params |= dict(profile_space=PROFILE_REGIONS_PER_CHUNK * N + 4, profile_dir=profile_dir,
                    profile_bounds_check=True)
   params = plgpu.CompilerParams(**params)
   scope = jax.named_scope  # profiler regions (no code without profile_dir)
   smem = {n: SM(shape, d, transforms=_transforms(d, shape[-1])) if operand else SM(shape, d)
-          for n, (shape, d, operand) in _buffers(K, V, C, dt, inv_dt, ax_dt).items()}
+          for n, (shape, d, operand) in _buffers(K, V, C, dt, inv_dt, ax_dt, packed).items()}
   if not a_regs:  # the left operands (interpret mode): A's halves for A X, two of the inverse's
     smem |= dict(ah=SM((C, C), dt, transforms=tc), al=SM((C, C), dt, transforms=tc),
                  ax16=SM((C, C), jnp.float16, transforms=_transforms(jnp.float16, C)),
                  **{f"la{i}": SM((C, C), inv_dt, transforms=ti) for i in range(4)})
-  tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc")  # one barrier per TMA destination (and below)
+  # one barrier per TMA destination (and below)
+  tma_names = ("gam", "codes", "l", "v", "ke", "beta", "kd", "gc") + (("doc", "docc", "blk") if packed else ())
   hand_names = ("c_ready", "x_ready", "vn_ready", "l_read")  # hand-overs between the warpgroups
-
   a_halves = inverse_kind == "bf16x3"  # A leaves as (hi, lo) bf16 halves, else once in float16
+  in_names = ["l", "beta", "v", "kr", "kc", "ke", "kd", "gc", "gam", "s0", "codes"]
+  out_names = ["h", "vn", "c", "ahi", "sf"] + (["alo"] if a_halves else []) + (["w"] if emit_w else [])
+  if packed:
+    in_names += ["doc", "blk", "kj", "gj", "p_chunk", "p_kind", "info", "npass"]
+    out_names += ["c2"]
+  rest_eps = float(intra.CONTENT_EPS) ** 0.5  # the signal of a block begun at a document start (zero state)
 
-  def body(l_ref, beta_ref, v_ref, kr_ref, kc_ref, ke_ref, kd_ref, gc_ref, gam_ref, s0_ref, codes_ref,
-           h_ref, vn_ref, c_ref, ahi_ref, sf_ref, *rest):
-    n_out = int(a_halves) + int(emit_w)
-    alo_ref = rest[0] if a_halves else None
-    w_ref = rest[n_out - 1] if emit_w else None
-    scratch = rest[n_out:]
+  def when(cond, f):  # f() where cond holds (cond a Python bool when unpacked: traced only if True)
+    if isinstance(cond, bool):
+      return f() if cond else None
+    return pl.when(cond)(f)
+
+  def body(*refs):
+    r = dict(zip(in_names + out_names, refs))
+    scratch = refs[len(in_names) + len(out_names):]
     sm = dict(zip(smem, scratch[:len(smem)]))
     tma_bar, part_bar, hand_bar = scratch[len(smem):]
     tma = {k: tma_bar.at[i] for i, k in enumerate(tma_names)}
@@ -332,51 +392,84 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
       prod_ax = Products("f16", sm["xl"], None if a_regs else (sm["ax16"],))
     else:  # X's hi / lo halves in xh / xl
       prod_ax = Products("bf16x3", (sm["xh"], sm["xl"]), None if a_regs else ((sm["ah"], sm["al"]),))
+    n_pass = r["npass"][b] if packed else N  # passes over chunks (unpacked: pass i is chunk i)
 
-    def fetch(names, n):  # TMA of chunk n's tiles into their buffers
+    def pass_of(i):  # (chunk, kind) of pass i (`PassSchedule`); unpacked (i, 0)
+      return (r["p_chunk"][b, i], r["p_kind"][b, i]) if packed else (i, 0)
+
+    def fetch(names, i):  # TMA of pass i's tiles into their buffers (packed, a first pass: kj, G_j for Kd, G_C)
+      n, kind = pass_of(i)
       rows = pl.ds(n * C, C)
-      src = dict(l=l_ref.at[b, rows, h], v=v_ref.at[b, rows, h], ke=ke_ref.at[b, rows, h],
-                 beta=beta_ref.at[b, h, rows], kd=kd_ref.at[b, rows, h], gc=gc_ref.at[b, h, n])
+      src = dict(l=r["l"].at[b, rows, h], v=r["v"].at[b, rows, h], ke=r["ke"].at[b, rows, h],
+                 beta=r["beta"].at[b, h, rows], kd=r["kd"].at[b, rows, h], gc=r["gc"].at[b, h, n])
+      if packed:
+        src |= dict(doc=r["doc"].at[b, rows], docc=r["doc"].at[b, rows], blk=r["blk"].at[b, rows])
+        names = names + (("doc", "docc", "blk") if "l" in names else ())
       for k in names:
-        plgpu.copy_gmem_to_smem(src[k], sm[k], tma[k])
+        if packed and k in ("kd", "gc"):
+          mid = dict(kd=r["kj"].at[b, rows, h], gc=r["gj"].at[b, h, n])[k]
+          pl.when(kind == 1)(lambda k=k, mid=mid: plgpu.copy_gmem_to_smem(mid, sm[k], tma[k]))
+          pl.when(kind != 1)(lambda k=k: plgpu.copy_gmem_to_smem(src[k], sm[k], tma[k]))
+        else:
+          plgpu.copy_gmem_to_smem(src[k], sm[k], tma[k])
 
-    def fetch_part(q):  # decay part q % P of chunk q // P (q counts parts over the sequence) into slot q % 2
-      n, p, slot = q // P, lax.rem(q, P), lax.rem(q, 2)
+    def fetch_part(q):  # decay part q % P of pass q // P (q counts parts over the passes) into slot q % 2
+      n, p, slot = pass_of(q // P)[0], lax.rem(q, P), lax.rem(q, 2)
       rows = pl.ds(n * C, C)
-      plgpu.copy_gmem_to_smem(kr_ref.at[p, b, rows, h], sm["kr"].at[slot], part_bar.at[slot])
-      plgpu.copy_gmem_to_smem(kc_ref.at[p, b, rows, h], sm["kc"].at[slot], part_bar.at[2 + slot])
+      plgpu.copy_gmem_to_smem(r["kr"].at[p, b, rows, h], sm["kr"].at[slot], part_bar.at[slot])
+      plgpu.copy_gmem_to_smem(r["kc"].at[p, b, rows, h], sm["kc"].at[slot], part_bar.at[2 + slot])
 
     def wait(*names):
       for k in names:
         plgpu.barrier_wait(tma[k])
 
-    def gate_of():  # sigmoid(logits + gamma c) [C, K] of the chunk in SMEM
-      cg = plgpu.load(sm["gam"], layout=WG.reduce(0)) * plgpu.load(sm["c"], layout=WG.reduce(0))
-      return _sigmoid(plgpu.load(sm["l"], layout=WG).astype(f32) + lax.broadcast_in_dim(cg, (C, K), [1]))
+    def gate_of():  # sigmoid(logits + gamma c_row) [C, K] of the chunk in SMEM (c_row: the row's signal)
+      g_ = plgpu.load(sm["gam"], layout=WG.reduce(0))
+      cg = g_ * plgpu.load(sm["c"], layout=WG.reduce(0))
+      x = plgpu.load(sm["l"], layout=WG).astype(f32) + lax.broadcast_in_dim(cg, (C, K), [1])
+      if packed:  # rows of a mid-chunk block take c2, rows of a block begun at a document start sqrt(eps)
+        cls = plgpu.load(sm["blk"], layout=WG.reduce(1)).astype(f32)
+        row = lambda m: _bcast(m.astype(f32), (C, K), 0)
+        col = lambda y: _bcast(y, (C, K), 1)
+        x = (x + row(cls == MID) * col(g_ * plgpu.load(sm["c2"], layout=WG.reduce(0)) - cg)
+             + row(cls == AT_START) * col(g_ * rest_eps - cg))
+      return _sigmoid(x)
 
     @pl.when(wg == 1)
     def state_wg():
-      plgpu.copy_gmem_to_smem(gam_ref.at[h], sm["gam"], tma["gam"])
-      plgpu.copy_gmem_to_smem(codes_ref, sm["codes"], tma["codes"])
+      plgpu.copy_gmem_to_smem(r["gam"].at[h], sm["gam"], tma["gam"])
+      plgpu.copy_gmem_to_smem(r["codes"], sm["codes"], tma["codes"])
       fetch(("l", "v", "ke", "beta", "kd", "gc"), 0)
       wait("gam", "codes")  # (codes: wg 0's, observed here too for the interpreter's barrier checks)
 
-      def chunk(n, carry):
+      def chunk(i, carry):
         S, c_prev = carry
+        n, kind = pass_of(i)
+        last = True if not packed else kind != 1  # the chunk's last pass: outputs, the state update
         with scope("state/c"):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h, c and V_new have left s16, c, xh
           c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
-          new = (lax.rem(n * C, cb) == 0).astype(f32)
-          sm["c"][...] = new * c_new + (1.0 - new) * c_prev
+          new = r["info"][b, n, 0] if packed else (lax.rem(n * C, cb) == 0).astype(f32)  # a block begins at row 0
+          c1 = new * c_new + (1.0 - new) * c_prev
+          sm["c"][...] = c1
+          if packed:  # c2 = c1 but in a second pass (c2 then from the first's S_j)
+            def c2_is_c1():
+              sm["c2"][...] = c1
+            pl.when(kind != 2)(c2_is_c1)
           plgpu.commit_smem()
           plgpu.barrier_arrive(hand["c_ready"])  # wg 0 starts on c; the state's 16-bit copy after
-          plgpu.copy_smem_to_gmem(sm["c"], c_ref.at[b, h, n])
+
+          def c_out():
+            plgpu.copy_smem_to_gmem(sm["c"], r["c"].at[b, h, n])
+            if packed:
+              plgpu.copy_smem_to_gmem(sm["c2"], r["c2"].at[b, h, n])
+          when(last, c_out)
         with scope("state/s16"):
           sm["s16"][...] = S.astype(dt)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(sm["s16"], h_ref.at[b, h, n])
+          when(last, lambda: plgpu.copy_smem_to_gmem(sm["s16"], r["h"].at[b, h, n]))
         with scope("state/X"):
-          wait("l", "v", "ke", "beta")
+          wait("l", "v", "ke", "beta", *(("blk",) if packed else ()))
           # gate ke (interpret mode: in place of ke)
           gke = _left((gate_of() * plgpu.load(sm["ke"], layout=WG).astype(f32)).astype(dt), sm["ke"], a_regs)
           beta_col = plgpu.load(sm["beta"], layout=WG.reduce(1)).astype(f32)
@@ -387,30 +480,56 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           prod_ax.right(X)
           plgpu.barrier_arrive(hand["x_ready"])
 
-        @pl.when(n + 1 < N)
-        def _():  # the next chunk's tiles, once wg 0 has read this chunk's logits
+        @pl.when(i + 1 < n_pass)
+        def _():  # the next pass's tiles, once wg 0 has read this pass's logits
           plgpu.barrier_wait(hand["l_read"])
-          fetch(("l", "v", "beta") if emit_w else ("l", "v", "ke", "beta"), n + 1)  # (emit_w: wg 0 fetches ke)
+          fetch(("l", "v", "beta") if emit_w else ("l", "v", "ke", "beta"), i + 1)  # (emit_w: wg 0 fetches ke)
         with scope("state/wait_vn"):
           plgpu.barrier_wait(hand["vn_ready"])  # V_new in xh
         with scope("state/update"):
-          plgpu.copy_smem_to_gmem(sm["xh"], vn_ref.at[b, pl.ds(n * C, C), h])  # read before X's next store:
-          wait("kd", "gc")                                                      # the wait at the chunk's top
-          decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
-          S = S * lax.broadcast_in_dim(decay, S.shape, [0])
-          if a_regs:  # S accumulates in place (no second [K, V] float32 array: 128 registers a thread fewer)
-            def update(acc):
-              plgpu.wgmma(acc, sm["kd"].transpose((1, 0)), sm["xh"])
-              plgpu.wgmma_wait(0)
-            S = pl.run_state(update)(plgpu.ACC.init(S))
-          else:  # (the interpreter cannot initialise an accumulator)
-            S = S + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))
-        pl.when(n + 1 < N)(lambda: fetch(("kd", "gc"), n + 1))
-        return S, sm["c"][...]
+          when(last, lambda: plgpu.copy_smem_to_gmem(sm["xh"], r["vn"].at[b, pl.ds(n * C, C), h]))  # read
+          wait("kd", "gc")                                                      # before X's next store: the
+                                                                                # wait at the chunk's top
+          def update(S):  # S <- e^{G_C} S + Kd^T V_new
+            decay = jnp.exp(plgpu.load(sm["gc"], layout=WG.reduce(1)))
+            S = S * lax.broadcast_in_dim(decay, S.shape, [0])
+            if a_regs:  # S accumulates in place (no second [K, V] float32 array: 128 registers a thread fewer)
+              def acc_update(acc):
+                plgpu.wgmma(acc, sm["kd"].transpose((1, 0)), sm["xh"])
+                plgpu.wgmma_wait(0)
+              return pl.run_state(acc_update)(plgpu.ACC.init(S))
+            return S + _mm(sm["kd"].transpose((1, 0)), sm["xh"], (K, V))  # (the interpreter cannot initialise
+                                                                            # an accumulator)
+          def state_at_j(S):  # a first pass: c2 = signal of S_j = e^{G_j} S + kj^T V_new (kj, G_j in kd, gc)
+            for m in range(K // 64):  # [64, V] halves of the key rows: S stays whole in registers
+              ks = pl.ds(m * 64, 64)
+              decay = jnp.exp(plgpu.load(sm["gc"].at[ks], layout=WG.reduce(1)))
+              Sm = S[m * 64:(m + 1) * 64] * _bcast(decay, (64, V), 0)
+              kj_t = sm["kd"].at[:, ks].transpose((1, 0))
+              if a_regs:
+                def acc_j(acc, kj_t=kj_t):
+                  plgpu.wgmma(acc, kj_t, sm["xh"])
+                  plgpu.wgmma_wait(0)
+                Sj = pl.run_state(acc_j)(plgpu.ACC.init(Sm))
+              else:
+                Sj = Sm + _mm(kj_t, sm["xh"], (64, V))
+              sm["c2"].at[ks][...] = jnp.sqrt((Sj * Sj).sum(axis=1) / V + intra.CONTENT_EPS)
+            plgpu.commit_smem()
+            return S
+          S = update(S) if not packed else lax.cond(kind == 1, state_at_j, update, S)
+        pl.when(i + 1 < n_pass)(lambda: fetch(("kd", "gc"), i + 1))
+        if not packed:
+          return S, sm["c"][...]
+        # the signal carried into the next chunk: its last row's (a first pass carries c_prev on)
+        c2 = plgpu.load(sm["c2"], layout=WG.reduce(1))
+        to_mid, to_start = r["info"][b, n, 1], r["info"][b, n, 2]
+        c_last = c1 + to_mid * (c2 - c1) + to_start * (rest_eps - c1)
+        lastf = last.astype(f32)
+        return S, lastf * c_last + (1.0 - lastf) * c_prev
 
-      S0_ = plgpu.load(s0_ref.at[b, h], layout=WG, optimized=False)
-      S, _ = lax.fori_loop(0, N, chunk, (S0_, jnp.zeros((K,), f32)))
-      sf_ref.at[b, h][...] = S
+      S0_ = plgpu.load(r["s0"].at[b, h], layout=WG, optimized=False)
+      S, _ = lax.fori_loop(0, n_pass, chunk, (S0_, jnp.zeros((K,), f32)))
+      r["sf"].at[b, h][...] = S
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 0)
@@ -419,17 +538,22 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
         fetch_part(q)
       wait("gam", "codes")
 
-      def chunk(n, carry):
+      def chunk(i, carry):
+        n, kind = pass_of(i)
+        last = True if not packed else kind != 1
         with scope("solve/wait_c"):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's A has left bh and bl
           plgpu.barrier_wait(hand["c_ready"])
-          wait("l")
+          wait("l", *(("doc", "docc", "blk") if packed else ()))
         with scope("solve/gate"):
           gate = gate_of()
-          pl.when(n + 1 < N)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
+          if packed:  # the document numbers, read before wg 1 may fetch the next pass's
+            doc_r = plgpu.load(sm["doc"], layout=WG.reduce(1)).astype(f32)
+            doc_c = plgpu.load(sm["docc"], layout=WG.reduce(0)).astype(f32)
+          pl.when(i + 1 < n_pass)(lambda: plgpu.barrier_arrive(hand["l_read"]))  # waited for before the next fetch
 
         def part(p):  # (gate kr_p, kc_p^T) of chunk n's part p once its factors are in (interpret mode: gate
-          q = n * P + p  # kr_p stored in place of kr_p)
+          q = i * P + p  # kr_p stored in place of kr_p)
           slot = lax.rem(q, 2)
           kr_s, kc_s = sm["kr"].at[slot], sm["kc"].at[slot]
           with scope("solve/wait_part"):
@@ -439,8 +563,8 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           return gkr, kc_s.transpose((1, 0))
 
         def refill(p):  # part p + 2 into the slot part p's product has read
-          q = n * P + p
-          pl.when(q + 2 < N * P)(lambda: fetch_part(q + 2))
+          q = i * P + p
+          pl.when(q + 2 < n_pass * P)(lambda: fetch_part(q + 2))
 
         def first_parts(*accs):  # the two resident parts' products issued together; each slot refilled once read
           for acc, (gkr, kc_t) in zip(accs, pairs):
@@ -457,6 +581,8 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
             Lps.append(_mm(*part(p), (C, C)))
             refill(p)
         L = sum(masks.lower_within(p) * Lp for p, Lp in enumerate(Lps))
+        if packed:  # within documents
+          L = L * plgpu.layout_cast((_bcast(doc_r, (C, C), 0) == _bcast(doc_c, (C, C), 1)).astype(f32), WG)
         with scope("solve/inverse"):
           A = inverse(L, prod, masks, group)
         with scope("solve/wait_x"):
@@ -467,7 +593,8 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
           plgpu.commit_smem()
           plgpu.barrier_arrive(hand["vn_ready"])
         rows = pl.ds(n * C, C)
-        if emit_w:
+
+        def w_out():
           with scope("solve/W"):  # W = A (gate ke): gate ke is in ke's buffer (wg 1, before x_ready)
             ah, al = _halves(A, dt)
             if not a_regs:
@@ -475,39 +602,49 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, *, C: int, cb: int,
             W = _wgmmas([[(ah, sm["ke"]), (al, sm["ke"])]], (C, K))[0]
             sm["ke"][...] = W.astype(dt)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(sm["ke"], w_ref.at[b, rows, h])
-        with scope("solve/A_out"):  # A for its output, while wg 1 updates the state
-          if a_halves:
-            _split_store(A, (sm["bh"], sm["bl"]))
-            plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
-            plgpu.copy_smem_to_gmem(sm["bl"], alo_ref.at[b, rows, h])
-          else:
-            sm["bh"][...] = A.astype(inv_dt)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(sm["bh"], ahi_ref.at[b, rows, h])
+            plgpu.copy_smem_to_gmem(sm["ke"], r["w"].at[b, rows, h])
+
+        def a_out():
+          with scope("solve/A_out"):  # A for its output, while wg 1 updates the state
+            if a_halves:
+              _split_store(A, (sm["bh"], sm["bl"]))
+              plgpu.copy_smem_to_gmem(sm["bh"], r["ahi"].at[b, rows, h])
+              plgpu.copy_smem_to_gmem(sm["bl"], r["alo"].at[b, rows, h])
+            else:
+              sm["bh"][...] = A.astype(inv_dt)
+              plgpu.commit_smem()
+              plgpu.copy_smem_to_gmem(sm["bh"], r["ahi"].at[b, rows, h])
         if emit_w:
-          @pl.when(n + 1 < N)
-          def _():  # the next chunk's ke, once W has left its buffer
+          when(last, w_out)
+        when(last, a_out)
+        if emit_w:
+          @pl.when(i + 1 < n_pass)
+          def _():  # the next pass's ke, once W has left its buffer
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            fetch(("ke",), n + 1)
+            fetch(("ke",), i + 1)
         return carry
 
-      lax.fori_loop(0, N, chunk, 0)
+      lax.fori_loop(0, n_pass, chunk, 0)
       plgpu.wait_smem_to_gmem(0)
 
   sd = jax.ShapeDtypeStruct
-  a_out = sd((B, Tp, H, C), inv_dt)
+  a_out_t = sd((B, Tp, H, C), inv_dt)
+  out_type = [sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), a_out_t, sd((B, H, K, V), f32),
+              *([a_out_t] if a_halves else []), *([sd((B, Tp, H, K), dt)] if emit_w else []),
+              *([sd((B, H, N, K), f32)] if packed else [])]
   kernel = plgpu.kernel(
-      body,
-      out_type=(sd((B, H, N, K, V), dt), sd((B, Tp, H, V), dt), sd((B, H, N, K), f32), a_out, sd((B, H, K, V), f32),
-                *([a_out] if a_halves else []), *([sd((B, Tp, H, K), dt)] if emit_w else [])),
+      body, out_type=tuple(out_type),
       scratch_types=[*smem.values(), plgpu.Barrier(num_barriers=len(tma_names)),
                      plgpu.Barrier(num_barriers=4),  # the parts' factors: kr in slot 0 / 1, kc in slot 0 / 1
                      plgpu.Barrier(num_arrivals=1, num_barriers=len(hand_names))],
       grid=(B, H), grid_names=("b", "h"), num_threads=2, thread_name="wg", compiler_params=params,
       interpret=_interpret_params() if interpret else None)
-  h, vn, c, A, S, *rest = kernel(logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam,
-                                 S0.astype(f32), mask_codes(C, group, dt))
-  if a_halves:
-    A = A.astype(f32) + rest.pop(0).astype(f32)
-  return CarveStatePass(h=h, vn=vn, c=c, A=A, S=S, W=rest[0] if emit_w else None)
+  args = [logits, betaT, v, pre["kr"], pre["kc"], pre["ke"], pre["kd"], pre["gc"], gam, S0.astype(f32),
+          mask_codes(C, group, dt)]
+  if packed:
+    sch = packed_schedule(seg.blk, C)
+    args += [seg.doc.astype(dt), seg.blk.astype(dt), pre["kj"], pre["gj"], sch.chunk, sch.kind, sch.info, sch.npass]
+  outs = dict(zip(out_names, kernel(*args)))
+  A = outs["ahi"] if not a_halves else outs["ahi"].astype(f32) + outs["alo"].astype(f32)
+  return CarveStatePass(h=outs["h"], vn=outs["vn"], c=outs["c"], A=A, S=outs["sf"], c2=outs.get("c2"),
+                        W=outs.get("w"))

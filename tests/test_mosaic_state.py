@@ -84,6 +84,110 @@ def test_mosaic_carve_state_pass_matches_triton(B, T, H, K, V, C, cb, kind, ax, 
     assert errs["W"] < 1e-2  # bf16 storage (measured 2.5e-3 to 2.9e-3)
 
 
+# Packed rows at chunk = content block = 64 (T = 320, 5 chunks). Row 0: starts at 64 (chunk edge), 65, 66
+# (length 1 each), 96 (mid-chunk; 100 long: its next block begins at 160, row 32 of chunk 2), 196 (chunk 3;
+# next block at 260, row 4 of chunk 4). Row 1: starts at 70, 73, 273; the 200-long document's blocks begin
+# mid-chunk in chunks 2 and 3 (two passes in a row), and the first one's at 64 is on a chunk edge.
+PACKED_LENGTHS = [(64, 1, 1, 30, 100, 124), (70, 3, 200, 47)]
+
+
+def _packed_inputs(D, T=320, B=2, H=1, seed=3):
+  import numpy as np  # noqa: PLC0415
+  from pallas_kernels.segments import segments  # noqa: PLC0415
+  ids = jnp.asarray([np.repeat(np.arange(len(ls)), ls)[:T] for ls in PACKED_LENGTHS[:B]], jnp.int32)
+  seg = segments(ids, Tp=T, chunk_size=64, content_block=64)
+  logits, beta, v, _, gamma, S0 = _carve_inputs(B, T, H, D, D, 64, seed=seed)
+  ks = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
+  q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (B, T, H, D))
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, D)) + 4.0) / 16
+  interpret = jax.default_backend() != "gpu"
+  pre = fw.prep(q, k, g, None, None, None, seg, C=64, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
+  return logits, beta, v, pre, 2.0 + gamma, 10 * S0, seg  # gamma ~2 and a large S0: the signals matter
+
+
+def _packed_wy_w(st, logits, ke, gamma, seg, C):
+  """W = A (gate ke) of packed documents from a state pass's A, c, c2: each row's signal by its content class."""
+  from pallas_kernels.segments import AT_START, MID  # noqa: PLC0415
+  from pallas_kernels.intra import CONTENT_EPS  # noqa: PLC0415
+  B, T, H, K = logits.shape
+  per_token = lambda x: jnp.repeat(jnp.swapaxes(x, 1, 2), C, axis=1)  # [B, H, N, K] -> [B, T, H, K]
+  blk = seg.blk[:, :, None, None]
+  c = jnp.where(blk == MID, per_token(st.c2), jnp.where(blk == AT_START, CONTENT_EPS**0.5, per_token(st.c)))
+  gke = jax.nn.sigmoid(logits.astype(jnp.float32) + gamma[None, None, :, None] * c) * ke.astype(jnp.float32)
+  A = st.A.astype(jnp.float32).reshape(B, T // C, C, H, C)
+  return jnp.einsum("bnihj,bnjhk->bnihk", A, gke.reshape(B, T // C, C, H, K)).reshape(B, T, H, K)
+
+
+def _packed_errors(out, ref, logits, pre, gamma, seg):
+  """Relative errors of a packed state pass against the Triton one (c2 where it is read: chunks with a
+  mid-chunk block; W against A (gate ke) from the Triton pass's A, c, c2)."""
+  from pallas_kernels.segments import MID  # noqa: PLC0415
+  B, T = seg.blk.shape
+  mid = jnp.any(seg.blk.reshape(B, T // 64, 64) == MID, axis=-1)[:, None, :, None]  # [B, 1, N, 1]
+  f = lambda x: x.astype(jnp.float32)
+  errs = {n: rel_err(f(getattr(out, n)), f(getattr(ref, n))) for n in ("h", "vn", "c", "A", "S")}
+  errs["c2"] = rel_err(jnp.where(mid, out.c2, 0.0), jnp.where(mid, ref.c2, 0.0))
+  errs["W"] = rel_err(f(out.W), _packed_wy_w(ref, logits, pre["ke"], gamma, seg, 64))
+  return errs
+
+
+@pytest.mark.parametrize("D", [64])
+def test_mosaic_packed_state_pass_matches_triton(D):
+  """Packed documents in the Mosaic loop (interpret mode) == the Triton loop's packed pass: h, V_new, c, A,
+  S_final, c2 of the chunks with a mid-chunk block (two passes each, some in a row), and its W == A (gate ke)
+  with each row's signal; the documents change the result (a reset state differs from the carried one)."""
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic, packed_schedule  # noqa: PLC0415
+  logits, beta, v, pre, gamma, S0, seg = _packed_inputs(D)
+  sch = packed_schedule(seg.blk, 64)
+  assert sch.npass.tolist() == [7, 8]  # the layout is as described: chunks 2, 4 / 2, 3, 4 take two passes
+  assert sch.kind[0, :7].tolist() == [0, 0, 1, 2, 0, 1, 2] and sch.chunk[1, :8].tolist() == [0, 1, 2, 2, 3, 3, 4, 4]
+  ref = fw.carve_state_pass(logits, beta, v, pre, gamma, S0, seg, cb=64, C=64, cfg=DEFAULT,
+                            dt=fw.Dtypes(logits, True), interpret=True)
+  out = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg, C=64, cb=64, interpret=True)
+  errs = _packed_errors(out, ref, logits, pre, gamma, seg)
+  print("packed Mosaic against Triton:", errs)  # measured h 1.8e-3, vn 1.5e-3, c 1.1e-4, A 1.9e-4, c2 1.5e-4
+  tol = dict(h=1e-2, vn=1e-2, c=1e-3, A=1e-3, S=1e-2, c2=1e-3, W=1e-2)
+  assert all(errs[n] < tol[n] for n in tol), errs
+  assert out.c2.shape == ref.c2.shape == out.c.shape
+  # without the documents' masks and signals the same inputs give another state: the check can fail
+  unpacked = carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, C=64, cb=64, interpret=True)
+  assert rel_err(unpacked.S, ref.S) > 0.1
+
+
+def test_mosaic_packed_through_the_kernels_fwd_and_grads():
+  """carve_state_kernel='mosaic' with segment ids through `pallas_gated_delta` (interpret mode, bf16 inputs):
+  the loss and every gradient against the float32 chunk path with the same segment ids are as close as the
+  Triton loop's (both at bf16 rounding: gamma's gradient is itself bf16, one ulp 4e-3)."""
+  from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
+  from carve_jax.ops import carve  # noqa: PLC0415
+  from carve_jax.ops.sample_inputs import family_inputs  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  inp = family_inputs(jax.random.PRNGKey(22), "carve", B=1, T=200, H=1, K=64, V=64, dtype=jnp.bfloat16,
+                      initial_state=True)
+  seg = jnp.asarray(np.repeat(np.arange(4), (30, 1, 120, 49))[None], jnp.int32)  # blocks begin mid-chunk
+  args = (inp["q"], inp["k"], inp["v"], inp["g"], inp["erase_logits"], inp["beta"], 1.0 + inp["gamma"])
+  S0 = inp["initial_state"]
+  kw = dict(initial_state=S0, chunk_size=64, content_block=64, segment_ids=seg)
+  f32 = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t)
+
+  def loss(o, S):
+    return jnp.sum(jnp.sin(o.astype(jnp.float32))) + jnp.sum(S**2)
+  with jax.default_matmul_precision("highest"):
+    l_ref, g_ref = jax.value_and_grad(
+        lambda a: loss(*carve(*a, output_final_state=True, impl="chunk", **kw)))(f32(args))
+  errs = {}
+  for name in ("mosaic", "triton"):
+    cfg = TuningConfig(carve_state_kernel=name)
+    l, g = jax.value_and_grad(lambda a: loss(*pallas_gated_delta(*a, scale=0.125, **kw, config=cfg)))(args)
+    errs[name] = [abs(float(l - l_ref)) / abs(float(l_ref))] + [rel_err(x, y) for x, y in zip(f32(g), g_ref)]
+  print("packed through the kernels, errors (loss, d args) against float32:", errs)
+  # measured: loss 9e-4 / 1.1e-3, grads <= 6.0e-3 both; dgamma 2.1e-3 / 8.7e-3 (bf16 ulps)
+  assert all(e < 1e-2 for e in errs["mosaic"]), errs
+  assert all(m <= 1.5 * t + 1e-3 for m, t in zip(errs["mosaic"], errs["triton"])), errs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
 @pytest.mark.parametrize("D", [128, 64])  # head 64: the 50m preset's (in `GPU_CHECKED_SIZES` since 4b8108a passed)
@@ -157,6 +261,71 @@ def test_gpu_mosaic_kernels_match_reference(D):
     assert max(errs.values()) < GPU_KERNEL_TOL[jnp.bfloat16], (label, errs)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("D", [128, 64])
+def test_gpu_mosaic_packed(D):
+  """On the GPU, packed documents: the compiled Mosaic loop == the compiled Triton one (state pass, W), and
+  `pallas_gated_delta` with each loop, forward and every gradient against the float32 chunk path (documents
+  of random lengths, content block = chunk = 64: most chunks take two passes); prints errors and times."""
+  import time  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
+  from pallas_kernels.segments import segments  # noqa: PLC0415
+  from carve_jax.ops import carve  # noqa: PLC0415
+  from carve_jax.ops.sample_inputs import family_inputs  # noqa: PLC0415
+  from conftest import GPU_KERNEL_TOL  # noqa: PLC0415
+  B, T, H = 2, 2048, 16
+  rng = np.random.default_rng(5)
+  ids = jnp.asarray([np.repeat(np.arange(60), rng.integers(1, 200, size=60))[:T] for _ in range(B)], jnp.int32)
+  logits, beta, v, _, gamma, S0 = _carve_inputs(B, T, H, D, D, 64)
+  ks = jax.random.split(jax.random.PRNGKey(9), 3)
+  q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
+  k = jax.random.normal(ks[1], (B, T, H, D))
+  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, D)) + 4.0) / 16
+  seg = segments(ids, Tp=T, chunk_size=64, content_block=64)
+  dt = fw.Dtypes(q, False)
+  pre = fw.prep(q, k, g, None, None, None, seg, C=64, cfg=DEFAULT, dt=dt, interpret=False)
+  kw = dict(C=64, cfg=TuningConfig(carve_state_kernel="triton"), dt=dt, interpret=False)
+  triton = jax.jit(lambda: fw.carve_state_pass(logits, beta, v, pre, gamma, S0, seg, cb=64, **kw))
+  mosaic = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg, C=64, cb=64,
+                                                   interpret=False))
+  errs = _packed_errors(mosaic(), triton(), logits, pre, gamma, seg)
+  print(f"GPU packed state pass, head {D}, Mosaic against Triton: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+  assert max(errs.values()) < 2e-2, errs
+  for name, f in (("triton", triton), ("mosaic", mosaic)):
+    jax.block_until_ready(f())
+    t = time.perf_counter()
+    for _ in range(10):
+      jax.block_until_ready(f())
+    print(f"packed CARVE state pass B{B} T{T} H{H} head {D}: {name} {(time.perf_counter() - t) / 10 * 1e3:.3f} ms")
+  # through the kernels, forward and gradients, against float32
+  inp = family_inputs(jax.random.PRNGKey(12), "carve", B=2, T=700, H=4, K=D, V=D, dtype=jnp.bfloat16,
+                      initial_state=True)
+  names = ("q", "k", "v", "g", "erase_logits", "beta", "gamma", "initial_state")
+  seg2 = ids[:, :700]
+  ct = jax.random.normal(jax.random.PRNGKey(13), inp["v"].shape, jnp.float32)
+
+  def loss(x, f):
+    *a, S0_ = (x[n] for n in names)
+    o, S = f(a, S0_)
+    return jnp.sum(o.astype(jnp.float32) * ct) + jnp.sum(S.astype(jnp.float32) ** 2)
+  ref = lambda a, S0_: carve(*a, initial_state=S0_, output_final_state=True, impl="chunk", chunk_size=64,
+                             content_block=64, segment_ids=seg2)
+  with jax.default_matmul_precision("highest"):
+    g_ref = jax.jit(jax.grad(lambda x: loss(x, ref)))({n: inp[n].astype(jnp.float32) for n in names})
+  for label in ("triton", "mosaic"):
+    cfg = TuningConfig(carve_state_kernel=label)
+    ours = lambda a, S0_, cfg=cfg: pallas_gated_delta(*a, scale=D**-0.5, initial_state=S0_, chunk_size=64,
+                                                      content_block=64, segment_ids=seg2, config=cfg)
+    gr = jax.jit(jax.grad(lambda x: loss(x, ours)))({n: inp[n] for n in names})
+    e = {"d" + n: rel_err(gr[n].astype(jnp.float32), g_ref[n]) for n in names}
+    print(f"GPU packed errors, head {D}, {label}: " + ", ".join(f"{n} {x:.2e}" for n, x in e.items()))
+    assert max(e.values()) < GPU_KERNEL_TOL[jnp.bfloat16], (label, e)
+
+
 def test_mosaic_carve_through_the_kernels_fwd_and_grads():
   """carve_state_kernel='mosaic' through `pallas_gated_delta` (interpret mode, bf16): the forward and every
   gradient (the Triton backward on the Mosaic forward's residuals) == the Triton forward's, to bf16 rounding."""
@@ -226,6 +395,27 @@ def test_mosaic_carve_lowers_for_cuda(kind, ax, emit_w, D):
           x, x[..., 0], x, dict(kr=x[None], kc=x[None], ke=x, kd=x, gc=x[:, :1, 0].T[None]), jnp.zeros((1,)),
           jnp.zeros((1, 1, 64, 64)), C=64, cb=64, interpret=interpret, profile_dir="/tmp/unused"),
           jax.ShapeDtypeStruct((1, T_, 1, 64), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("D, emit_w", [(128, True), (64, True), (128, False)])
+def test_mosaic_packed_lowers_for_cuda(D, emit_w):
+  """The packed loop (document masks, per-row signals, the pass schedule's while loop and two-pass chunks)
+  lowers for CUDA on the CPU (`jax.export`): Mosaic GPU's layout inference and SMEM checks pass."""
+  from jax import export  # noqa: PLC0415
+  from pallas_kernels.mosaic_state import carve_state_pass_mosaic, fits, smem_bytes  # noqa: PLC0415
+  from pallas_kernels.segments import Segments  # noqa: PLC0415
+  B, T, H, C, P = 1, 256, 2, 64, 3
+  sd = jax.ShapeDtypeStruct
+  x = sd((B, T, H, D), jnp.bfloat16)
+  vec = sd((B, H, T // C, D), jnp.float32)
+  ids = sd((B, T), jnp.int32)
+  args = (x, sd((B, T, H), jnp.bfloat16), x, sd((P, B, T, H, D), jnp.bfloat16), sd((P, B, T, H, D), jnp.bfloat16),
+          x, x, vec, sd((H,), jnp.float32), sd((B, H, D, D), jnp.float32), x, vec, ids, ids)
+  f = lambda l, beta, v, kr, kc, ke, kd, gc, gam, S0, kj, gj, doc, blk: carve_state_pass_mosaic(
+      l, beta, v, dict(kr=kr, kc=kc, ke=ke, kd=kd, gc=gc, kj=kj, gj=gj), gam, S0, Segments(ids=doc, doc=doc, blk=blk),
+      C=C, cb=64, interpret=False, emit_w=emit_w)
+  assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*args).mlir_module()
+  assert fits(K=D, V=D, C=C, packed=True) and smem_bytes(D, D, C, packed=True) - smem_bytes(D, D, C) == 3 * 128 + 4 * D
 
 
 def test_mosaic_step_probe_lowers_for_cuda():
