@@ -18,8 +18,8 @@ tokens per step), in a process of its own (so the device's peak-memory counter i
   * peak memory: the device's `peak_bytes_in_use` after the timed steps, and XLA's account of the
     compiled step (arguments + outputs + temporaries).
 The loop trains without document resets (`reset_documents=False`): the unpacked kernels, as in
-`bench_kernel` (with segment ids CARVE's forward state pass runs the Triton loop instead of the Mosaic GPU
-one: `pallas_kernels.forward.carve_state_kernel`).
+`bench_kernel` (with segment ids CARVE's state loop takes two passes in chunks where a content block begins
+mid-chunk: `bench_kernel`'s pallas_carve_packed rows, NOTES v11).
 Sizes: "50m" is the preset (d 512, 12 layers, 8 heads x 64); "350m" is d 1024, 24 layers, 8 heads
 x 128 (347M parameters for CARVE at the byte vocabulary). bf16 compute, impl "auto" (Pallas on GPU),
 scan over layers on. `--remat_policies` adds rows of other remat policies (memory / time trade-off).

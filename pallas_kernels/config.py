@@ -39,7 +39,8 @@ class TuningConfig:
     state_num_warps: warps of the gamma-free state passes (forward and backward).
     carve_num_warps: warps of CARVE's forward state pass (gate, WY solve and state in the loop).
     carve_state_kernel: "auto" (the Mosaic GPU kernel where it runs and has passed the GPU tests: compiled,
-      16-bit inputs, unpacked documents, K = V = 128 or 64 and chunk 64 (`mosaic_state.GPU_CHECKED_SIZES`); else
+      16-bit inputs, K = V = 128 or 64 and chunk 64, packed documents or not (`mosaic_state.GPU_CHECKED_SIZES`,
+      `GPU_CHECKED_PACKED_SIZES`); else
       Triton), "triton" (`forward.carve_state_pass`) or "mosaic" (`mosaic_state.carve_state_pass_mosaic`,
       any size it `fits`; on the H200 ~2x faster than the Triton loop at B2 T8192 and B8 T2048: NOTES v9).
     mosaic_inverse: the Mosaic kernel's in-chunk inverse products: "f16" (one float16 wgmma each, 11-bit

@@ -1,12 +1,13 @@
 r"""CARVE's sequential forward state pass (`forward.carve_state_pass`) as a Mosaic GPU kernel, the default on
-the GPU (`TuningConfig(carve_state_kernel="auto")`: 16-bit inputs, unpacked documents, `GPU_CHECKED_SIZES`):
+the GPU (`TuningConfig(carve_state_kernel="auto")`: 16-bit inputs, `GPU_CHECKED_SIZES`; packed documents since
+v11, `GPU_CHECKED_PACKED_SIZES`: packed CARVE fwd+bwd x1.20 / x1.38 of unpacked, was x1.57 / x2.38 on Triton):
 on the H200 1.73-1.83 ms against the Triton loop's 3.8-3.9 at B2 T8192 H16, 0.67 against 1.2-1.5 at B8 T2048
 (v9), and with A X in float16 and the backward's W from the loop CARVE's fwd+bwd is 0.80 / 0.88x FLA's
 chunk_gdn2 (v10; `NOTES.md`: the figures, where a chunk's time goes, what is next).
 
 What is checked: on the H200, agreement with the Triton pass and with the float32 reference through the
 kernels' forward and backward at heads 128 and 64 (`tests/test_mosaic_state.py`'s GPU tests, run on v10 at
-4b8108a: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic
+4b8108a, the packed ones at e9d2b3c: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic
 GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes SMEM
 operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA
 (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory)."""
@@ -203,7 +204,8 @@ SMEM_RESERVE = 4096  # barriers, the reduction scratch, alignment
 # (K, V, C) at which the compiled kernel has passed the GPU tests: "auto" picks it only there (interpret mode
 # does not check the SMEM tiling and swizzles the hardware needs; `tests/test_mosaic_state.py`'s GPU tests).
 GPU_CHECKED_SIZES = frozenset({(128, 128, 64), (64, 64, 64)})  # head 64: the GPU tests at 4b8108a
-GPU_CHECKED_PACKED_SIZES = frozenset()  # packed documents: none yet (interpret mode and CUDA lowering only)
+# packed documents: `tests/test_mosaic_state.py::test_gpu_mosaic_packed` and the packed kernel tests at e9d2b3c
+GPU_CHECKED_PACKED_SIZES = frozenset({(128, 128, 64), (64, 64, 64)})
 
 
 def _buffers(K: int, V: int, C: int, dt, inv_dt, ax_dt, packed: bool = False):

@@ -359,7 +359,8 @@ def test_auto_picks_the_mosaic_kernel_where_it_runs():
   assert DEFAULT.carve_state_kernel == "auto"
   assert pick() == "mosaic" and pick(jnp.float16) == "mosaic"
   assert smem_bytes(128, 128, 64) == 222848 < SMEM_LIMIT
-  for kw in (dict(dtype=jnp.float32), dict(packed=True), dict(interpret=True), dict(K=256), dict(K=96),
+  assert pick(packed=True) == "mosaic" and pick(K=64, packed=True) == "mosaic"  # packed: GPU-checked at e9d2b3c
+  for kw in (dict(dtype=jnp.float32), dict(packed=True, interpret=True), dict(interpret=True), dict(K=256), dict(K=96),
              dict(C=128), dict(C=32), dict(cfg=TuningConfig(carve_state_kernel="triton"))):
     assert pick(**kw) == "triton", kw
   assert pick(jnp.float32, cfg=TuningConfig(carve_state_kernel="mosaic")) == "mosaic"
