@@ -34,6 +34,7 @@ Writes <out_dir>/bench_train<tag>.{json,md,png} after every row (a cut run keeps
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -201,11 +202,13 @@ def worker(spec: dict) -> dict:
 def compile_scaling_rows(args) -> list[dict]:
   rows = []
   scans = {"both": (False, True), "on": (True,), "off": (False,)}[args.compile_scan]
+  inits = {"both": ("device", "host"), "device": ("device",), "host": ("host",)}[args.compile_init]
   for layers in (int(x) for x in args.compile_layers.split(",")):
     for scan in scans:
-      rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
-                       batch=args.compile_batch, scan_layers=scan, n_layers=layers,
-                       remat_policy="none"))
+      for init_on in inits:
+        rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
+                         batch=args.compile_batch, scan_layers=scan, n_layers=layers,
+                         remat_policy="none", init_on=init_on))
   return rows
 
 
@@ -229,9 +232,16 @@ def compile_worker(spec: dict) -> dict:
     mcfg = mcfg.replace(d_model=32, n_heads=2, mlp_multiple=32)
   mesh = dist.make_mesh()
   t0 = time.perf_counter()
-  graphdef, params, rest = nnx.split(LM(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-  opt = make_optimizer(OptimConfig(), 10)
-  state = dist.replicate(mesh, init_state(params, opt, 0))
+  # init_on "host": the parameters and optimizer state built on the CPU backend (its small eager-op compiles
+  # are cheaper than the GPU's), then placed on the mesh
+  host = spec.get("init_on", "device") == "host"
+  with jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext():
+    graphdef, params, rest = nnx.split(LM(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    opt = make_optimizer(OptimConfig(), 10)
+    state = init_state(params, opt, 0)
+  state = dist.replicate(mesh, state)
+  if host:
+    rest = dist.replicate(mesh, rest)
   step = FlatTrainStep(graphdef, rest, opt, mesh, state)
   leaves = step.flatten(state)
   toks = np.zeros((B, T + 1), np.int32)
@@ -332,10 +342,10 @@ def markdown(results: list[dict]) -> str:
   from experiments.report import fmt_bytes, md_table
   comp = [r for r in results if r.get("kind") == "compile" and not r.get("error")]
   if comp:
-    rows = [[r["mixer"], r["n_layers"], r["scan_layers"], r["init_s"], r["trace_lower_s"], r["compile_s"],
-             r["first_step_s"]] for r in comp]
-    out = md_table(["mixer", "layers", "scan", "init s", "trace+lower s", "compile s", "first step s"], rows)
-    by = {(r["n_layers"], r["scan_layers"]): r["first_step_s"] for r in comp}
+    rows = [[r["mixer"], r["n_layers"], r["scan_layers"], r.get("init_on", "device"), r["init_s"], r["trace_lower_s"],
+             r["compile_s"], r["first_step_s"]] for r in comp]
+    out = md_table(["mixer", "layers", "scan", "init on", "init s", "trace+lower s", "compile s", "first step s"], rows)
+    by = {(r["n_layers"], r["scan_layers"]): r["first_step_s"] for r in comp if r.get("init_on", "device") == "device"}
     for scan in (False, True):
       if (12, scan) in by and (48, scan) in by:
         out += f"\nscan_layers={scan}: first step at 48 layers / at 12 = {by[48, scan] / by[12, scan]:.2f}x\n"
@@ -462,6 +472,8 @@ class BenchTrainFlags:
       CARVE layers at 16 x 2048 do not fit in 141 GB).
     compile_layers: comma list of depths of the compile-scaling rows.
     compile_scan: scan over layers in the compile-scaling rows.
+    compile_init: where the compile-scaling rows build the model and optimizer state: the default device, the
+      CPU backend ("host", then placed on the mesh), or both (a row each).
     tokens_dir: byte export for the loop's text (default: the fixture).
     cache_dir: XLA's persistent compile cache.
     out_dir: where the results go.
@@ -488,6 +500,7 @@ class BenchTrainFlags:
   compile_batch: int = 1
   compile_layers: str = "12,48"
   compile_scan: Literal["both", "on", "off"] = "both"
+  compile_init: Literal["device", "host", "both"] = "device"
   tokens_dir: str | None = None
   cache_dir: str = "/tmp/bench_train_xla_cache"
   out_dir: str = str(Path(__file__).resolve().parent / "results" / "bench_train")
