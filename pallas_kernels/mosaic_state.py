@@ -7,8 +7,8 @@ chunk_gdn2 (v10; `NOTES.md`: the figures, where a chunk's time goes, what is nex
 
 What is checked: on the H200, agreement with the Triton pass and with the float32 reference through the
 kernels' forward and backward at heads 128 and 64 (`tests/test_mosaic_state.py`'s GPU tests, run on v10 at
-4b8108a, the packed ones at e9d2b3c: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU, in CI: agreement in Mosaic
-GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes SMEM
+4b8108a, the packed ones at e9d2b3c: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU,
+in CI: agreement in Mosaic GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes SMEM
 operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA
 (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory)."""
 
@@ -315,7 +315,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg=None, *, C: int
   come from registers on the GPU (interpret mode: from SMEM, `a_regs`), right operands from SMEM. A leaves
   staged in the inverse's right-operand buffers: in float16 (inverse_kind "f16": TF32's significand, which
   the backward's products with A round it to anyway), or as two bf16 halves summed outside into float32
-  ("bf16x3"). SMEM `smem_bytes`: 218 KB at K = V = 128, C = 64 (packed: 0.75 KB more).
+  ("bf16x3"). SMEM `smem_bytes`: 218 KB at K = V = 128, C = 64 (packed: 0.9 KB more).
   approx_math: exp, rsqrt and sqrt as single approximate instructions (relative error ~2^-22).
 
   profile_dir: record every chunk's phases ("state/c", "solve/inverse", ...: the `scope` regions) per

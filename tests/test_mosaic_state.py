@@ -293,7 +293,8 @@ def test_gpu_mosaic_packed(D):
   mosaic = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg, C=64, cb=64,
                                                    interpret=False))
   errs = _packed_errors(mosaic(), triton(), logits, pre, gamma, seg)
-  print(f"GPU packed state pass, head {D}, Mosaic against Triton: " + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
+  print(f"GPU packed state pass, head {D}, Mosaic against Triton: "
+        + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
   assert max(errs.values()) < 2e-2, errs
   for name, f in (("triton", triton), ("mosaic", mosaic)):
     jax.block_until_ready(f())
