@@ -396,11 +396,14 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg=None, *, C: int
       prod_ax = Products("bf16x3", (sm["xh"], sm["xl"]), None if a_regs else ((sm["ah"], sm["al"]),))
     n_pass = r["npass"][b] if packed else N  # passes over chunks (unpacked: pass i is chunk i)
 
-    def pass_of(i):  # (chunk, kind) of pass i (`PassSchedule`); unpacked (i, 0)
-      return (r["p_chunk"][b, i], r["p_kind"][b, i]) if packed else (i, 0)
+    def pass_of(i):  # (chunk, kind, last) of pass i (`PassSchedule`; last: the chunk's last pass, which writes
+      if not packed:  # the outputs and updates S); unpacked (i, 0, True)
+        return i, 0, True
+      kind = r["p_kind"][b, i]
+      return r["p_chunk"][b, i], kind, kind != 1
 
     def fetch(names, i):  # TMA of pass i's tiles into their buffers (packed, a first pass: kj, G_j for Kd, G_C)
-      n, kind = pass_of(i)
+      n, kind, _ = pass_of(i)
       rows = pl.ds(n * C, C)
       src = dict(l=r["l"].at[b, rows, h], v=r["v"].at[b, rows, h], ke=r["ke"].at[b, rows, h],
                  beta=r["beta"].at[b, h, rows], kd=r["kd"].at[b, rows, h], gc=r["gc"].at[b, h, n])
@@ -446,8 +449,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg=None, *, C: int
 
       def chunk(i, carry):
         S, c_prev = carry
-        n, kind = pass_of(i)
-        last = True if not packed else kind != 1  # the chunk's last pass: outputs, the state update
+        n, kind, last = pass_of(i)
         with scope("state/c"):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's h, c and V_new have left s16, c, xh
           c_new = jnp.sqrt((S * S).sum(axis=1) / V + intra.CONTENT_EPS)  # [K], rows of S
@@ -541,8 +543,7 @@ def carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg=None, *, C: int
       wait("gam", "codes")
 
       def chunk(i, carry):
-        n, kind = pass_of(i)
-        last = True if not packed else kind != 1
+        n, _, last = pass_of(i)
         with scope("solve/wait_c"):
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # chunk n - 1's A has left bh and bl
           plgpu.barrier_wait(hand["c_ready"])

@@ -11,7 +11,8 @@ from pallas_kernels.config import DEFAULT, TuningConfig
 from conftest import rel_err
 
 
-def _carve_inputs(B, T, H, K, V, C, seed=0):
+def _carve_inputs(B, T, H, K, V, C, seed=0, seg=None):
+  """(logits, beta, v, prep's dict, gamma, S0) of random CARVE inputs (bf16); seg: packed documents' `Segments`."""
   ks = jax.random.split(jax.random.PRNGKey(seed), 8)
   bf = jnp.bfloat16
   q = jax.random.normal(ks[0], (B, T, H, K), bf)
@@ -24,8 +25,18 @@ def _carve_inputs(B, T, H, K, V, C, seed=0):
   gamma = 0.5 * jax.random.normal(ks[6], (H,))
   S0 = 0.1 * jax.random.normal(ks[7], (B, H, K, V))
   interpret = jax.default_backend() != "gpu"
-  pre = fw.prep(q, k, g, None, None, None, C=C, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
+  pre = fw.prep(q, k, g, None, None, None, seg, C=C, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
   return logits, beta, v, pre, gamma, S0
+
+
+def _time_ms(f, reps=10):
+  """Mean ms of f() over reps calls after one warm-up call (each synchronised)."""
+  import time  # noqa: PLC0415
+  jax.block_until_ready(f())
+  t = time.perf_counter()
+  for _ in range(reps):
+    jax.block_until_ready(f())
+  return (time.perf_counter() - t) / reps * 1e3
 
 
 def _wy_w(st, logits, ke, gamma, C):
@@ -96,14 +107,7 @@ def _packed_inputs(D, T=320, B=2, H=1, seed=3):
   from pallas_kernels.segments import segments  # noqa: PLC0415
   ids = jnp.asarray([np.repeat(np.arange(len(ls)), ls)[:T] for ls in PACKED_LENGTHS[:B]], jnp.int32)
   seg = segments(ids, Tp=T, chunk_size=64, content_block=64)
-  logits, beta, v, _, gamma, S0 = _carve_inputs(B, T, H, D, D, 64, seed=seed)
-  ks = jax.random.split(jax.random.PRNGKey(seed + 100), 3)
-  q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (B, T, H, D))
-  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, D)) + 4.0) / 16
-  interpret = jax.default_backend() != "gpu"
-  pre = fw.prep(q, k, g, None, None, None, seg, C=64, cfg=DEFAULT, dt=fw.Dtypes(q, interpret), interpret=interpret)
+  logits, beta, v, pre, gamma, S0 = _carve_inputs(B, T, H, D, D, 64, seed=seed, seg=seg)
   return logits, beta, v, pre, 2.0 + gamma, 10 * S0, seg  # gamma ~2 and a large S0: the signals matter
 
 
@@ -194,7 +198,6 @@ def test_mosaic_packed_through_the_kernels_fwd_and_grads():
 def test_gpu_mosaic_carve_state_pass(D):
   """On the GPU: the compiled Mosaic kernel == the compiled Triton one (bf16, head D), its W == A (gate ke)
   from the Triton pass's A and c, and their times."""
-  import time  # noqa: PLC0415
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
   logits, beta, v, pre, gamma, S0 = _carve_inputs(2, 2048, 16, D, D, 64)
   kw = dict(C=64, cfg=TuningConfig(carve_state_kernel="triton"), dt=fw.Dtypes(logits, False), interpret=False)
@@ -207,11 +210,7 @@ def test_gpu_mosaic_carve_state_pass(D):
   print(f"head {D}: W error {w_err:.2e}")
   assert w_err < 2e-2
   for name, f in (("triton", triton), ("mosaic", mosaic)):
-    jax.block_until_ready(f())
-    t = time.perf_counter()
-    for _ in range(10):
-      jax.block_until_ready(f())
-    print(f"CARVE state pass B2 T2048 H16 head {D}: {name} {(time.perf_counter() - t) / 10 * 1e3:.3f} ms")
+    print(f"CARVE state pass B2 T2048 H16 head {D}: {name} {_time_ms(f):.3f} ms")
 
 
 @pytest.mark.gpu
@@ -268,7 +267,6 @@ def test_gpu_mosaic_packed(D):
   """On the GPU, packed documents: the compiled Mosaic loop == the compiled Triton one (state pass, W), and
   `pallas_gated_delta` with each loop, forward and every gradient against the float32 chunk path (documents
   of random lengths, content block = chunk = 64: most chunks take two passes); prints errors and times."""
-  import time  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from pallas_kernels import pallas_gated_delta  # noqa: PLC0415
   from pallas_kernels.mosaic_state import carve_state_pass_mosaic  # noqa: PLC0415
@@ -279,16 +277,9 @@ def test_gpu_mosaic_packed(D):
   B, T, H = 2, 2048, 16
   rng = np.random.default_rng(5)
   ids = jnp.asarray([np.repeat(np.arange(60), rng.integers(1, 200, size=60))[:T] for _ in range(B)], jnp.int32)
-  logits, beta, v, _, gamma, S0 = _carve_inputs(B, T, H, D, D, 64)
-  ks = jax.random.split(jax.random.PRNGKey(9), 3)
-  q = jax.random.normal(ks[0], (B, T, H, D), jnp.bfloat16)
-  k = jax.random.normal(ks[1], (B, T, H, D))
-  k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(jnp.bfloat16)
-  g = jax.nn.log_sigmoid(jax.random.normal(ks[2], (B, T, H, D)) + 4.0) / 16
   seg = segments(ids, Tp=T, chunk_size=64, content_block=64)
-  dt = fw.Dtypes(q, False)
-  pre = fw.prep(q, k, g, None, None, None, seg, C=64, cfg=DEFAULT, dt=dt, interpret=False)
-  kw = dict(C=64, cfg=TuningConfig(carve_state_kernel="triton"), dt=dt, interpret=False)
+  logits, beta, v, pre, gamma, S0 = _carve_inputs(B, T, H, D, D, 64, seg=seg)
+  kw = dict(C=64, cfg=TuningConfig(carve_state_kernel="triton"), dt=fw.Dtypes(logits, False), interpret=False)
   triton = jax.jit(lambda: fw.carve_state_pass(logits, beta, v, pre, gamma, S0, seg, cb=64, **kw))
   mosaic = jax.jit(lambda: carve_state_pass_mosaic(logits, beta, v, pre, gamma, S0, seg, C=64, cb=64,
                                                    interpret=False))
@@ -297,11 +288,7 @@ def test_gpu_mosaic_packed(D):
         + ", ".join(f"{n} {e:.2e}" for n, e in errs.items()))
   assert max(errs.values()) < 2e-2, errs
   for name, f in (("triton", triton), ("mosaic", mosaic)):
-    jax.block_until_ready(f())
-    t = time.perf_counter()
-    for _ in range(10):
-      jax.block_until_ready(f())
-    print(f"packed CARVE state pass B{B} T{T} H{H} head {D}: {name} {(time.perf_counter() - t) / 10 * 1e3:.3f} ms")
+    print(f"packed CARVE state pass B{B} T{T} H{H} head {D}: {name} {_time_ms(f):.3f} ms")
   # through the kernels, forward and gradients, against float32
   inp = family_inputs(jax.random.PRNGKey(12), "carve", B=2, T=700, H=4, K=D, V=D, dtype=jnp.bfloat16,
                       initial_state=True)
