@@ -8,8 +8,9 @@ chunk_gdn2 (v10; `NOTES.md`: the figures, where a chunk's time goes, what is nex
 What is checked: on the H200, agreement with the Triton pass and with the float32 reference through the
 kernels' forward and backward at heads 128 and 64 (`tests/test_mosaic_state.py`'s GPU tests, run on v10 at
 4b8108a, the packed ones at e9d2b3c: the Triton loop's errors), and `kernel_probe --carve-only`; on the CPU,
-in CI: agreement in Mosaic GPU's interpret mode, alone and through the kernels' forward and backward (the interpreter takes SMEM
-operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU path lowers for CUDA
+in CI: agreement in Mosaic GPU's interpret mode, alone and through the kernels' forward and backward (the
+interpreter takes SMEM operands only, so it checks the stored-operand path: `a_regs=False`), and the GPU
+path lowers for CUDA
 (`jax.export(..., platforms=["cuda"])`: Mosaic's checks of wgmma operands, layouts and shared memory)."""
 
 from __future__ import annotations
