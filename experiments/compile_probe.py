@@ -159,15 +159,16 @@ def worker(spec: dict) -> dict:
 def run(args) -> list[dict]:
   results = []
   for term in [r for r in args.rows.split(",") if r]:
-    parts = (term.split(":") + ["", "", "", ""])[:4]
+    parts = (term.split(":") + ["", "", "", "", ""])[:5]
     kind, mixer = parts[0], parts[1]
     if kind not in ("step", "op"):
-      raise SystemExit(f"compile_probe: a --rows term is KIND:MIXER[:INIT[:STATE_KERNEL]], KIND step or op, got {term!r}")
+      raise SystemExit(f"compile_probe: a --rows term is KIND:MIXER[:INIT[:STATE_KERNEL[:XLA_FLAGS]]], KIND step or "
+                       f"op, got {term!r}")
+    flags = " ".join(f for f in (args.xla_flags, parts[4].replace("+", " ")) if f)
     spec = dict(kind=kind, mixer=mixer, init=parts[2] or args.init, state_kernel=parts[3] or args.state_kernel,
-                seq_len=args.seq_len, batch=args.batch, tiny=args.tiny, n_layers=args.n_layers,
-                xla_flags=args.xla_flags)
+                seq_len=args.seq_len, batch=args.batch, tiny=args.tiny, n_layers=args.n_layers, xla_flags=flags)
     env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip(),
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     t = time.time()
     try:
@@ -183,7 +184,7 @@ def run(args) -> list[dict]:
 
 
 def _line(r: dict) -> str:
-  name = f"{r['kind']}:{r['mixer']}:{r['init']}:{r['state_kernel'] or 'auto'}"
+  name = f"{r['kind']}:{r['mixer']}:{r['init']}:{r['state_kernel'] or 'auto'}" + (f" [{r['xla_flags']}]" if r["xla_flags"] else "")
   if r.get("error"):
     return f"{name}: {r['error'][-600:]}"
   init = f"init {r['init_s']:.1f} s ({r['init_compile_n']} compiles, {r['init_compile_s']:.1f} s), " if "init_s" in r else ""
@@ -217,8 +218,8 @@ class CompileProbeFlags:
   Attributes:
     worker: internal: one row's JSON spec, run in this process.
     tiny: CPU-sized rows (a 2-layer tiny model, T 32).
-    rows: comma list of KIND:MIXER[:INIT[:STATE_KERNEL]] terms; KIND "step" (the train step) or "op" (the mixer
-      op alone, fwd+bwd).
+    rows: comma list of KIND:MIXER[:INIT[:STATE_KERNEL[:XLA_FLAGS]]] terms; KIND "step" (the train step) or "op"
+      (the mixer op alone, fwd+bwd); XLA_FLAGS joined by "+" (e.g. --xla_gpu_autotune_level=0).
     init: default init mode of step rows: device, host or jit.
     state_kernel: default TuningConfig.carve_state_kernel ("" keeps the default, auto).
     seq_len: T of every row.
