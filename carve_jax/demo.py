@@ -73,17 +73,14 @@ def main(argv=None) -> int:
       tc_flags.usage_error(prog, f"--minutes must be > 0, got {minutes}")
     cfg = dataclasses.replace(cfg, time_limit_s=60.0 * minutes)
 
-  import os
-
   import jax
   if known.gpu and jax.default_backend() != "gpu":
     tc_flags.usage_error(prog, f"--gpu needs a CUDA GPU, but JAX sees only {jax.default_backend()} devices "
                  f"({jax.devices()[0].device_kind}); run without --gpu for the CPU demo")
   # Reuse compiled programs across the stages and across runs of the demo (the eval and sampling
   # programs otherwise compile twice on a 2-core CPU).
-  jax.config.update("jax_compilation_cache_dir",
-                    os.environ.get("CARVE_JAX_CACHE", os.path.expanduser("~/.cache/carve_jax/xla")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from carve_jax.train import compile_cache
+  compile_cache.enable(cfg.compile_cache)
 
   from carve_jax.model import param_count
   from carve_jax.train import distributed as dist

@@ -1,11 +1,16 @@
 """Shared fixtures: float64 on demand, the tolerance table per dtype, relative-error helper."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+# Runs under test use no persistent compilation cache unless a test asks for one (the `xla_cache` fixture,
+# or CARVE_JAX_CACHE in a subprocess's environment): nothing is written to ~/.cache.
+os.environ.setdefault("CARVE_JAX_CACHE", "none")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -397,3 +397,54 @@ def test_two_processes_train_like_one(tmp_path):
   for s in one:
     assert abs(multi[s] - one[s]) < 1e-5 * abs(one[s]), (s, multi[s], one[s])
   assert single["steps"] == 4
+
+
+# ------------------------------------------------------------------------------------ compile cache
+def test_compile_cache_settings(tmp_path, monkeypatch):
+  from carve_jax.train import compile_cache as cc
+  monkeypatch.setenv(cc.ENV, str(tmp_path / "env"))
+  assert cc.resolve("auto") == str(tmp_path / "env")
+  assert cc.resolve(str(tmp_path / "x")) == str(tmp_path / "x")
+  assert cc.resolve("~/y") == os.path.expanduser("~/y")
+  assert cc.resolve("none") is None and cc.resolve("off") is None and cc.resolve(None) is None
+  monkeypatch.delenv(cc.ENV)
+  assert cc.resolve("auto") == os.path.expanduser(cc.DEFAULT_DIR)
+  old = jax.config.jax_compilation_cache_dir
+  try:  # "auto" keeps a cache the process already has; a folder or "none" replaces it
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert cc.enable("auto") == str(tmp_path / "mine")
+    assert cc.enable(str(tmp_path / "z")) == str(tmp_path / "z") == jax.config.jax_compilation_cache_dir
+    assert cc.enable("none") is None and jax.config.jax_compilation_cache_dir is None
+  finally:
+    cc.enable(old or "none")
+
+
+COMPILE_CACHE_SCRIPT = textwrap.dedent("""
+  import json, sys
+  import jax
+  from carve_jax.train.config import TrainConfig
+  from carve_jax.train.loop import train
+  hits = []
+  jax.monitoring.register_event_listener(lambda e, **_: hits.append(e) if e.endswith("cache_hits") else None)
+  cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+  summary = train(cfg)
+  print("RESULT", json.dumps({"hits": len(hits), "dir": jax.config.jax_compilation_cache_dir}))
+""")
+
+
+def test_compile_cache_second_run_loads_the_step(tmp_path):
+  """carve-train's default cache: a second run of the same configuration (a new process, a new out_dir) loads
+  its train step from the folder the first one wrote."""
+  cache = tmp_path / "xla"
+
+  def run(name, setting):
+    cfg = _run_cfg(tmp_path / name, steps=1).replace(compile_cache=setting)
+    r = subprocess.run([sys.executable, "-c", COMPILE_CACHE_SCRIPT, cfg.to_json()], capture_output=True,
+                       text=True, timeout=600, env=_env(CARVE_JAX_CACHE=str(cache)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT ")[-1])
+
+  first = run("a", "auto")
+  assert first["dir"] == str(cache) and any(cache.iterdir())
+  second = run("b", "auto")
+  assert second["hits"] >= 1, second

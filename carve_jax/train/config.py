@@ -142,6 +142,9 @@ class TrainConfig:
     progress: show a progress bar.
     time_limit_s: stop cleanly (checkpoint, evaluate) once this many seconds have passed; running the
       same command again resumes. None = no limit.
+    compile_cache: jax's persistent compilation cache (`carve_jax.train.compile_cache`): "auto" (the folder in
+      $CARVE_JAX_CACHE, else ~/.cache/carve_jax/xla), a folder, or "none". A rerun or resume of the same
+      configuration then loads its compiled train step instead of compiling it again.
   """
   model: ModelConfig = field(default_factory=lambda: model_configs.preset("tiny"))
   optim: OptimConfig = field(default_factory=OptimConfig)
@@ -158,6 +161,7 @@ class TrainConfig:
   distributed: bool = False
   progress: bool = True
   time_limit_s: float | None = None
+  compile_cache: str = "auto"
 
   def __post_init__(self):
     c = "TrainConfig"

@@ -35,6 +35,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from carve_jax.model import LM, param_count
+from carve_jax.train import compile_cache
 from carve_jax.train import distributed as dist
 from carve_jax.train.checkpoint import Checkpointer, CheckpointNotFoundError, abstract_like
 from carve_jax.train.config import DataConfig, TrainConfig
@@ -96,6 +97,7 @@ def train(cfg: TrainConfig, *args, **kwargs) -> dict:
   Raises runlock.RunLockedError if another live run holds `cfg.out_dir` (or its checkpoint dir).
   """
   dist.maybe_initialize(cfg.distributed)
+  compile_cache.enable(cfg.compile_cache)
   with _run_locks(cfg):
     return _train(cfg, *args, **kwargs)
 
