@@ -206,14 +206,17 @@ def compile_scaling_rows(args) -> list[dict]:
   for layers in (int(x) for x in args.compile_layers.split(",")):
     for scan in scans:
       for init_on in inits:
-        rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
-                         batch=args.compile_batch, scan_layers=scan, n_layers=layers,
-                         remat_policy="none", init_on=init_on))
+        for mode in args.compile_modes.split(","):
+          rows.append(dict(kind="compile", size="50m", mixer=args.mixers.split(",")[0], seq_len=args.compile_seq_len,
+                           batch=args.compile_batch, scan_layers=scan, n_layers=layers,
+                           remat_policy="none", init_on=init_on, mode=mode))
   return rows
 
 
 def compile_worker(spec: dict) -> dict:
-  """First-step time only (model, trace, compile, one step) at a given depth."""
+  """First-step time only (model, trace, compile, one step) at a given depth. mode "ahead": as `carve-train`
+  does it (`loop.step_compiled_ahead`: the step compiled in a background thread from the config's shapes
+  while the model is built); "sequential": init, then trace + lower, then compile (each timed)."""
   import jax
   import numpy as np
   from flax import nnx
@@ -221,6 +224,7 @@ def compile_worker(spec: dict) -> dict:
   from carve_jax.model import LM
   from carve_jax.train import distributed as dist
   from carve_jax.train.config import OptimConfig
+  from carve_jax.train.loop import abstract_batch, step_compiled_ahead
   from carve_jax.train.optim import make_optimizer
   from carve_jax.train.step import FlatTrainStep, init_state
   from carve_jax import ops
@@ -230,31 +234,41 @@ def compile_worker(spec: dict) -> dict:
                       n_layers=spec["n_layers"])
   if spec["tiny"]:
     mcfg = mcfg.replace(d_model=32, n_heads=2, mlp_multiple=32)
+  tcfg = train_config(mcfg, batch=B, seq_len=T, steps=10, log_every=1, out_dir="/tmp/unused").replace(
+      optim=OptimConfig())
   mesh = dist.make_mesh()
+  ahead = spec.get("mode", "sequential") == "ahead"
   t0 = time.perf_counter()
+  opt = make_optimizer(tcfg.optim, tcfg.steps)
+  step = step_compiled_ahead(tcfg, mesh, opt) if ahead else None
   # init_on "host": the parameters and optimizer state built on the CPU backend (its small eager-op compiles
   # are cheaper than the GPU's), then placed on the mesh
   host = spec.get("init_on", "device") == "host"
   with jax.default_device(jax.devices("cpu")[0]) if host else contextlib.nullcontext():
     graphdef, params, rest = nnx.split(LM(mcfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    opt = make_optimizer(OptimConfig(), 10)
     state = init_state(params, opt, 0)
   state = dist.replicate(mesh, state)
   if host:
     rest = dist.replicate(mesh, rest)
-  step = FlatTrainStep(graphdef, rest, opt, mesh, state)
+  step = step or FlatTrainStep(graphdef, rest, opt, mesh, state)
   leaves = step.flatten(state)
+  jax.block_until_ready(leaves)
   toks = np.zeros((B, T + 1), np.int32)
   batch = dist.global_batch(mesh, {"inputs": toks[:, :-1], "targets": toks[:, 1:]})
+  assert jax.tree.structure(batch) == jax.tree.structure(abstract_batch(tcfg, mesh))
   t1 = time.perf_counter()
-  lowered = step.jitted.lower(leaves, batch)
-  t2 = time.perf_counter()
-  compiled = lowered.compile()
-  t3 = time.perf_counter()
-  _, m = compiled(leaves, batch)
+  out = dict(spec, impl=impl, d_model=mcfg.d_model, init_s=t1 - t0)
+  if not ahead:
+    lowered = step.jitted.lower(leaves, batch)
+    t2 = time.perf_counter()
+    compiled = lowered.compile()
+    out |= dict(trace_lower_s=t2 - t1, compile_s=time.perf_counter() - t2)
+    _, m = compiled(leaves, batch)
+  else:
+    _, m = step(leaves, batch)
+    out["used_ahead"] = step.compiled is not None
   jax.block_until_ready(m)
-  return dict(spec, impl=impl, d_model=mcfg.d_model, init_s=t1 - t0, trace_lower_s=t2 - t1, compile_s=t3 - t2,
-              first_step_s=time.perf_counter() - t0)
+  return out | dict(first_step_s=time.perf_counter() - t0)
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -324,8 +338,10 @@ def _row_line(r: dict) -> str:
   if r.get("error"):
     return f"{r['size']} {r['mixer']} T={r['seq_len']}: {r['error'][:300]}"
   if r.get("kind") == "compile":
-    return (f"{r['mixer']} {r['n_layers']} layers scan={r['scan_layers']}: first step {r['first_step_s']:.1f} s "
-            f"(trace+lower {r['trace_lower_s']:.1f}, compile {r['compile_s']:.1f})")
+    parts = (f"trace+lower {r['trace_lower_s']:.1f}, compile {r['compile_s']:.1f}" if "compile_s" in r else
+             f"ahead, used {r.get('used_ahead')}")
+    return (f"{r['mixer']} {r['n_layers']} layers scan={r['scan_layers']} {r.get('mode')}: first step "
+            f"{r['first_step_s']:.1f} s (init {r['init_s']:.1f}, {parts})")
   return (f"{r['size']} {r['mixer']} B={r['batch']} T={r['seq_len']} {r['remat_policy']}: device {r['device_ms']:.1f} ms "
           f"({r['device_tokens_per_s']:,.0f} tok/s), loop {_fmt(r.get('loop_tokens_per_s'), '{:,.0f}')} tok/s "
           f"(x{_fmt(r.get('loop_over_device'), '{:.3f}')}), first step {r['first_step_s']:.1f} s")
@@ -342,13 +358,20 @@ def markdown(results: list[dict]) -> str:
   from experiments.report import fmt_bytes, md_table
   comp = [r for r in results if r.get("kind") == "compile" and not r.get("error")]
   if comp:
-    rows = [[r["mixer"], r["n_layers"], r["scan_layers"], r.get("init_on", "device"), r["init_s"], r["trace_lower_s"],
-             r["compile_s"], r["first_step_s"]] for r in comp]
-    out = md_table(["mixer", "layers", "scan", "init on", "init s", "trace+lower s", "compile s", "first step s"], rows)
-    by = {(r["n_layers"], r["scan_layers"]): r["first_step_s"] for r in comp if r.get("init_on", "device") == "device"}
+    rows = [[r["mixer"], r["n_layers"], r["scan_layers"], r.get("init_on", "device"), r.get("mode", "sequential"),
+             r["init_s"], r.get("trace_lower_s", ""), r.get("compile_s", ""), r["first_step_s"]] for r in comp]
+    out = md_table(["mixer", "layers", "scan", "init on", "mode", "init s", "trace+lower s", "compile s",
+                    "first step s"], rows)
+    out += ("\nmode ahead: as carve-train, the step compiled in a background thread from the config's shapes "
+            "while the model is built (`loop.step_compiled_ahead`), so init overlaps trace and compile; "
+            "sequential: init, then trace + lower, then compile.\n")
+    by = {(r["n_layers"], r["scan_layers"], r.get("mode", "sequential")): r["first_step_s"] for r in comp
+          if r.get("init_on", "device") == "device"}
     for scan in (False, True):
-      if (12, scan) in by and (48, scan) in by:
-        out += f"\nscan_layers={scan}: first step at 48 layers / at 12 = {by[48, scan] / by[12, scan]:.2f}x\n"
+      for mode in ("sequential", "ahead"):
+        if (12, scan, mode) in by and (48, scan, mode) in by:
+          out += (f"\nscan_layers={scan}, {mode}: first step at 48 layers / at 12 = "
+                  f"{by[48, scan, mode] / by[12, scan, mode]:.2f}x\n")
     return out
   rows = []
   for r in results:
@@ -474,6 +497,8 @@ class BenchTrainFlags:
     compile_scan: scan over layers in the compile-scaling rows.
     compile_init: where the compile-scaling rows build the model and optimizer state: the default device, the
       CPU backend ("host", then placed on the mesh), or both (a row each).
+    compile_modes: comma list of the compile-scaling rows' modes: "ahead" (as carve-train: the step compiled in
+      the background while the model is built) and/or "sequential" (init, trace + lower, compile, each timed).
     tokens_dir: byte export for the loop's text (default: the fixture).
     cache_dir: XLA's persistent compile cache.
     out_dir: where the results go.
@@ -501,6 +526,7 @@ class BenchTrainFlags:
   compile_layers: str = "12,48"
   compile_scan: Literal["both", "on", "off"] = "both"
   compile_init: Literal["device", "host", "both"] = "device"
+  compile_modes: str = "ahead,sequential"
   tokens_dir: str | None = None
   cache_dir: str = "/tmp/bench_train_xla_cache"
   out_dir: str = str(Path(__file__).resolve().parent / "results" / "bench_train")

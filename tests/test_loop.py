@@ -45,11 +45,18 @@ def _reference_losses(cfg, tokens):
   return out, state
 
 
-def test_loop_logs_the_losses_of_a_plain_step_by_step_run(tmp_path):
+def test_loop_logs_the_losses_of_a_plain_step_by_step_run(tmp_path, monkeypatch):
+  """The loop's losses are a plain step-by-step run's, bit for bit, and every step ran the program compiled ahead
+  (from the config's shapes, while the data loaded and the model was built)."""
+  from carve_jax.train import loop
   from carve_jax.train.loop import load_tokens, train
   cfg = _cfg(tmp_path)
+  assert cfg.data.reset_documents  # the batches carry segment_ids: `abstract_batch` must say so
   tokens = load_tokens(cfg.data)
+  made, original = [], loop.step_compiled_ahead
+  monkeypatch.setattr(loop, "step_compiled_ahead", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
   summary = train(cfg, tokens=tokens)
+  assert len(made) == 1 and made[0].compiled is not None
   recs = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   got = {r["step"]: (r["loss"], r["grad_norm"], r["lr"]) for r in recs if r["split"] == "train"}
   ref, ref_state = _reference_losses(cfg, tokens)
@@ -88,6 +95,32 @@ def test_flat_step_structure_check_and_metric_unpacking():
   rec = st.unpack_metrics(np.asarray([2.5, 0.75, 0.0, 3.0, np.nan], np.float32))
   assert rec["loss"] == 2.5 and rec["grad_norm"] == 0.75 and rec["finite"] is False and rec["skipped"] == 3
   assert math.isnan(rec["lr"]) and list(rec) == list(st.METRICS)
+
+
+def test_compile_ahead_program_is_used_only_for_the_arguments_it_was_compiled_for():
+  """The program compiled ahead runs when the first call's arguments have its shapes, dtypes and shardings; for
+  other arguments the jitted step runs instead (and gives the same result)."""
+  from carve_jax.configs import preset
+  from carve_jax.model import LM
+  from carve_jax.train.config import OptimConfig
+  from carve_jax.train.optim import make_optimizer
+  mesh = dist.make_mesh()
+  graphdef, params, rest = nnx.split(LM(preset("tiny", **SMALL), rngs=nnx.Rngs(0)), nnx.Param, ...)
+  opt = make_optimizer(OptimConfig(), 10)
+  state = dist.replicate(mesh, st.init_state(params, opt, 0))
+  toks = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
+  batch = dist.global_batch(mesh, {"inputs": toks[:, :-1], "targets": toks[:, 1:]})
+  sds = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  results = []
+  for ahead_batch in (batch, {k: v[:2] for k, v in batch.items()}):  # the batch's shapes; half its rows
+    flat = st.FlatTrainStep(graphdef, rest, opt, mesh, state, donate=False)
+    leaves = flat.flatten(state)
+    flat.compile_ahead(sds(leaves), sds(ahead_batch))
+    out = flat(leaves, batch)
+    results.append(out)
+    assert (flat.compiled is not None) == (ahead_batch is batch)
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_throughput_meter_counts_steps_after_the_first_between_syncs(monkeypatch):

@@ -22,6 +22,8 @@ constant of the step.
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -158,10 +160,16 @@ def unpack_metrics(vec) -> dict:
   return rec
 
 
+def signature(tree) -> list:
+  """(shape, dtype, sharding) of every leaf: what a compiled program was compiled for."""
+  return [(tuple(x.shape), jax.numpy.dtype(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)]
+
+
 class FlatTrainStep:
   """The training loop's form of the step: the state as a flat list of arrays, the metrics packed.
 
       step = FlatTrainStep(graphdef, rest, optimizer, mesh, state, ...)
+      step.compile_ahead(abstract_leaves, abstract_batch)   # optional: compile in the background
       leaves = step.flatten(state)
       leaves, metrics = step(leaves, batch)      # metrics: float32 [len(METRICS)] on the device
       state = step.unflatten(leaves)             # only where a TrainState is needed (checkpoint, eval)
@@ -171,12 +179,19 @@ class FlatTrainStep:
   (~40 us per node), so a TrainState of a 12-layer model (842 leaves) costs milliseconds per step
   in dispatch; a list of arrays flattens in C++. One packed metrics array instead of five is one
   buffer to create per step and one device-to-host copy per step at a log point.
+  `state` may be abstract (`jax.ShapeDtypeStruct` leaves): only its structure is used.
   `step.jitted` is the jitted function itself (for `.lower(...)`).
+
+  `compile_ahead` traces, lowers and compiles the step for arguments of given shapes, dtypes and shardings
+  in a background thread, so the compile overlaps what the caller does meanwhile (data, model init,
+  checkpoint restore: `loop.train`); the first call waits for it and runs the compiled program from then
+  on, as long as the arguments match what it was compiled for (else the jitted function takes over).
   """
 
   def __init__(self, graphdef, rest, optimizer, mesh, state: TrainState, *, loss_fn: LossFn = lm_loss,
                grad_accum: int = 1, schedule: optax.Schedule | None = None, donate: bool = True):
     self.treedef = jax.tree.structure(state)
+    self.graphdef = graphdef
     step = _step_fn(graphdef, rest, optimizer, mesh, loss_fn=loss_fn, grad_accum=grad_accum, schedule=schedule)
     treedef = self.treedef
 
@@ -186,6 +201,26 @@ class FlatTrainStep:
       return jax.tree.leaves(new), vec
 
     self.jitted = jax.jit(flat, donate_argnums=(0,) if donate else ())
+    self._ahead: concurrent.futures.Future | None = None
+    self._ahead_signature = None
+    self.compiled = None  # the program compiled ahead, once the first call has taken it
+    self.ahead_times: dict[str, float] = {}  # its trace + lower and compile seconds (in the background thread)
+
+  def compile_ahead(self, leaves, batch) -> None:
+    """Starts compiling the step for arguments like `leaves` (flat state) and `batch` (arrays or
+    `jax.ShapeDtypeStruct`s with their shardings) in a background thread."""
+    self._ahead_signature = signature((leaves, batch))
+
+    def compile_():
+      t0 = time.perf_counter()
+      lowered = self.jitted.lower(leaves, batch)
+      t1 = time.perf_counter()
+      compiled = lowered.compile()
+      self.ahead_times = dict(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
+      return compiled
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
+    self._ahead = pool.submit(compile_)
+    pool.shutdown(wait=False)
 
   def flatten(self, state: TrainState) -> list:
     leaves, treedef = jax.tree.flatten(state)
@@ -198,6 +233,16 @@ class FlatTrainStep:
     return jax.tree.unflatten(self.treedef, leaves)
 
   def __call__(self, leaves, batch):
+    if self._ahead is not None:  # the first call: take the program compiled ahead (its error, if any, is raised)
+      ahead, self._ahead = self._ahead, None
+      compiled = ahead.result()
+      if signature((leaves, batch)) == self._ahead_signature:
+        self.compiled = compiled
+    if self.compiled is not None:
+      try:
+        return self.compiled(leaves, batch)
+      except TypeError:  # arguments of other shapes or shardings than compiled for (raised before running)
+        self.compiled = None
     return self.jitted(leaves, batch)
 
 
