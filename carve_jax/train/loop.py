@@ -153,6 +153,21 @@ def _restore(ckpt: Checkpointer, abstract, cfg: TrainConfig):
     return None
 
 
+def _will_train(cfg: TrainConfig, ckpt: Checkpointer) -> bool:
+  """Whether this run will take a training step, as far as the checkpoint folder says without restoring: no
+  checkpoint, or one before `steps` written by this configuration (a finished run, or one whose resume will
+  be refused, compiles nothing ahead)."""
+  from carve_jax.train.config import identity_diff  # noqa: PLC0415
+  step = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
+  if step is None:
+    return True
+  try:
+    saved = ckpt.read_meta(step).get("config")
+  except Exception:  # noqa: BLE001 - an unreadable step: the restore says what is wrong, or falls back
+    return True
+  return step < cfg.steps and not (saved and identity_diff(saved, cfg.to_dict()))
+
+
 def _eval_reserve_s(last_eval_s: float | None, step_s: float | None, compile_s: float | None,
                     eval_batches: int) -> float:
   """Seconds to keep free under `time_limit_s` for the final evaluation: the last evaluation's
@@ -239,10 +254,9 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   ckpt = Checkpointer(cfg.checkpoint_dir, config=cfg.to_dict(), every=cfg.ckpt.ckpt_every,
                       keep=cfg.ckpt.ckpt_keep, async_save=cfg.ckpt.ckpt_async)
-  latest = cfg.ckpt.restore_step if cfg.ckpt.restore_step is not None else ckpt.latest_step()
-  # compiled while the data loads, the model is built and the checkpoint restored (not for a finished run)
+  # compiled while the data loads, the model is built and the checkpoint restored (for a run that will train)
   step_fn = step_compiled_ahead(cfg, mesh, optimizer, schedule=schedule, loss_fn=loss_fn,
-                                ahead=latest is None or latest < cfg.steps)
+                                ahead=_will_train(cfg, ckpt))
   tok, train_tokens, val_tokens = tokens if tokens is not None else load_tokens(cfg.data)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"TrainConfig: model.vocab_size must be >= the {tok.name} tokenizer's vocab_size "
