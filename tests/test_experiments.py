@@ -307,3 +307,44 @@ def test_bench_train_merge(tmp_path):
   (tmp_path / "b.json").write_text(json.dumps(dict(b, env=dict(b["env"], device="cpu:cpu"))))
   with pytest.raises(SystemExit, match="different devices"):
     bt.merge(paths, str(tmp_path), "_m")
+
+
+def test_step_profile_sums_gpu_stream_kernels_per_name():
+  """`step_profile` reads a perfetto trace: kernels on the GPU process's stream threads only (not the derived
+  "XLA Ops" line, which repeats them; not the host), summed per name and per class, per step."""
+  from experiments import step_profile as sp
+  M = lambda pid, tid, kind, name: dict(ph="M", pid=pid, tid=tid, name=kind, args=dict(name=name))
+  X = lambda pid, tid, name, dur: dict(ph="X", pid=pid, tid=tid, name=name, ts=0, dur=dur)
+  trace = {"traceEvents": [
+      M(1, 0, "process_name", "/device:GPU:0"), M(1, 7, "thread_name", "Stream #7(Compute)"),
+      M(1, 9, "thread_name", "XLA Ops"), M(2, 0, "process_name", "/host:CPU"),
+      X(1, 7, "carve_state_mosaic", 3000.0), X(1, 7, "carve_state_mosaic", 1000.0),
+      X(1, 7, "sm90_xmma_gemm_bf16", 500.0), X(1, 7, "loop_add_fusion", 250.0),
+      X(1, 9, "carve_state_mosaic", 4000.0), X(2, 0, "carve_state_mosaic", 9000.0)]}
+  kernels, threads = sp.gpu_kernels(trace)
+  assert sorted(kernels) == ["carve_state_mosaic", "loop_add_fusion", "sm90_xmma_gemm_bf16"]
+  assert threads == {"/device:GPU:0 Stream #7(Compute)": 4.75, "/device:GPU:0 XLA Ops": 4.0}
+  s = sp.summarize(kernels, steps=2)
+  assert s["total_ms"] == 2.375 and s["classes"] == {"recurrence": 2.0, "matmul": 0.25, "other": 0.125}
+  top = s["kernels"][0]
+  assert (top["name"], top["launches"], top["ms"], top["cls"]) == ("carve_state_mosaic", 1.0, 2.0, "recurrence")
+
+
+def test_compile_rows_tiny_ahead_and_sequential(tmp_path):
+  """`bench_train --compile_scaling --tiny`: a row per mode; "ahead" (carve-train's way) ran the program compiled
+  ahead; `compile_probe --tiny` times the mixer op alone."""
+  import os
+  import subprocess
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  r = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compile_scaling", "--tiny", "--mixers", "gdn2",
+                      "--compile_layers", "1", "--compile_scan", "on", "--out_dir", str(tmp_path)],
+                     capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  rows = json.loads((tmp_path / "bench_train_compile_tiny.json").read_text())["rows"]
+  assert [r_["mode"] for r_ in rows] == ["ahead", "sequential"] and not any(r_.get("error") for r_ in rows), rows
+  assert rows[0]["used_ahead"] is True and rows[1]["compile_s"] > 0
+  r = subprocess.run([sys.executable, "-m", "experiments.compile_probe", "--tiny", "--rows", "op:gdn2",
+                      "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  row, = json.loads((tmp_path / "compile_probe_tiny.json").read_text())["rows"]
+  assert row["step_compile_s"] > 0 and row["step_lower_s"] > 0 and not row.get("error")
