@@ -57,6 +57,10 @@ def test_loop_logs_the_losses_of_a_plain_step_by_step_run(tmp_path, monkeypatch)
   monkeypatch.setattr(loop, "step_compiled_ahead", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
   summary = train(cfg, tokens=tokens)
   assert len(made) == 1 and made[0].compiled is not None
+  off = _cfg(tmp_path / "off", steps=1).replace(compile_ahead=False)  # --no-compile_ahead: at the first step
+  made.clear()
+  train(off, tokens=tokens)
+  assert len(made) == 1 and made[0].compiled is None and made[0]._ahead is None
   recs = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
   got = {r["step"]: (r["loss"], r["grad_norm"], r["lr"]) for r in recs if r["split"] == "train"}
   ref, ref_state = _reference_losses(cfg, tokens)

@@ -142,6 +142,8 @@ class TrainConfig:
     progress: show a progress bar.
     time_limit_s: stop cleanly (checkpoint, evaluate) once this many seconds have passed; running the
       same command again resumes. None = no limit.
+    compile_ahead: compile the train step in a background thread from the config's shapes while the data loads,
+      the model is built and a checkpoint restored (`loop.step_compiled_ahead`); off: compile at the first step.
     compile_cache: jax's persistent compilation cache (`carve_jax.train.compile_cache`): "auto" (the folder in
       $CARVE_JAX_CACHE, else ~/.cache/carve_jax/xla), a folder, or "none". A rerun or resume of the same
       configuration then loads its compiled train step instead of compiling it again.
@@ -161,6 +163,7 @@ class TrainConfig:
   distributed: bool = False
   progress: bool = True
   time_limit_s: float | None = None
+  compile_ahead: bool = True
   compile_cache: str = "auto"
 
   def __post_init__(self):

@@ -257,7 +257,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
                       keep=cfg.ckpt.ckpt_keep, async_save=cfg.ckpt.ckpt_async)
   # compiled while the data loads, the model is built and the checkpoint restored (for a run that will train)
   step_fn = step_compiled_ahead(cfg, mesh, optimizer, schedule=schedule, loss_fn=loss_fn,
-                                ahead=_will_train(cfg, ckpt))
+                                ahead=cfg.compile_ahead and _will_train(cfg, ckpt))
   tok, train_tokens, val_tokens = tokens if tokens is not None else load_tokens(cfg.data)
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"TrainConfig: model.vocab_size must be >= the {tok.name} tokenizer's vocab_size "
