@@ -38,7 +38,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -304,9 +303,8 @@ def _matches(w: str, size: str, T: int, mixer: str, policy: str = "none") -> boo
 
 
 def run_rows(args, rows: list[dict]) -> list[dict]:
+  from experiments.runtime import run_worker  # noqa: PLC0415
   results, t_start = [], time.time()
-  env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-             PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
   for i, row in enumerate(rows):
     left = args.budget_s - (time.time() - t_start)
     if left < args.min_row_s:
@@ -316,13 +314,7 @@ def run_rows(args, rows: list[dict]) -> list[dict]:
     spec = dict(row, tiny=args.tiny, impl=args.impl, loop_steps=args.loop_steps, log_every=args.log_every,
                 device_reps=args.device_reps, cache_dir=args.cache_dir, tokens_dir=args.tokens_dir)
     t = time.time()
-    try:
-      p = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True, timeout=max(10, left), env=env)
-      lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-      res = json.loads(lines[-1][7:]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")
-    except subprocess.TimeoutExpired:
-      res = dict(spec, error=f"stopped by --budget_s after {time.time() - t:.0f} s")
+    res = run_worker("experiments.bench_train", spec, max(10, left))
     res["row_wall_s"] = time.time() - t
     results.append(res)
     print(f"[bench_train] {i + 1}/{len(rows)} {_row_line(res)}", flush=True)

@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -120,7 +119,6 @@ def op_row(spec: dict) -> dict:
   """The mixer op alone (the model's head shapes, bf16), forward + backward under one jit."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  from carve_jax import ops  # noqa: PLC0415
   from carve_jax.ops import sample_inputs  # noqa: PLC0415
 
   dur = Durations()
@@ -157,6 +155,7 @@ def worker(spec: dict) -> dict:
 
 
 def run(args) -> list[dict]:
+  from experiments.runtime import run_worker  # noqa: PLC0415
   results = []
   for term in [r for r in args.rows.split(",") if r]:
     parts = (term.split(":") + ["", "", "", "", ""])[:5]
@@ -167,17 +166,8 @@ def run(args) -> list[dict]:
     flags = " ".join(f for f in (args.xla_flags, parts[4].replace("+", " ")) if f)
     spec = dict(kind=kind, mixer=mixer, init=parts[2] or args.init, state_kernel=parts[3] or args.state_kernel,
                 seq_len=args.seq_len, batch=args.batch, tiny=args.tiny, n_layers=args.n_layers, xla_flags=flags)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip(),
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    t = time.time()
-    try:
-      p = subprocess.run([sys.executable, "-m", "experiments.compile_probe", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True, timeout=args.row_timeout_s, env=env)
-      lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-      res = json.loads(lines[-1][7:]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")
-    except subprocess.TimeoutExpired:
-      res = dict(spec, error=f"timed out after {time.time() - t:.0f} s")
+    res = run_worker("experiments.compile_probe", spec, args.row_timeout_s,
+                     env=dict(XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip()))
     results.append(res)
     print(f"[compile_probe] {_line(res)}", flush=True)
   return results

@@ -1,4 +1,5 @@
-"""Process setup of an experiment run: the persistent XLA cache and a stack dump on SIGTERM.
+"""Process setup of an experiment run: the persistent XLA cache and a stack dump on SIGTERM; and one row of a
+benchmark in a process of its own (`run_worker`).
 
 Nothing happens on import; an experiment's `main` calls `setup()`.
 """
@@ -6,7 +7,13 @@ Nothing happens on import; an experiment's `main` calls `setup()`.
 from __future__ import annotations
 
 import faulthandler
+import json
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import jax
 
@@ -21,3 +28,21 @@ def setup(cache_dir: str = "/tmp/carve_jax_cache") -> None:
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+
+
+def run_worker(module: str, spec: dict, timeout_s: float, env: dict | None = None) -> dict:
+  """`python -m <module> --worker <spec as JSON>` in a fresh process (its own device memory, compile caches and
+  peak-memory counter): the dict it printed on its last "RESULT " line, else `spec` with an "error" (the exit
+  code and the end of stderr, or the time-out). XLA_FLAGS and the like come through `env` (added to this
+  process's environment)."""
+  full = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+              PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+  full.update(env or {})
+  t = time.time()
+  try:
+    p = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                       timeout=timeout_s, env=full)
+  except subprocess.TimeoutExpired:
+    return dict(spec, error=f"stopped after {time.time() - t:.0f} s (time limit {timeout_s:.0f} s)")
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+  return json.loads(lines[-1][len("RESULT "):]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")

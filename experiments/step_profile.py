@@ -19,7 +19,6 @@ import glob
 import gzip
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -112,6 +111,7 @@ def worker(spec: dict) -> dict:
 
 
 def run(args) -> list[dict]:
+  from experiments.runtime import run_worker  # noqa: PLC0415
   results = []
   for term in [r for r in args.rows.split(",") if r]:
     parts = (term.split(":") + ["", "", "", ""])[:4]
@@ -120,15 +120,7 @@ def run(args) -> list[dict]:
     T = int(parts[1])
     spec = dict(size=parts[0], seq_len=T, mixer=parts[2], remat_policy=parts[3] or "none",
                 batch=max(1, args.tokens_per_step // T), steps=args.steps, top=args.top, tiny=args.tiny)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    try:
-      p = subprocess.run([sys.executable, "-m", "experiments.step_profile", "--worker", json.dumps(spec)],
-                         capture_output=True, text=True, timeout=args.row_timeout_s, env=env)
-      lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-      res = json.loads(lines[-1][7:]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")
-    except subprocess.TimeoutExpired:
-      res = dict(spec, error=f"timed out after {args.row_timeout_s:.0f} s")
+    res = run_worker("experiments.step_profile", spec, args.row_timeout_s)
     results.append(res)
     print(f"[step_profile] {term}: " + (res["error"][-400:] if res.get("error") else
                                         f"wall {res['wall_ms']:.1f} ms/step, kernels {res['total_ms']:.1f} ms "
