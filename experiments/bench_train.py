@@ -535,9 +535,10 @@ def main(argv=None) -> int:
     print(merge(args.merge.split(","), args.out_dir, args.tag or "_merged"))
     return 0
   if args.worker:
+    from experiments.runtime import print_result  # noqa: PLC0415
     spec = json.loads(args.worker)
     res = compile_worker(spec) if spec.get("kind") == "compile" else worker(spec)
-    print("RESULT " + json.dumps(res, default=str), flush=True)
+    print_result(res)
     return 0
   if args.tiny:
     if args.mixers == ",".join(MIXERS):

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
   args = train_flags.cli(CompileProbeFlags, train_flags.normalise_argv(argv), prog="python -m experiments.compile_probe",
                          description=__doc__)
   if args.worker:
-    print("RESULT " + json.dumps(worker(json.loads(args.worker)), default=str), flush=True)
+    from experiments.runtime import print_result  # noqa: PLC0415
+    print_result(worker(json.loads(args.worker)))
     return 0
   if args.tiny:
     args.seq_len, args.tag = 32, args.tag or "_tiny"

@@ -30,9 +30,17 @@ def setup(cache_dir: str = "/tmp/carve_jax_cache") -> None:
   faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
 
 
+RESULT = "RESULT "  # the line a worker prints its result on (`print_result`), read back by `run_worker`
+
+
+def print_result(result: dict) -> None:
+  """A worker's last act: its result as one JSON line for `run_worker`."""
+  print(RESULT + json.dumps(result, default=str), flush=True)
+
+
 def run_worker(module: str, spec: dict, timeout_s: float, env: dict | None = None) -> dict:
   """`python -m <module> --worker <spec as JSON>` in a fresh process (its own device memory, compile caches and
-  peak-memory counter): the dict it printed on its last "RESULT " line, else `spec` with an "error" (the exit
+  peak-memory counter): the dict it printed last with `print_result`, else `spec` with an "error" (the exit
   code and the end of stderr, or the time-out). XLA_FLAGS and the like come through `env` (added to this
   process's environment)."""
   full = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
@@ -44,5 +52,5 @@ def run_worker(module: str, spec: dict, timeout_s: float, env: dict | None = Non
                        timeout=timeout_s, env=full)
   except subprocess.TimeoutExpired:
     return dict(spec, error=f"stopped after {time.time() - t:.0f} s (time limit {timeout_s:.0f} s)")
-  lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-  return json.loads(lines[-1][len("RESULT "):]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")
+  lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT)]
+  return json.loads(lines[-1][len(RESULT):]) if lines else dict(spec, error=f"rc {p.returncode}: {p.stderr[-1500:]}")

@@ -178,7 +178,8 @@ def main(argv=None) -> int:
   args = train_flags.cli(StepProfileFlags, train_flags.normalise_argv(argv), prog="python -m experiments.step_profile",
                          description=__doc__)
   if args.worker:
-    print("RESULT " + json.dumps(worker(json.loads(args.worker)), default=str), flush=True)
+    from experiments.runtime import print_result  # noqa: PLC0415
+    print_result(worker(json.loads(args.worker)))
     return 0
   if args.tiny:
     args.rows, args.tokens_per_step, args.steps, args.tag = "50m:32:carve", 64, 2, args.tag or "_tiny"

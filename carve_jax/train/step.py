@@ -23,7 +23,6 @@ constant of the step.
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -204,22 +203,14 @@ class FlatTrainStep:
     self._ahead: concurrent.futures.Future | None = None
     self._ahead_signature = None
     self.compiled = None  # the program compiled ahead, once the first call has taken it
-    self.ahead_times: dict[str, float] = {}  # its trace + lower and compile seconds (in the background thread)
 
   def compile_ahead(self, leaves, batch) -> None:
     """Starts compiling the step for arguments like `leaves` (flat state) and `batch` (arrays or
     `jax.ShapeDtypeStruct`s with their shardings) in a background thread."""
     self._ahead_signature = signature((leaves, batch))
 
-    def compile_():
-      t0 = time.perf_counter()
-      lowered = self.jitted.lower(leaves, batch)
-      t1 = time.perf_counter()
-      compiled = lowered.compile()
-      self.ahead_times = dict(trace_lower_s=t1 - t0, compile_s=time.perf_counter() - t1)
-      return compiled
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
-    self._ahead = pool.submit(compile_)
+    self._ahead = pool.submit(lambda: self.jitted.lower(leaves, batch).compile())
     pool.shutdown(wait=False)
 
   def flatten(self, state: TrainState) -> list:
