@@ -87,6 +87,15 @@ def build_model(cfg: TrainConfig) -> LM:
   return LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
 
+def init_on(cfg: TrainConfig) -> str:
+  """Where a fresh run draws its parameters (`TrainConfig.init_on`): "auto" is "host" in a single process on an
+  accelerator (init's small eager compiles then run on the CPU backend instead of queueing behind the train
+  step's compile on the accelerator), else "device"."""
+  if cfg.init_on != "auto":
+    return cfg.init_on
+  return "host" if jax.process_count() == 1 and jax.default_backend() != "cpu" else "device"
+
+
 def abstract_batch(cfg: TrainConfig, mesh) -> dict:
   """The shapes, dtypes and sharding of a global training batch (`batch_iterator` rows through
   `dist.global_batch`): inputs and targets int32 [batch_size, seq_len], and segment_ids with reset_documents."""
@@ -258,17 +267,25 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   # compiled while the data loads, the model is built and the checkpoint restored (for a run that will train)
   step_fn = step_compiled_ahead(cfg, mesh, optimizer, schedule=schedule, loss_fn=loss_fn,
                                 ahead=cfg.compile_ahead and _will_train(cfg, ckpt))
+  t_phase = time.perf_counter()
   tok, train_tokens, val_tokens = tokens if tokens is not None else load_tokens(cfg.data)
+  setup = {"data_s": time.perf_counter() - t_phase}
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"TrainConfig: model.vocab_size must be >= the {tok.name} tokenizer's vocab_size "
                      f"{tok.vocab_size}, got {cfg.model.vocab_size}")
   main = jax.process_index() == 0
 
-  model = build_model(cfg)
-  counts = param_count(model)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  state = dist.replicate(mesh, init_state(params, optimizer, cfg.seed))
-  del model, params
+  t_phase = time.perf_counter()
+  on_host = init_on(cfg) == "host"
+  with jax.default_device(jax.devices("cpu")[0]) if on_host else contextlib.nullcontext():
+    model = build_model(cfg)
+    counts = param_count(model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    fresh = init_state(params, optimizer, cfg.seed)
+  state = dist.replicate(mesh, fresh)
+  if on_host:
+    rest = dist.replicate(mesh, rest)
+  del model, params, fresh
   if graphdef != step_fn.graphdef:  # (not expected: the step was built from the same config's shapes)
     step_fn = FlatTrainStep(graphdef, rest, optimizer, mesh, state, loss_fn=loss_fn, grad_accum=cfg.grad_accum,
                             schedule=schedule)
@@ -276,6 +293,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   train_iter = batch_iterator(train_tokens, cfg.data, local_bs)
   state, start, resumed = _restored_state(cfg, ckpt, state, train_iter, mesh)
   leaves = step_fn.flatten(state)
+  setup["init_s"] = time.perf_counter() - t_phase  # model, optimizer state, placement, restore
   del state  # the loop holds the flat leaves; `step_fn.unflatten` where a TrainState is needed
   eval_fn = make_eval_step(graphdef, rest, mesh, loss_fn=loss_fn)
   if main:
@@ -314,6 +332,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       if compile_s is None:
         jax.block_until_ready(metrics)
         compile_s = time.time() - t_start
+        setup["compile_wait_s"] = step_fn.ahead_wait_s
         meter.start()
       else:
         meter.count(time.perf_counter() - t_body)
@@ -364,13 +383,24 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
       "skipped_steps": int(state.skipped), "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
       "mfu": mfu(tps, cfg.model, cfg.data.seq_len, mesh.devices.size),
-      "compile_s": compile_s, "wall_s": time.time() - t_start,
+      "compile_s": compile_s, "setup": setup, "init_on": init_on(cfg), "wall_s": time.time() - t_start,
       "peak_device_bytes": dist.peak_memory_bytes(), "host_peak_rss_bytes": dist.host_peak_rss_bytes(),
       "devices": mesh.devices.size, "processes": jax.process_count(), "backend": jax.default_backend(),
       "params": counts, "checkpoint_dir": os.path.abspath(cfg.checkpoint_dir),
       "latest_checkpoint": latest,
       "out_dir": os.path.abspath(cfg.out_dir), "state": state,
   }
+
+
+def _setup_text(s: dict) -> str:
+  """': data 0.4 s, init on host 4.9 s, waited 9.1 s for the step compiled ahead' (what is known of it)."""
+  st = s.get("setup") or {}
+  parts = [f"data {st['data_s']:.1f} s"] if "data_s" in st else []
+  if "init_s" in st:
+    parts.append(f"init on {s.get('init_on', 'device')} {st['init_s']:.1f} s")
+  if st.get("compile_wait_s") is not None:
+    parts.append(f"waited {st['compile_wait_s']:.1f} s for the step compiled ahead")
+  return ": " + ", ".join(parts) if parts else ""
 
 
 def format_summary(s: dict) -> str:
@@ -384,7 +414,7 @@ def format_summary(s: dict) -> str:
       f"throughput         {s['tokens_per_s']:,.0f} tokens/s on {s['devices']} {s['backend']} device(s); MFU "
       + (f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (no bf16 peak known for this device)"),
       f"peak memory        device {format_bytes(s['peak_device_bytes'])}, host RSS {format_bytes(s['host_peak_rss_bytes'])}",
-      f"first step after   {s['compile_s'] or 0:.1f} s (setup + compile);  wall {s['wall_s']:.1f} s",
+      f"first step after   {s['compile_s'] or 0:.1f} s (setup + compile{_setup_text(s)});  wall {s['wall_s']:.1f} s",
       f"checkpoint         {s['checkpoint_dir']} (step {s['latest_checkpoint']})",
       f"metrics            {s['out_dir']}/metrics.jsonl, TensorBoard: {s['out_dir']}/tb",
   ]

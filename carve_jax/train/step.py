@@ -23,6 +23,7 @@ constant of the step.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -203,6 +204,7 @@ class FlatTrainStep:
     self._ahead: concurrent.futures.Future | None = None
     self._ahead_signature = None
     self.compiled = None  # the program compiled ahead, once the first call has taken it
+    self.ahead_wait_s: float | None = None  # how long the first call waited for it (None: nothing compiled ahead)
 
   def compile_ahead(self, leaves, batch) -> None:
     """Starts compiling the step for arguments like `leaves` (flat state) and `batch` (arrays or
@@ -226,7 +228,9 @@ class FlatTrainStep:
   def __call__(self, leaves, batch):
     if self._ahead is not None:  # the first call: take the program compiled ahead (its error, if any, is raised)
       ahead, self._ahead = self._ahead, None
+      t = time.perf_counter()
       compiled = ahead.result()
+      self.ahead_wait_s = time.perf_counter() - t
       if signature((leaves, batch)) == self._ahead_signature:
         self.compiled = compiled
     if self.compiled is not None:
