@@ -144,3 +144,41 @@ def test_throughput_meter_counts_steps_after_the_first_between_syncs(monkeypatch
   assert (m.steps, m.seconds) == (3, 9.0) and m.tokens_per_s == 100 * 3 / 9.0 and m.step_s == 3.0
   host_ms = m.lap()  # a lap without counted steps adds nothing
   assert host_ms != host_ms and (m.steps, m.seconds) == (3, 9.0)
+
+
+def test_init_on_host_draws_the_parameters_on_the_cpu_backend_then_trains_as_device_init(tmp_path, monkeypatch):
+  """`--init_on host` builds the model and optimizer state under jax's CPU backend, places them on the mesh and
+  trains to the plain run's losses (on this CPU machine both backends are the CPU, so bit for bit); the summary
+  says where init ran and splits the first step into data, init and the wait for the compile."""
+  from carve_jax.train import loop
+  from carve_jax.train.loop import load_tokens, train
+  cfg = _cfg(tmp_path, init_on="host")
+  tokens = load_tokens(cfg.data)
+  defaults, original = [], loop.build_model
+  monkeypatch.setattr(loop, "build_model", lambda c: defaults.append(jax.config.jax_default_device) or original(c))
+  summary = train(cfg, tokens=tokens)
+  assert [d.platform for d in defaults if d is not None] == ["cpu"]  # (eval_shape's build runs without it)
+  assert summary["init_on"] == "host"
+  assert set(summary["setup"]) == {"data_s", "init_s", "compile_wait_s"}
+  assert summary["setup"]["compile_wait_s"] is not None and summary["setup"]["init_s"] > 0
+  assert "init on host" in loop.format_summary(summary)
+  ref, ref_state = _reference_losses(cfg, tokens)
+  recs = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  got = {r["step"]: (r["loss"], r["grad_norm"], r["lr"]) for r in recs if r["split"] == "train"}
+  assert got == ref
+  for a, b in zip(jax.tree.leaves(summary["state"].params), jax.tree.leaves(ref_state.params)):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_on_auto_is_host_only_for_one_process_on_an_accelerator(tmp_path, monkeypatch):
+  from carve_jax.train.loop import init_on
+  cfg = _cfg(tmp_path)
+  assert cfg.init_on == "auto" and init_on(cfg) == "device"  # this machine: the CPU backend
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert init_on(cfg) == "host"
+  assert init_on(cfg.replace(init_on="device")) == "device"
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert init_on(cfg) == "device"
+  with pytest.raises(ValueError, match="init_on"):
+    cfg.replace(init_on="gpu")
