@@ -348,3 +348,23 @@ def test_compile_rows_tiny_ahead_and_sequential(tmp_path):
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   row, = json.loads((tmp_path / "compile_probe_tiny.json").read_text())["rows"]
   assert row["step_compile_s"] > 0 and row["step_lower_s"] > 0 and not row.get("error")
+
+
+def test_first_step_tiny_row_reports_carve_trains_setup_split(tmp_path):
+  """`first_step --tiny`: one carve-train run per row in a process of its own; the row carries the summary's first
+  step and its split (data, init on the asked backend, the wait for the step compiled ahead) and the run's
+  tokens/s; a malformed row is refused naming the format."""
+  import os
+  import subprocess
+  from experiments import first_step
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  r = subprocess.run([sys.executable, "-m", "experiments.first_step", "--tiny", "--rows", "gdn2:host",
+                      "--out_dir", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+  row, = json.loads((tmp_path / "first_step_tiny.json").read_text())["rows"]
+  assert not row.get("error") and row["mixer"] == "gdn2" and row["init_on_used"] == "host", row
+  assert row["resets"] and row["ahead"] and row["compile_wait_s"] is not None
+  assert 0 < row["init_s"] < row["first_step_s"] and row["data_s"] >= 0 and row["tokens_per_s"] > 0
+  assert "| gdn2 | host | on | on |" in (tmp_path / "first_step_tiny.md").read_text()
+  with pytest.raises(SystemExit, match="MIXER"):
+    first_step.parse_row("carve:gpu", first_step.FirstStepFlags())

@@ -150,9 +150,9 @@ class TrainConfig:
     init_on: where a fresh run draws its initial parameters and optimizer state before they are placed on the
       mesh: "device" (the accelerator), "host" (jax's CPU backend), or "auto" (host in a single process on an
       accelerator, else device). On the host, init's many small eager compiles do not queue behind the train
-      step's compile on the accelerator's compiler (issue 12: the first step on an H100, 50m preset, 21.8 s
-      with device init, see README). The parameters are drawn from the same seed either way; CPU and GPU
-      may round a transcendental differently in the last bit.
+      step's compile on the accelerator's compiler (experiments/results/first_step/first_step_h100_v12.md).
+      The parameters are drawn from the same seed either way; CPU and GPU may round a transcendental
+      differently in the last bit.
   """
   model: ModelConfig = field(default_factory=lambda: model_configs.preset("tiny"))
   optim: OptimConfig = field(default_factory=OptimConfig)
