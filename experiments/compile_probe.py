@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -234,23 +233,14 @@ class CompileProbeFlags:
   tag: str = ""
 
 
+def _tiny(args) -> None:
+  args.seq_len, args.tag = 32, args.tag or "_tiny"
+
+
 def main(argv=None) -> int:
-  from carve_jax.train import flags as train_flags  # noqa: PLC0415
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = train_flags.cli(CompileProbeFlags, train_flags.normalise_argv(argv), prog="python -m experiments.compile_probe",
-                         description=__doc__)
-  if args.worker:
-    from experiments.runtime import print_result  # noqa: PLC0415
-    print_result(worker(json.loads(args.worker)))
-    return 0
-  if args.tiny:
-    args.seq_len, args.tag = 32, args.tag or "_tiny"
-  results = run(args)
-  from experiments.report import write_results  # noqa: PLC0415
-  md = markdown(results)
-  write_results("compile_probe" + args.tag, args.out_dir, {"args": vars(args), "rows": results}, md)
-  print(md)
-  return 0 if any(not r.get("error") for r in results) else 1
+  from experiments.runtime import rows_main  # noqa: PLC0415
+  return rows_main(CompileProbeFlags, argv, module="experiments.compile_probe", doc=__doc__, worker=worker, run=run,
+                   markdown=markdown, tiny=_tiny)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ A row is MIXER[:INIT_ON[:RESETS[:AHEAD]]]: INIT_ON auto / device / host (`--init
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -128,27 +127,24 @@ class FirstStepFlags:
   tag: str = ""
 
 
-def main(argv=None) -> int:
-  from carve_jax.train import flags as train_flags  # noqa: PLC0415
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = train_flags.cli(FirstStepFlags, train_flags.normalise_argv(argv), prog="python -m experiments.first_step",
-                         description=__doc__)
-  from experiments.runtime import print_result, run_worker  # noqa: PLC0415
-  if args.worker:
-    print_result(worker(json.loads(args.worker)))
-    return 0
-  if args.tiny:
-    args.preset, args.batch, args.seq_len, args.steps, args.tag = "tiny", 4, 64, 3, args.tag or "_tiny"
+def run(args) -> list[dict]:
+  from experiments.runtime import run_worker  # noqa: PLC0415
   results = []
   for term in [t for t in args.rows.split(",") if t]:
     res = run_worker("experiments.first_step", parse_row(term, args), args.row_timeout_s)
     results.append(res)
     print(f"[first_step] {_line(res)}", flush=True)
-  from experiments.report import write_results  # noqa: PLC0415
-  md = markdown(results)
-  write_results("first_step" + args.tag, args.out_dir, {"args": vars(args), "rows": results}, md)
-  print(md)
-  return 0 if results and not any(r.get("error") for r in results) else 1
+  return results
+
+
+def _tiny(args) -> None:
+  args.preset, args.batch, args.seq_len, args.steps, args.tag = "tiny", 4, 64, 3, args.tag or "_tiny"
+
+
+def main(argv=None) -> int:
+  from experiments.runtime import rows_main  # noqa: PLC0415
+  return rows_main(FirstStepFlags, argv, module="experiments.first_step", doc=__doc__, worker=worker, run=run,
+                   markdown=markdown, tiny=_tiny, need_all=True)
 
 
 if __name__ == "__main__":

@@ -172,23 +172,14 @@ class StepProfileFlags:
   tag: str = ""
 
 
+def _tiny(args) -> None:
+  args.rows, args.tokens_per_step, args.steps, args.tag = "50m:32:carve", 64, 2, args.tag or "_tiny"
+
+
 def main(argv=None) -> int:
-  from carve_jax.train import flags as train_flags  # noqa: PLC0415
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = train_flags.cli(StepProfileFlags, train_flags.normalise_argv(argv), prog="python -m experiments.step_profile",
-                         description=__doc__)
-  if args.worker:
-    from experiments.runtime import print_result  # noqa: PLC0415
-    print_result(worker(json.loads(args.worker)))
-    return 0
-  if args.tiny:
-    args.rows, args.tokens_per_step, args.steps, args.tag = "50m:32:carve", 64, 2, args.tag or "_tiny"
-  results = run(args)
-  from experiments.report import write_results  # noqa: PLC0415
-  md = markdown(results)
-  write_results("step_profile" + args.tag, args.out_dir, {"args": vars(args), "rows": results}, md)
-  print(md)
-  return 0 if any(not r.get("error") for r in results) else 1
+  from experiments.runtime import rows_main  # noqa: PLC0415
+  return rows_main(StepProfileFlags, argv, module="experiments.step_profile", doc=__doc__, worker=worker, run=run,
+                   markdown=markdown, tiny=_tiny)
 
 
 if __name__ == "__main__":
