@@ -277,7 +277,8 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
   main = jax.process_index() == 0
 
   t_phase = time.perf_counter()
-  on_host = init_on(cfg) == "host"
+  where_init = init_on(cfg)
+  on_host = where_init == "host"
   with jax.default_device(jax.devices("cpu")[0]) if on_host else contextlib.nullcontext():
     model = build_model(cfg)
     counts = param_count(model)
@@ -384,7 +385,7 @@ def _train(cfg: TrainConfig, *, loss_fn: LossFn = lm_loss, tokens=None,
       "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
       "skipped_steps": int(state.skipped), "tokens_per_s": tps, "tokens_per_step": tokens_per_step,
       "mfu": mfu(tps, cfg.model, cfg.data.seq_len, mesh.devices.size),
-      "compile_s": compile_s, "setup": setup, "init_on": init_on(cfg), "wall_s": time.time() - t_start,
+      "compile_s": compile_s, "setup": setup, "init_on": where_init, "wall_s": time.time() - t_start,
       "peak_device_bytes": dist.peak_memory_bytes(), "host_peak_rss_bytes": dist.host_peak_rss_bytes(),
       "devices": mesh.devices.size, "processes": jax.process_count(), "backend": jax.default_backend(),
       "params": counts, "checkpoint_dir": os.path.abspath(cfg.checkpoint_dir),
