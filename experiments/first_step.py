@@ -16,6 +16,7 @@ A row is MIXER[:INIT_ON[:RESETS[:AHEAD]]]: INIT_ON auto / device / host (`--init
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import tempfile
 import time
@@ -74,6 +75,15 @@ def _line(r: dict) -> str:
           + f"), import {r['import_s']:.1f} s; {r['tokens_per_s']:,.0f} tokens/s")
 
 
+def error_line(error: str, width: int = 160) -> str:
+  """The last line of a row's error that names an exception ("...Error: ..."), else its last line; cut to
+  `width` characters and made safe for a markdown cell."""
+  lines = [ln.strip() for ln in error.splitlines() if ln.strip()]
+  named = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", ln)]
+  line = (named or lines or [""])[-1]
+  return line[:width].replace("|", "/")
+
+
 def markdown(results: list[dict]) -> str:
   from carve_jax.train.metrics import format_bytes  # noqa: PLC0415
   from experiments.report import md_table  # noqa: PLC0415
@@ -83,7 +93,7 @@ def markdown(results: list[dict]) -> str:
   for r in results:
     key = [r["mixer"], r["init_on"], "on" if r["resets"] else "off", "on" if r["ahead"] else "off"]
     if r.get("error"):
-      rows.append(key + [" ".join(r["error"].split())[-80:].replace("|", "/")] + [""] * 7)
+      rows.append(key + ["failed: " + error_line(r["error"])] + [""] * 7)
       continue
     wait = r.get("compile_wait_s")
     rows.append(key[:1] + [r["init_on_used"] + (" (auto)" if r["init_on"] == "auto" else "")] + key[2:] + [
@@ -91,7 +101,7 @@ def markdown(results: list[dict]) -> str:
         f"{r['import_s']:.1f}", f"{r['tokens_per_s']:,.0f}", "" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         format_bytes(r["peak_device_bytes"])])
   spec = results[0] if results else {}
-  return (md_table(head, rows) + f"\n{spec.get('preset')} preset, {spec.get('batch')} x {spec.get('seq_len')} tokens a "
+  return (md_table(head, rows) + f"\n\n{spec.get('preset')} preset, {spec.get('batch')} x {spec.get('seq_len')} tokens a "
           f"step, {spec.get('steps')} steps, no persistent compile cache; first step s: from the start of `train` to "
           "the first step's metrics on the host (carve-train's `first step after`); import s comes before it.\n")
 

@@ -368,3 +368,19 @@ def test_first_step_tiny_row_reports_carve_trains_setup_split(tmp_path):
   assert "| gdn2 | host | on | on |" in (tmp_path / "first_step_tiny.md").read_text()
   with pytest.raises(SystemExit, match="MIXER"):
     first_step.parse_row("carve:gpu", first_step.FirstStepFlags())
+
+
+def test_first_step_failed_row_shows_its_exception_line():
+  """A failed row's cell is the traceback's exception line (not its last characters), with no `|`; the caption
+  is a paragraph of its own (a blank line after the table)."""
+  from experiments import first_step
+  tb = ("Traceback (most recent call last):\n  File \"loop.py\", line 335, in _train\n    jax.block_until_ready(m)\n"
+        "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate 96.77GiB | x\n\n")
+  assert first_step.error_line(tb) == "jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to " \
+                                      "allocate 96.77GiB / x"
+  assert first_step.error_line("timed out after 240 s") == "timed out after 240 s"
+  row = dict(mixer="attention", init_on="auto", resets=True, ahead=True, preset="50m", batch=8, seq_len=4096, steps=12,
+             error=tb)
+  md = first_step.markdown([row])
+  assert "| attention | auto | on | on | failed: jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED" in md
+  assert "|\n\n50m preset, 8 x 4096" in md
