@@ -11,8 +11,9 @@ RoPE rotates channel pairs (i, i + K/2) by angle pos * theta^(-2i/K) (the GPT-Ne
 Sliding window (`cfg.attention_window` = W tokens, None = full causal): token t attends to
 s in (t - W, t], through cuDNN's sliding window or XLA's window mask (`local_window_size`).
 Packed documents (`segment_ids` [B, T]): a document mask (no attention across a start) and RoPE
-positions that restart at 0 in each document; `jax.nn.dot_product_attention` takes no segment ids,
-so packed calls run on the XLA path (a [B, 1, T, T] mask).
+positions that restart at 0 in each document. `jax.nn.dot_product_attention` takes no segment ids, so
+the mask goes in as a boolean [B, 1, T, T] array: cuDNN adds it as a constant bias (no bias gradient)
+inside its fused kernel, which keeps no [B, H, T, T] scores; XLA's path (CPU, fp32) materialises them.
 
 Decoding keeps a KV ring buffer of L = min(W, max_len) positions (max_len without a window):
 position p lives in slot p % L; a slot is attended to when it holds a position <= pos that
@@ -55,20 +56,21 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, window: int | 
   """Causal softmax attention, q, k, v: [B, T, H, K] -> [B, T, H, K].
 
   window: attend to the last `window` tokens (self included) only; None = all earlier tokens.
-  segment_ids: optional int [B, T]; no attention across a document start (XLA path).
+  segment_ids: optional int [B, T]; no attention across a document start (a [B, 1, T, T] mask).
   cuDNN's fused kernel rejects odd sequence lengths in training (seen on an H100 with T = 255), so
   an odd T gets one padding position at the end; causality keeps it out of every real row.
   """
   impl = attention_implementation(q.dtype, q.shape[-1])
+  T = q.shape[1]
+  if impl == "cudnn" and T % 2:
+    q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
+    if segment_ids is not None:
+      segment_ids = jnp.pad(segment_ids, ((0, 0), (0, 1)), mode="edge")
   mask = None
   if segment_ids is not None:
     d = document_numbers(segment_ids)
     mask = (d[:, :, None] == d[:, None, :])[:, None]               # [B, 1, T, T]
-    impl = "xla"
   local = None if window is None else (window - 1, 0)
-  T = q.shape[1]
-  if impl == "cudnn" and T % 2:
-    q, k, v = (jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0))) for x in (q, k, v))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=local,
                                       implementation=impl)[:, :T]
 
