@@ -14,6 +14,7 @@ Packed documents (`segment_ids` [B, T]): a document mask (no attention across a 
 positions that restart at 0 in each document. `jax.nn.dot_product_attention` takes no segment ids, so
 the mask goes in as a boolean [B, 1, T, T] array: cuDNN adds it as a constant bias (no bias gradient)
 inside its fused kernel, which keeps no [B, H, T, T] scores; XLA's path (CPU, fp32) materialises them.
+(The cuDNN packed call has not yet run on a GPU: `tests/test_layers.py::test_cudnn_packed_attention_matches_xla`.)
 
 Decoding keeps a KV ring buffer of L = min(W, max_len) positions (max_len without a window):
 position p lives in slot p % L; a slot is attended to when it holds a position <= pos that
